@@ -1,0 +1,162 @@
+"""Critic-PPO against GRPO on the built-in world, side by side at equal images and seeds
+(arXiv 2605.27736's main comparison; ALGORITHM.md section 8).
+
+For each algorithm and seed, runs train.py (tiny-dit, shapes reward, CPU, one thread) for the
+same number of generated images, then reads each run's metrics.jsonl and reports:
+  - held-out strict accuracy against images generated (the deterministic sampler on the
+    world's held-out prompts; iteration 0 is the base model)
+  - wall time per generated image (training only: rollouts, rewards, values, updates;
+    evaluation, sample grids and checkpoints excluded)
+  - the images critic-PPO needs to reach GRPO's final held-out accuracy
+  - the critic's explained variance by noise level over the last iterations
+and writes bench/results/ppo_vs_grpo.json (raw curves per algorithm and seed) and .png.
+
+Run:  python bench/ppo_vs_grpo.py                       # 3 seeds x 2 algorithms, sequentially
+      python bench/ppo_vs_grpo.py --seeds 0 --images 640 --jobs 2 -- --lr 1e-4   (flags after -- go to train.py)
+      python bench/ppo_vs_grpo.py --report-only          # re-read finished runs, rewrite table/JSON/PNG
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGOS = ("ppo", "grpo")
+
+
+def run_one(args, algo, seed, extra):
+    run_dir = os.path.join(args.runs, f"{algo}-seed{seed}")
+    if os.path.isfile(os.path.join(run_dir, "pipeline", "model_index.json")):
+        return run_dir                              # finished before: reuse
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--algo", algo,
+           "--seed", str(seed), "--iters", str(args.images // args.batch_size), "--batch-size", str(args.batch_size),
+           "--eval-every", str(args.eval_every), "--eval-seeds", str(args.eval_seeds),
+           "--sample-every", str(10 ** 6), "--save-every", str(10 ** 6), *extra]
+    cmd += ["--resume", run_dir] if os.path.isdir(os.path.join(run_dir, "checkpoint")) else ["--run-dir", run_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    with open(run_dir + ".log", "w") as log:
+        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{algo} seed {seed}: exit {code} after {time.time() - t0:.0f}s ({run_dir}.log)", flush=True)
+    if code:
+        raise SystemExit(f"{algo} seed {seed} failed; see {run_dir}.log")
+    return run_dir
+
+
+def read(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval/heldout_strict" in r]
+    last = rows[-1]
+    tail = [r for r in rows[-5:] if any(k.startswith("critic/ev_noise_") for k in r)]
+    ev = {k[len("critic/ev_noise_"):]: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k.startswith("critic/ev_noise_")} if tail else {}
+    return {"images": [r["images"] for r in evals], "heldout_strict": [r["eval/heldout_strict"] for r in evals],
+            "heldout_score": [r["eval/heldout_score"] for r in evals],
+            "train_reward": [[r["images"], r["reward/train/total_raw"]] for r in rows if "reward/train/total_raw" in r],
+            "wall_s_per_image": last["time/total_train_s"] / last["images"], "train_wall_s": last["time/total_train_s"],
+            "critic_ev_by_noise_last5": ev,
+            "critic_ev_last5": (sum(r["critic/explained_variance"] for r in tail) / len(tail)) if tail else None}
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def summarise(curves, seeds):
+    """Per algorithm: the seed-mean curve, final accuracy, time per image; and the images
+    critic-PPO needs to reach GRPO's final accuracy (first eval where the seed mean gets there)."""
+    out = {}
+    for algo in ALGOS:
+        runs = [curves[algo][str(s)] for s in seeds]
+        images = runs[0]["images"]
+        acc = [mean([r["heldout_strict"][i] for r in runs]) for i in range(len(images))]
+        out[algo] = {"images": images, "heldout_strict_mean": acc, "base": acc[0], "final": acc[-1],
+                     "final_per_seed": [r["heldout_strict"][-1] for r in runs],
+                     "wall_s_per_image": mean([r["wall_s_per_image"] for r in runs])}
+    ppo, grpo = out["ppo"], out["grpo"]
+    reach = next((n for n, a in zip(ppo["images"], ppo["heldout_strict_mean"]) if n > 0 and a >= grpo["final"]), None)
+    runs = [curves["ppo"][str(s)]["critic_ev_by_noise_last5"] for s in seeds]
+    out["comparison"] = {
+        "ppo_images_to_reach_grpo_final": reach, "total_images": grpo["images"][-1],
+        "time_ratio_ppo_over_grpo": ppo["wall_s_per_image"] / grpo["wall_s_per_image"],
+        "critic_ev_by_noise_last5": {k: mean([r[k] for r in runs]) for k in runs[0]} if runs[0] else {},
+        "targets": {"ppo_final_at_least_0.9": ppo["final"] >= 0.9,
+                    "ppo_reaches_grpo_final_with_half_the_images": reach is not None and reach <= grpo["images"][-1] / 2,
+                    "ppo_time_per_image_at_most_1.5x": ppo["wall_s_per_image"] <= 1.5 * grpo["wall_s_per_image"]}}
+    return out
+
+
+def plot(curves, summary, seeds, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    for algo, color in zip(ALGOS, ("tab:red", "tab:blue")):
+        for s in seeds:
+            c = curves[algo][str(s)]
+            ax.plot(c["images"], c["heldout_strict"], color=color, alpha=0.25, lw=1)
+        m = summary[algo]
+        label = {"ppo": "critic-PPO (ours)", "grpo": "GRPO"}[algo]
+        ax.plot(m["images"], m["heldout_strict_mean"], color=color, lw=2, marker="o", ms=3, label=f"{label}, mean of {len(seeds)} seeds")
+    ax.set_xlabel("images generated"), ax.set_ylabel("held-out strict accuracy"), ax.grid(alpha=0.3), ax.legend()
+    ax.set_title("built-in world, tiny-dit: held-out accuracy vs images")
+    bx.bar(["critic-PPO", "GRPO"], [summary[a]["wall_s_per_image"] * 1000 for a in ALGOS], color=["tab:red", "tab:blue"])
+    bx.set_ylabel("training wall time per image (ms, 1 CPU thread)"), bx.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(summary):
+    ppo, grpo, c = summary["ppo"], summary["grpo"], summary["comparison"]
+    lines = ["| | critic-PPO | GRPO |", "|---|---|---|",
+             f"| held-out strict accuracy, base model | {ppo['base']:.3f} | {grpo['base']:.3f} |",
+             f"| held-out strict accuracy after {grpo['images'][-1]} images (mean) | {ppo['final']:.3f} | {grpo['final']:.3f} |",
+             f"| per seed | {', '.join(f'{a:.3f}' for a in ppo['final_per_seed'])} | {', '.join(f'{a:.3f}' for a in grpo['final_per_seed'])} |",
+             f"| training wall time per image (ms) | {ppo['wall_s_per_image'] * 1000:.1f} | {grpo['wall_s_per_image'] * 1000:.1f} |",
+             f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final']} | - |"]
+    if c["critic_ev_by_noise_last5"]:
+        lines.append("| critic explained variance by noise fraction (last 5 iterations) | "
+                     + ", ".join(f"{k}: {v:+.2f}" for k, v in c["critic_ev_by_noise_last5"].items()) + " | - |")
+    return "\n".join(lines)
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-dit", help="base model (train.py --model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, the same for both algorithms")
+    p.add_argument("--images", type=int, default=3200, help="images generated per run (both algorithms)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per iteration (both algorithms)")
+    p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N iterations")
+    p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each on --threads threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs", default=os.path.join(ROOT, "bench", "runs", "ppo_vs_grpo"), help="where the runs go")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"), help="output prefix (.json, .png)")
+    p.add_argument("--report-only", action="store_true", help="only read finished runs")
+    args = p.parse_args(argv)
+    os.makedirs(args.runs, exist_ok=True)
+    jobs = [(algo, s) for s in args.seeds for algo in ALGOS]
+    if not args.report_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run_one(args, *job, extra), jobs))
+    curves = {algo: {str(s): read(os.path.join(args.runs, f"{algo}-seed{s}")) for s in args.seeds} for algo in ALGOS}
+    summary = summarise(curves, args.seeds)
+    command = "python bench/ppo_vs_grpo.py " + " ".join(sys.argv[1:])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
+                   "summary": summary, "curves": curves}, f, indent=1)
+    plot(curves, summary, args.seeds, args.out + ".png")
+    print(table(summary))
+    print(json.dumps(summary["comparison"]["targets"]))
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The critic V_phi(x_t, t, c): the diffusion model as its own value function on noisy latents
+(arXiv 2605.27736; ALGORITHM.md section 3).
+
+  backbone  a copy of the pretrained denoiser (tiny models: a full copy, all weights trained;
+            large ones: a LoRA adapter named 'critic' on the same frozen base that carries the
+            policy's 'policy' adapter: one base in memory, not three)
+  features  its last hidden tokens before the output projection, and its timestep embedding
+            (models.Backbone.features)
+  head      a learned query attends over the tokens, then an MLP gives one value per reward;
+            both norms are modulated AdaLN-style by the timestep embedding (the paper's first
+            stabiliser: the head knows how noisy the state is); the last layer starts at zero,
+            so V = 0 exactly at initialisation
+Value pretraining (the second stabiliser, `train.py --value-warmup W`) lives in train.py.
+
+References
+  1. DiT (facebookresearch/DiT, models.py): adaLN modulation, zero-initialised new layers.
+  2. CleanRL (ppo_continuous_action.py): explained variance as the critic's health metric.
+
+Run:   python critic.py --model tiny-dit   (fits a critic to rollouts of the base model and
+       prints its explained variance per noise level, from pure noise to clean)
+Test:  tests/test_critic.py
+"""
+import argparse
+import contextlib
+import copy
+import math
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+import rollout
+from models import BackboneError, load_backbone
+
+POLICY, CRITIC = "policy", "critic"           # adapter names on a shared LoRA base
+
+
+def modulate(x, shift, scale):
+    """DiT's adaLN: a norm's output, shifted and scaled per sample."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class ValueHead(nn.Module):
+    """(tokens (B, N, D), temb (B, E)) -> values (B, R): one learned query token attends over
+    the feature tokens, then an MLP to R outputs, one per reward (section 6)."""
+
+    def __init__(self, dim, temb_dim, num_rewards=1):
+        super().__init__()
+        num_heads = max(1, dim // 64) if dim % max(1, dim // 64) == 0 else 1
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm_tokens = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_pooled = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, 4 * dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_rewards))
+        # DiT's initialisation: modulation starts as the identity, and the last layer at zero,
+        # so V_phi = 0 exactly at the start and the first updates do not fight a random output
+        nn.init.zeros_(self.adaLN_modulation[-1].weight), nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.mlp[-1].weight), nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, tokens, temb):
+        shift_t, scale_t, shift_p, scale_p = self.adaLN_modulation(temb).chunk(4, dim=-1)   # 4 x (B, D)
+        h = modulate(self.norm_tokens(tokens), shift_t, scale_t)                          # (B, N, D)
+        pooled = self.attn(self.query.expand(len(h), -1, -1), h, h, need_weights=False)[0]  # (B, 1, D)
+        pooled = modulate(self.norm_pooled(pooled), shift_p, scale_p)[:, 0]               # (B, D)
+        return self.mlp(pooled)                                                           # (B, R)
+
+
+def feature_dims(backbone):
+    """(D, E): width of the last hidden tokens and of the timestep embedding, read from the
+    very modules whose inputs Backbone.features hooks."""
+    net = backbone.net
+    if backbone.sampler == "flow":                       # SD3 transformer: norm_out(tokens, temb)
+        return net.norm_out.linear.in_features, net.norm_out.linear.in_features
+    return net.conv_norm_out.num_channels, net.time_embedding.linear_2.out_features   # UNet
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+
+def lora_config(backbone, rank=32, alpha=64):
+    """LoRA on the attention projections (the peers' choice for SD3 and SD1.5)."""
+    from peft import LoraConfig
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    if backbone.sampler == "flow":                   # SD3's joint attention: the text stream too
+        targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+
+
+def adapter_params(net, name):
+    return [p for n, p in net.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+@contextlib.contextmanager
+def adapter(net, name):
+    """Run the shared base with one adapter active (name), or none (name=None: the frozen base,
+    i.e. the KL reference); the previously active adapter is restored on exit. peft's
+    set_adapter also flips requires_grad on the adapters; both adapters are always being
+    trained, so their flags are put back."""
+    if not getattr(net, "_hf_peft_config_loaded", False):
+        yield net
+        return
+    trainable = [p for n, p in net.named_parameters() if "lora_" in n]
+    previous = net.active_adapters()
+    if name is None:
+        net.disable_adapters()
+    elif previous != [name]:
+        net.set_adapter(name)
+    try:
+        yield net
+    finally:
+        if name is None:
+            net.enable_adapters()
+        elif previous != [name]:
+            net.set_adapter(previous)
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- the critic
+
+class Critic(nn.Module):
+    """V_phi(x_t, t, c) -> (B, R). `lora=False`: a full trainable copy of backbone.net;
+    `lora=True`: a 'critic' LoRA adapter added to backbone.net itself (not registered as a
+    submodule here, so state_dict() holds only what is trained: head and, for a copy, the net)."""
+
+    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64):
+        super().__init__()
+        self.lora = lora
+        if lora:
+            with warnings.catch_warnings():          # peft warns that a second adapter is a second adapter
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                backbone.net.add_adapter(lora_config(backbone, rank, alpha), adapter_name=CRITIC)
+            self._shared = [backbone.net]                # a list hides it from nn.Module
+        else:
+            self.net = copy.deepcopy(backbone.net).requires_grad_(True)   # eval mode kept: no dropout
+        self.head = ValueHead(*feature_dims(backbone), num_rewards)
+
+    @property
+    def backbone_net(self):
+        return self._shared[0] if self.lora else self.net
+
+    def trainable_parameters(self):
+        return self.backbone_parameters() + list(self.head.parameters())
+
+    def backbone_parameters(self):
+        return adapter_params(self.backbone_net, CRITIC) if self.lora else list(self.net.parameters())
+
+    def param_groups(self, lr, head_lr):
+        """The new head learns faster than the pretrained backbone it reads, which should change slowly."""
+        return [{"params": self.backbone_parameters(), "lr": lr}, {"params": list(self.head.parameters()), "lr": head_lr}]
+
+    def forward(self, backbone, x_t, t, cond):
+        """x_t (B, C, H, W), t (B,) the denoiser's timesteps, cond a Cond of B prompts."""
+        with adapter(self.backbone_net, CRITIC) as net:
+            tokens, temb = backbone.features(x_t, t, cond, net=net)          # (B, N, D), (B, E)
+        return self.head(tokens.float(), temb.float())                       # (B, R)
+
+    @torch.no_grad()
+    def values(self, backbone, traj, chunk=64):
+        """V_k of every state x_{t_K} .. x_{t_1} of a Trajectory, batched: (B, K, R).
+        The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed."""
+        B, K = traj.log_probs.shape
+        idx, j = torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")
+        idx, j = idx.flatten(), j.flatten()                                  # (B*K,)
+        out = [self(backbone, traj.latents[idx[s:s + chunk], j[s:s + chunk]], traj.timesteps[j[s:s + chunk]],
+                    traj.cond.index(idx[s:s + chunk])) for s in range(0, B * K, chunk)]
+        return torch.cat(out).view(B, K, -1)
+
+    def state_dict_to_save(self):
+        """What a checkpoint holds: the head, plus the copy's weights or the critic adapter."""
+        out = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.lora:
+            from peft import get_peft_model_state_dict
+            out.update({f"lora.{k}": v for k, v in
+                        get_peft_model_state_dict(self.backbone_net, adapter_name=CRITIC).items()})
+        else:
+            out.update({f"net.{k}": v for k, v in self.net.state_dict().items()})
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def load_saved(self, state):
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        if self.lora:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(self.backbone_net, {k[5:]: v for k, v in state.items() if k.startswith("lora.")},
+                                      adapter_name=CRITIC)
+        else:
+            self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+def noise_fraction(backbone, levels):
+    """How much of a state is noise, on one scale for both samplers: sigma (flow) or
+    sqrt(1 - alpha-bar) (ddim). 1 = pure noise, 0 = clean."""
+    return levels if backbone.sampler == "flow" else (1 - levels).clamp(min=0).sqrt()
+
+
+def explained_variance(y_pred, y_true):
+    """1 - Var(y - y_pred) / Var(y): 1 is perfect, 0 is no better than the mean, < 0 is worse.
+    NaN when the targets do not vary."""
+    var_y = y_true.var()
+    return (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan")
+
+
+BUCKETS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)   # noise-fraction edges, from pure noise to clean
+
+
+def explained_variance_by_noise(values, returns, noise):
+    """values, returns (B, K) and the noise fraction of each state (K,) -> {"1.0-0.8": ev, ...},
+    one entry per bucket of BUCKETS that holds any state."""
+    out = {}
+    for hi, lo in zip(BUCKETS[:-1], BUCKETS[1:]):
+        cols = ((noise <= hi) & (noise > lo)) if lo > 0 else ((noise <= hi) & (noise >= lo))
+        if cols.any():
+            out[f"{hi:.1f}-{lo:.1f}"] = explained_variance(values[:, cols].flatten(), returns[:, cols].flatten())
+    return out
+
+
+def main(argv=None):
+    """Fit a critic to Monte-Carlo returns of the base model's rollouts on the built-in world and
+    report its explained variance per noise level on fresh rollouts (the paper's premise)."""
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")
+    p.add_argument("--iters", type=int, default=30, help="rollout batches to fit on")
+    p.add_argument("--batch", type=int, default=32, help="trajectories per batch")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps K")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the critic's backbone copy")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of the value head")
+    p.add_argument("--minibatch", type=int, default=32, help="states per optimiser step")
+    p.add_argument("--eval-batches", type=int, default=4, help="fresh batches to measure explained variance on")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    args = p.parse_args(argv)
+    import toy
+    try:
+        backbone = load_backbone(args.model)
+    except BackboneError as e:
+        p.exit(2, f"error: {e}\n")
+    torch.manual_seed(args.seed)
+    noise_level = 0.7 if backbone.sampler == "flow" else 1.0
+    critic = Critic(backbone, num_rewards=1)
+    opt = torch.optim.AdamW(critic.param_groups(args.lr, args.head_lr), weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    train = toy.prompts("train")
+
+    def batch():
+        metas = [train[i] for i in torch.randint(len(train), (args.batch,), generator=g)]
+        traj = rollout.sample(backbone, [m["prompt"] for m in metas], args.steps, noise_level, generator=g)
+        returns = toy.check(traj.images, metas)[1]                               # (B,): R, gamma = lambda = 1
+        return traj, returns[:, None].expand(-1, args.steps)                      # (B, K)
+
+    from tqdm import tqdm
+    for _ in tqdm(range(args.iters), desc="fitting the critic"):
+        traj, returns = batch()
+        B, K = returns.shape
+        pairs = torch.randperm(B * K, generator=g)
+        for mb in pairs.split(args.minibatch):
+            idx, j = mb // K, mb % K
+            v = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))[:, 0]
+            loss = (v - returns[idx, j]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(critic.trainable_parameters(), 1.0)
+            opt.step()
+    values, returns = zip(*[(critic.values(backbone, t)[..., 0], r) for t, r in (batch() for _ in range(args.eval_batches))])
+    values, returns = torch.cat(values), torch.cat(returns)                       # (N, K)
+    noise = noise_fraction(backbone, traj.levels[:-1])                            # (K,)
+    print(f"explained variance of V_phi on {len(values)} fresh rollouts, by noise fraction of the state "
+          f"(1 = pure noise, 0 = clean; reward mean {returns[:, 0].mean():.3f}, std {returns[:, 0].std():.3f}):")
+    for k in range(values.shape[1]):
+        print(f"  step {k}: noise {noise[k]:.2f}  EV {explained_variance(values[:, k], returns[:, k]):+.3f}")
+    for name, ev in explained_variance_by_noise(values, returns, noise).items():
+        print(f"  bucket {name}: EV {ev:+.3f}")
+    print(f"  overall: EV {explained_variance(values.flatten(), returns.flatten()):+.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

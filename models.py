@@ -1,0 +1,247 @@
+"""Backbones by name: one interface over the built-in tiny models and SD1.5 / SD3.5-M.
+
+Every backbone is a diffusers pipeline loaded with `from_pretrained` (a hub name or a local
+directory), wrapped in `Backbone`, which gives the rest of the code what ALGORITHM.md
+sections 1-3 need and nothing more:
+  sampler            'flow' (velocity prediction, SD3-style DiT) or 'ddim' (epsilon, UNet)
+  encode(prompts)    text conditioning, with the unconditional ("") embedding for CFG
+  predict(x_t, t, c) the denoiser's output (velocity or epsilon), optionally with CFG
+  features(x_t,t,c)  the last hidden tokens and the timestep embedding (the critic reads these)
+  decode(x0)         images (B, 3, H, W) in [0, 1]
+  schedule(K)        the K-step grid of timesteps and noise levels, from the checkpoint's own
+                     diffusers scheduler (never hand-typed tables)
+
+Names: tiny-dit, tiny-unet (the built-in shapes world, see toy.py; shipped under
+checkpoints/), sd1.5, sd3.5m, or a path to a diffusers directory of one of these kinds.
+Test: tests/test_models.py.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODELS = {
+    "tiny-dit": os.path.join(ROOT, "checkpoints", "tiny-dit"),
+    "tiny-unet": os.path.join(ROOT, "checkpoints", "tiny-unet"),
+    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd3.5m": "stabilityai/stable-diffusion-3.5-medium",
+}
+# pipeline class in model_index.json -> sampler family
+KINDS = {"StableDiffusion3Pipeline": "flow", "StableDiffusionPipeline": "ddim", "ShapesPipeline": None}
+
+
+class BackboneError(ValueError):
+    """Bad model name, path or checkpoint; the CLIs print its one line and exit 2."""
+
+
+class ShapesPipeline(DiffusionPipeline):
+    """The built-in world's pipeline: a pixel-space denoiser (an SD3 transformer or a UNet),
+    a tiny CLIP text encoder and a word-level tokenizer. No VAE: latents are images in [-1, 1].
+    Saved and loaded with diffusers' own save_pretrained / from_pretrained."""
+    _optional_components = ["transformer", "unet"]
+
+    def __init__(self, text_encoder, tokenizer, scheduler, transformer=None, unet=None):
+        super().__init__()
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              transformer=transformer, unet=unet)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts, device):
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        out = self.text_encoder(ids)
+        return out.last_hidden_state, out.text_embeds         # (B, L, D), (B, P)
+
+
+@dataclass
+class Cond:
+    """Text conditioning of a batch: keyword tensors for the denoiser (batch first), and
+    the same for the empty prompt (CFG's unconditional branch)."""
+    cond: dict
+    uncond: dict
+
+    def __len__(self):
+        return len(next(iter(self.cond.values())))
+
+    def index(self, idx):
+        return Cond({k: v[idx] for k, v in self.cond.items()}, {k: v[idx] for k, v in self.uncond.items()})
+
+    def to(self, device):
+        return Cond({k: v.to(device) for k, v in self.cond.items()}, {k: v.to(device) for k, v in self.uncond.items()})
+
+
+@dataclass
+class Schedule:
+    """The K-step grid. Step j = 0..K-1 (the paper's k = K - j) goes from level j to j + 1.
+    timesteps (K,): what the denoiser is fed. levels (K+1,): sigma for 'flow' (1 -> 0),
+    alpha-bar for 'ddim' (~0 -> ~1), i.e. the noise level at each point of the chain."""
+    timesteps: torch.Tensor
+    levels: torch.Tensor
+
+
+class Backbone:
+    def __init__(self, pipe, name, device, dtype):
+        self.pipe, self.name, self.device, self.dtype = pipe, name, torch.device(device), dtype
+        kind = type(pipe).__name__
+        self.net = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+        self.sampler = KINDS[kind] or ("flow" if getattr(pipe, "transformer", None) is not None else "ddim")
+        self.vae = getattr(pipe, "vae", None)
+        self.scheduler = pipe.scheduler
+        if self.sampler == "ddim":
+            # the DDIM grid of the checkpoint's own noise schedule (DDPO does the same)
+            from diffusers import DDIMScheduler
+            self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            if self.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+                raise BackboneError(f"{name}: unsupported prediction_type {self.scheduler.config.prediction_type}")
+        self.max_sequence_length = 256            # SD3 pipeline's default T5 length
+        # the pipelines' default size: latent side = the denoiser's sample_size (x8 pixels with a VAE)
+        cfg = self.net.config
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        for m in (self.net, self.vae, *self.text_encoders()):
+            if m is not None:
+                m.requires_grad_(False).eval()    # eval: no dropout, so log-probs recompute exactly
+
+    def text_encoders(self):
+        return [getattr(self.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(self.pipe, n, None) is not None]
+
+    # --------------------------------------------------------------- conditioning
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Cond for a list of prompts; the unconditional branch encodes "" (as the pipelines do)."""
+        p = self.pipe
+        if isinstance(p, ShapesPipeline):
+            hidden, pooled = p.encode_prompt(list(prompts) + [""], self.device)
+            n = len(prompts)
+            cond = {"encoder_hidden_states": hidden[:n], "pooled_projections": pooled[:n]}
+            uncond = {"encoder_hidden_states": hidden[n:].expand_as(hidden[:n]),
+                      "pooled_projections": pooled[n:].expand_as(pooled[:n])}
+            if self.sampler == "ddim":                     # the UNet takes no pooled vector
+                cond.pop("pooled_projections"), uncond.pop("pooled_projections")
+        elif self.sampler == "flow":
+            e, ne, pe, npe = p.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                             device=self.device, do_classifier_free_guidance=True,
+                                             max_sequence_length=self.max_sequence_length)
+            cond = {"encoder_hidden_states": e, "pooled_projections": pe}
+            uncond = {"encoder_hidden_states": ne, "pooled_projections": npe}
+        else:
+            e, ne = p.encode_prompt(list(prompts), self.device, 1, True)
+            cond, uncond = {"encoder_hidden_states": e}, {"encoder_hidden_states": ne}
+        cast = lambda d: {k: v.to(self.device, self.dtype) for k, v in d.items()}
+        return Cond(cast(cond), cast(uncond))
+
+    # --------------------------------------------------------------- the denoiser
+    def _call(self, net, x_t, t, kw):
+        t = t.to(self.device).expand(x_t.shape[0]) if t.dim() == 0 else t.to(self.device)
+        return net(x_t.to(self.dtype), timestep=t, **kw, return_dict=False)[0]
+
+    def predict(self, x_t, t, cond, cfg_scale=1.0, net=None):
+        """Velocity ('flow') or epsilon ('ddim') for x_t (B, C, H, W) at timesteps t (B,) or ().
+        With cfg_scale != 1 the batch is run as [uncond, cond], as diffusers' pipelines do."""
+        net = net or self.net
+        if cfg_scale == 1.0:
+            return self._call(net, x_t, t, cond.cond).float()
+        kw = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
+        t2 = torch.cat([t, t]) if t.dim() else t
+        pred_uncond, pred_cond = self._call(net, torch.cat([x_t, x_t]), t2, kw).float().chunk(2)
+        return pred_uncond + cfg_scale * (pred_cond - pred_uncond)
+
+    def features(self, x_t, t, cond, net=None):
+        """The critic's inputs (ALGORITHM.md section 3): the backbone's last hidden tokens
+        before the output projection (B, N, D) and its timestep embedding (B, E).
+        DiT: the tokens entering norm_out (and the embedding modulating it);
+        UNet: the last decoder feature map, entering conv_norm_out, flattened to tokens."""
+        net = net or self.net
+        seen = {}
+        if self.sampler == "flow":
+            def grab(_, args, kwargs):
+                seen["tokens"], seen["temb"] = args[0], args[1] if len(args) > 1 else kwargs["conditioning_embedding"]
+            hooks = [net.norm_out.register_forward_pre_hook(grab, with_kwargs=True)]
+        else:
+            def grab_map(_, args):
+                seen["tokens"] = args[0].flatten(2).transpose(1, 2)       # (B, H*W, C)
+            def grab_temb(_, args, out):
+                seen["temb"] = out
+            hooks = [net.conv_norm_out.register_forward_pre_hook(grab_map),
+                     net.time_embedding.register_forward_hook(grab_temb)]
+        try:
+            self._call(net, x_t, t, cond.cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen["tokens"], seen["temb"]
+
+    # --------------------------------------------------------------- images
+    def decode(self, x0):
+        """Clean latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        if self.vae is None:
+            return (x0.float() / 2 + 0.5).clamp(0, 1)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    # --------------------------------------------------------------- the noise grid
+    def schedule(self, num_steps):
+        s = self.scheduler
+        if self.sampler == "flow":
+            kw = {}
+            if s.config.get("use_dynamic_shifting", False):   # as StableDiffusion3Pipeline does
+                from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+                n = (self.latent_shape[1] // self.net.config.patch_size) ** 2
+                kw["mu"] = calculate_shift(n, s.config.get("base_image_seq_len", 256), s.config.get("max_image_seq_len", 4096),
+                                           s.config.get("base_shift", 0.5), s.config.get("max_shift", 1.16))
+            s.set_timesteps(num_steps, device="cpu", **kw)
+            return Schedule(s.timesteps.clone().float(), s.sigmas.clone().float())
+        s.set_timesteps(num_steps, device="cpu")
+        t = s.timesteps.clone()
+        prev = t - s.config.num_train_timesteps // s.num_inference_steps      # as DDIMScheduler.step
+        abar = s.alphas_cumprod
+        abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], s.final_alpha_cumprod)
+        return Schedule(t, torch.cat([abar[t[:1]], abar_prev]).float())
+
+
+def resolve(name_or_path):
+    """Map a name to a hub id or directory; a BackboneError naming the choices otherwise."""
+    path = MODELS.get(name_or_path, name_or_path)
+    choices = ", ".join(MODELS) + ", or a local diffusers directory"
+    if os.path.isdir(path):
+        index = os.path.join(path, "model_index.json")
+        if not os.path.isfile(index):
+            raise BackboneError(f"{path} is not a diffusers pipeline directory (no model_index.json); "
+                                f"accepted: {choices}")
+        kind = json.load(open(index)).get("_class_name")
+        if kind not in KINDS:
+            raise BackboneError(f"{path} holds a {kind}; accepted kinds: {', '.join(KINDS)}")
+        return path, kind
+    if name_or_path in MODELS and name_or_path.startswith("tiny-"):
+        raise BackboneError(f"the built-in checkpoint {path} is missing: run `python toy.py pretrain --model {name_or_path}`")
+    if name_or_path in MODELS:
+        return path, "StableDiffusion3Pipeline" if name_or_path == "sd3.5m" else "StableDiffusionPipeline"
+    if os.sep in name_or_path or name_or_path.startswith("."):
+        raise BackboneError(f"no such directory: {name_or_path}; accepted: {choices}")
+    raise BackboneError(f"unknown model {name_or_path!r}; accepted: {choices}")
+
+
+def load_backbone(name_or_path, device="cpu", dtype=torch.float32):
+    """A Backbone for a name (MODELS) or a diffusers directory, on `device` in `dtype`."""
+    path, kind = resolve(name_or_path)
+    import diffusers, transformers
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    cls = ShapesPipeline if kind == "ShapesPipeline" else DiffusionPipeline
+    extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "StableDiffusionPipeline" else {}
+    if os.path.isdir(path):    # components saved as absent (e.g. SD3 without T5) load as None
+        index = json.load(open(os.path.join(path, "model_index.json")))
+        extra.update({k: None for k, v in index.items() if isinstance(v, list) and v[0] is None})
+    try:
+        pipe = cls.from_pretrained(path, dtype=dtype, **extra)
+    except (OSError, ValueError) as e:
+        hint = " (no hub access? download it elsewhere and pass its directory)" if not os.path.isdir(path) else ""
+        raise BackboneError(f"cannot load {name_or_path!r}: {str(e).splitlines()[0]}{hint}") from None
+    if type(pipe).__name__ != kind:
+        raise BackboneError(f"{name_or_path} loaded as {type(pipe).__name__}, expected {kind}")
+    pipe.set_progress_bar_config(disable=True)
+    return Backbone(pipe.to(device), name_or_path, device, dtype)

@@ -1,0 +1,192 @@
+"""One update of critic-guided PPO or of GRPO: the same clipped loss, two ways to get the
+advantage (arXiv 2605.27736; ALGORITHM.md sections 4-5).
+
+  gae()              advantages and returns over the K denoising steps: sparse terminal
+                     reward, V_0 := 0 after the last step, gamma and lambda (section 4)
+  grpo_advantages()  GRPO's baseline: G samples per prompt, (R - group mean) / (group std + 1e-4),
+                     the same for every step of a trajectory (section 5, "The baseline")
+  normalise()        advantages over the global batch (every rank), then clipped
+  update()           epochs of shuffled minibatches of (trajectory, step) pairs: the clipped
+                     policy loss, the optional KL penalty to the frozen base on step means,
+                     the (optionally clipped) value loss; returns the per-update logs
+
+Logs (the names CleanRL uses, under losses/):
+  approx_kl       k3 estimator mean((rho - 1) - log rho) of KL(pi_old || pi_theta), per step
+  clipfrac        fraction of steps whose ratio left [1 - eps, 1 + eps]
+  ratio_dev_first max |rho - 1| over the first minibatch, before any optimiser step: must be
+                  ~0 (< 1e-5 in fp32). A tripwire: anything else means the training forward is
+                  not the rollout's (precision, CFG, dropout, a stale net)
+  grad_norm/*     gradient norms before clipping, mean over minibatches
+  skipped         minibatch updates skipped because a loss or a gradient was not finite
+
+References
+  1. CleanRL, ppo_continuous_action.py: GAE as a reversed loop, the clipped losses, the logs.
+  2. Flow-GRPO (arXiv 2505.05470) and DDPO (kvablack/ddpo-pytorch): the group advantage, the
+     tiny clip range of a per-element-mean log-probability, advantage clipping.
+
+Test: tests/test_ppo.py
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+import rollout
+from critic import POLICY, adapter
+
+
+def gae(rewards, values, gamma=1.0, gae_lambda=1.0):
+    """rewards (B, R): the terminal reward of each trajectory (one column per reward);
+    values (B, K, R): V_phi of the states of steps j = 0..K-1 (the paper's k = K..1), recorded
+    at rollout time. Returns advantages and returns (B, K, R); returns = advantages + values
+    are the critic's regression targets. gamma = lambda = 1 gives A = R - V (Monte Carlo with
+    a state-dependent baseline)."""
+    B, K, R = values.shape
+    advantages = torch.zeros_like(values)
+    lastgaelam = torch.zeros(B, R, dtype=values.dtype)
+    for j in reversed(range(K)):
+        if j == K - 1:                  # the last step: the reward arrives, x_0 is terminal (V_0 := 0)
+            reward, next_value = rewards, torch.zeros_like(rewards)
+        else:                           # every other step: r_k = 0
+            reward, next_value = torch.zeros_like(rewards), values[:, j + 1]
+        delta = reward + gamma * next_value - values[:, j]
+        advantages[:, j] = lastgaelam = delta + gamma * gae_lambda * lastgaelam
+    return advantages, advantages + values
+
+
+def grpo_advantages(rewards, group_size, eps=1e-4):
+    """rewards (B,) of B = n_prompts * G trajectories, each prompt's G samples adjacent ->
+    (B,): (R - group mean) / (group std + eps). Population std, as Flow-GRPO."""
+    grouped = rewards.view(-1, group_size)                                   # (n_prompts, G)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True, unbiased=False)
+    return ((grouped - mean) / (std + eps)).flatten()
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(t):
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def normalise(advantages, mask, eps=1e-8):
+    """advantages (B, K) -> zero mean, unit std over the steps where mask (B, K), computed over
+    the global batch (all ranks), not per rank."""
+    m = mask.to(advantages.dtype)
+    stats = all_reduce_sum(torch.stack([(advantages * m).sum(), (advantages ** 2 * m).sum(), m.sum()]).double())
+    mean = stats[0] / stats[2]
+    std = (stats[1] / stats[2] - mean ** 2).clamp(min=0).sqrt()
+    return ((advantages - mean) / (std + eps)).to(advantages.dtype)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range, mask):
+    """PPO's clipped surrogate, all (N,): mean over mask of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)).
+    The clip range is ~1e-4, not 0.2, because log_prob is a mean over latent elements.
+    Returns the loss, rho and log rho."""
+    logratio = log_prob - old_log_prob
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return masked_mean(torch.max(pg_loss1, pg_loss2), mask), ratio, logratio
+
+
+def value_loss(new_values, returns, old_values, vf_clip=0.0):
+    """0.5 mean (V - G)^2, all (N, R); with vf_clip > 0, PPO's clipped version: the worse of
+    the plain error and that of V_old + clip(V - V_old, -c, c), so V stays near V_old."""
+    v_loss = (new_values - returns) ** 2
+    if vf_clip > 0:
+        v_clipped = old_values + torch.clamp(new_values - old_values, -vf_clip, vf_clip)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    return 0.5 * v_loss.mean()
+
+
+def optimiser_step(loss, params, optimiser, max_grad_norm):
+    """backward, average the gradients over ranks (DDP by hand: the batch is each rank's share
+    and every loss is a mean, so the average over ranks is the gradient of the global mean),
+    clip, step. Skips the step on every rank if any rank's loss or gradient is not finite, so
+    weights are never corrupted and the ranks never diverge. Returns (grad norm, skipped)."""
+    optimiser.zero_grad(set_to_none=False)
+    ok = torch.isfinite(loss).item()
+    if ok:
+        loss.backward()
+    world = world_size()
+    if world > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([0.0 if ok else 1.0], device=grads[0].device)])
+        dist.all_reduce(flat)
+        ok = flat[-1].item() == 0
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = (flat[offset:offset + g.numel()] / world).view_as(p)
+            offset += g.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if ok else float("nan")
+    if not (ok and math.isfinite(grad_norm)):
+        optimiser.zero_grad(set_to_none=False)
+        return grad_norm, True
+    optimiser.step()
+    return grad_norm, False
+
+
+def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net, critic, opt_policy, opt_critic,
+           args, generator, train_policy=True, critic_minibatches=None):
+    """One update on a batch of B trajectories of K steps (this rank's share).
+
+    advantages (B, K): normalised, clipped, summed over rewards; returns, old_values (B, K, R)
+    (None for GRPO, which has no critic). Policy and critic see the same shuffled minibatches
+    of args.minibatch_per_rank (trajectory, step) pairs, for args.epochs epochs.
+    ref_net is the frozen base for the KL penalty (the LoRA base with adapters off, or the
+    untouched pretrained net). train_policy=False is value pretraining (--value-warmup).
+    critic_minibatches: the critic trains on only the first n minibatches of each epoch (a
+    random share of the pairs), which sets its cost per image; None = all of them."""
+    B, K = traj.log_probs.shape
+    b_idx, b_j = [t.flatten() for t in torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")]  # (B*K,)
+    policy_params = [p for group in opt_policy.param_groups for p in group["params"]] if train_policy else []
+    logs = {k: [] for k in ("pg_loss", "kl_loss", "approx_kl", "clipfrac", "grad_norm/policy", "value_loss",
+                            "grad_norm/critic")}
+    skipped, ratio_dev_first = 0, None
+    for epoch in range(args.epochs):
+        perm = torch.randperm(B * K, generator=generator)
+        for n, start in enumerate(range(0, B * K, args.minibatch_per_rank)):
+            mb = perm[start:start + args.minibatch_per_rank]
+            mb_idx, mb_j = b_idx[mb], b_j[mb]
+            if train_policy:
+                with adapter(policy_net, POLICY) as net:
+                    log_prob, mu, std = rollout.recompute_log_prob(backbone, traj, mb_idx, mb_j, net=net)
+                mask = (std > 0).float()     # a deterministic step has no density: no policy gradient
+                pg_loss, ratio, logratio = clipped_policy_loss(log_prob, traj.log_probs[mb_idx, mb_j],
+                                                               advantages[mb_idx, mb_j], args.clip_range, mask)
+                kl_loss = torch.zeros(())
+                if args.kl_coef > 0:
+                    with torch.no_grad(), adapter(ref_net, None) as net:
+                        _, mu_ref, _ = rollout.recompute_log_prob(backbone, traj, mb_idx, mb_j, net=net)
+                    safe = torch.where(std > 0, std, torch.ones_like(std)).view(-1, 1, 1, 1)
+                    kl_loss = masked_mean(((mu - mu_ref) ** 2 / (2 * safe ** 2)).mean(dim=(1, 2, 3)), mask)
+                loss = pg_loss + args.kl_coef * kl_loss
+                with torch.no_grad():
+                    if ratio_dev_first is None:
+                        ratio_dev_first = ((ratio - 1).abs() * mask).max().item()
+                    logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, mask).item())
+                    logs["clipfrac"].append(masked_mean(((ratio - 1).abs() > args.clip_range).float(), mask).item())
+                grad_norm, skip = optimiser_step(loss, policy_params, opt_policy, args.max_grad_norm)
+                skipped += skip
+                logs["pg_loss"].append(pg_loss.item()), logs["kl_loss"].append(kl_loss.item())
+                logs["grad_norm/policy"].append(grad_norm)
+            if critic is not None and (critic_minibatches is None or n < critic_minibatches):
+                new_values = critic(backbone, traj.latents[mb_idx, mb_j], traj.timesteps[mb_j],
+                                    traj.cond.index(mb_idx))                         # (mb, R)
+                v_loss = value_loss(new_values, returns[mb_idx, mb_j], old_values[mb_idx, mb_j], args.vf_clip)
+                grad_norm, skip = optimiser_step(v_loss, critic.trainable_parameters(), opt_critic, args.max_grad_norm)
+                skipped += skip
+                logs["value_loss"].append(v_loss.item()), logs["grad_norm/critic"].append(grad_norm)
+    out = {f"losses/{k}": sum(v) / len(v) for k, v in logs.items() if v}
+    out["losses/skipped"] = skipped
+    if ratio_dev_first is not None:
+        out["losses/ratio_dev_first"] = ratio_dev_first
+    return out

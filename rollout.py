@@ -1,0 +1,193 @@
+"""Latent trajectories with exact per-step log-probabilities (ALGORITHM.md sections 1-2).
+
+One stochastic sampler step is x_next = mu_theta(x, t) + std * z. Two families:
+  2a. DDIM with eta > 0 (UNet, epsilon prediction; DDIM paper eqs. 12 and 16, as DDPO)
+  2b. the flow-matching SDE (DiT, velocity prediction; Flow-GRPO's Euler-Maruyama step)
+noise_level is eta for DDIM and `a` for the flow SDE; 0 gives the deterministic sampler
+(DDIM / Euler ODE) used for evaluation. `step()` both samples a step (rollout) and, given
+x_next, recomputes its log-probability (training): one function, so the PPO ratio is
+exactly 1 before the first update (section 2c).
+
+Run:  python rollout.py --model tiny-dit --prompt "two red circles"   (saves a chain picture)
+Test: tests/test_rollout.py
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from models import BackboneError, Cond, Schedule, load_backbone
+
+
+@dataclass
+class Trajectory:
+    """A batch of B rollouts of K steps. Step j = 0..K-1 is the paper's k = K - j.
+
+    prompts     list[str] (B)
+    cond        Cond: the text conditioning the policy saw
+    latents     (B, K+1, C, H, W)  x_{t_K} .. x_{t_0}: states, then the final latent
+    log_probs   (B, K)  log pi_old(x_{j+1} | x_j), mean over latent elements (0 where std = 0)
+    means       (B, K, C, H, W)  mu_theta of each step
+    pred_x0     (B, K, C, H, W)  the model's clean-latent prediction at each state
+    stds        (K,)  each step's Gaussian std (0: a deterministic step, no policy gradient)
+    timesteps   (K,)  what the denoiser was fed;  levels (K+1,): sigma (flow) / alpha-bar (ddim)
+    images      (B, 3, H, W) in [0, 1]: decode(x_0)
+    noise_level, cfg_scale: the sampler settings, which a recompute must reuse
+    """
+    prompts: list
+    cond: Cond
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    means: torch.Tensor
+    pred_x0: torch.Tensor
+    stds: torch.Tensor
+    timesteps: torch.Tensor
+    levels: torch.Tensor
+    images: torch.Tensor
+    noise_level: float
+    cfg_scale: float
+
+
+def gaussian_log_prob(x_next, mu, std):
+    """log N(x_next; mu, std^2), averaged over latent elements -> (B,).
+    The mean over elements, not the sum, is what DDPO and Flow-GRPO use: it keeps log-ratios
+    small (hence PPO clip ranges ~1e-4, not 0.2) and independent of the latent size."""
+    std = std.view(-1, *[1] * (x_next.dim() - 1))
+    log_prob = -((x_next.detach() - mu) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return log_prob.mean(dim=tuple(range(1, x_next.dim())))
+
+
+def flow_sde_mean_std(x, v, sigma, sigma_next, sigma_max, a):
+    """ALGORITHM.md 2b. x, v: (B, C, H, W); sigma, sigma_next: (B,). Returns mu and the
+    step's Gaussian std (B,). At sigma = 1 the std's denominator uses sigma_max, the first
+    sigma below 1, as Flow-GRPO does, since 1 - sigma = 0 there."""
+    b = lambda s: s.view(-1, 1, 1, 1)
+    dsigma = sigma_next - sigma                                           # < 0
+    std_t = a * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma)))
+    mu = (x * b(1 + std_t ** 2 * dsigma / (2 * sigma))
+          + v * b((1 + std_t ** 2 * (1 - sigma) / (2 * sigma)) * dsigma))
+    return mu, std_t * torch.sqrt(-dsigma)
+
+
+def ddim_mean_std(x, eps, abar, abar_prev, eta):
+    """ALGORITHM.md 2a (DDIM eqs. 12, 16). x, eps: (B, C, H, W); abar, abar_prev: (B,)."""
+    b = lambda s: s.view(-1, 1, 1, 1)
+    x0_hat = (x - b(torch.sqrt(1 - abar)) * eps) / b(torch.sqrt(abar))
+    std_t = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    mu = b(torch.sqrt(abar_prev)) * x0_hat + b(torch.sqrt(1 - abar_prev - std_t ** 2)) * eps
+    return mu, std_t, x0_hat
+
+
+def step(backbone, x_t, j, cond, schedule, noise_level, cfg_scale=1.0, x_next=None, generator=None, net=None):
+    """One sampler step for states x_t (B, C, H, W) at step indices j (B,) (they may differ
+    across the batch, as in a PPO minibatch). Samples x_next if it is None, else scores the
+    given one. Returns x_next, log_prob (B,), mu, std (B,), pred_x0."""
+    j = j.cpu()
+    t = schedule.timesteps[j]
+    level, level_next = schedule.levels[j].to(x_t.device), schedule.levels[j + 1].to(x_t.device)
+    pred = backbone.predict(x_t, t, cond, cfg_scale, net)                 # (B, C, H, W), fp32
+    x = x_t.float()
+    if backbone.sampler == "flow":
+        sigma_max = schedule.levels[1].to(x_t.device)
+        mu, std = flow_sde_mean_std(x, pred, level, level_next, sigma_max, noise_level)
+        pred_x0 = x - level.view(-1, 1, 1, 1) * pred
+    else:
+        if backbone.scheduler.config.prediction_type == "v_prediction":   # v -> epsilon
+            b = lambda s: s.view(-1, 1, 1, 1)
+            pred = b(level.sqrt()) * pred + b((1 - level).sqrt()) * x
+        mu, std, pred_x0 = ddim_mean_std(x, pred, level, level_next, noise_level)
+    if x_next is None:
+        x_next = mu
+        if (std > 0).any():
+            z = randn_tensor(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            x_next = mu + std.view(-1, 1, 1, 1) * z
+    # a step with std = 0 is deterministic: no density, log_prob 0 and no policy gradient
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    log_prob = torch.where(std > 0, gaussian_log_prob(x_next.float(), mu, safe), torch.zeros_like(std))
+    return x_next, log_prob, mu, std, pred_x0
+
+
+def recompute_log_prob(backbone, traj, idx, j, net=None):
+    """log pi_theta of recorded steps (trajectory indices idx (N,), step indices j (N,)) under
+    the current weights: what the PPO ratio's numerator is. Same step() as the rollout."""
+    schedule = Schedule(traj.timesteps, traj.levels)
+    x_t, x_next = traj.latents[idx, j], traj.latents[idx, j + 1]
+    _, log_prob, mu, std, _ = step(backbone, x_t, j, traj.cond.index(idx), schedule, traj.noise_level,
+                                   traj.cfg_scale, x_next=x_next, net=net)
+    return log_prob, mu, std
+
+
+@torch.no_grad()
+def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=None, net=None, cond=None):
+    """Roll out len(prompts) trajectories of num_steps steps. The initial noise is drawn with
+    diffusers' randn_tensor, exactly as its pipelines draw it, so a seeded generator gives the
+    pipeline's own samples at noise_level = 0."""
+    cond = cond if cond is not None else backbone.encode(prompts)
+    schedule = backbone.schedule(num_steps)
+    B, K = len(prompts), num_steps
+    x = randn_tensor((B, *backbone.latent_shape), generator=generator, device=backbone.device,
+                     dtype=backbone.dtype).float()
+    if backbone.sampler == "ddim":
+        x = x * backbone.scheduler.init_noise_sigma
+    latents, log_probs, means, pred_x0s, stds = [x], [], [], [], []
+    for j in range(K):
+        jj = torch.full((B,), j, dtype=torch.long)
+        x, log_prob, mu, std, pred_x0 = step(backbone, x, jj, cond, schedule, noise_level, cfg_scale,
+                                             generator=generator, net=net)
+        latents.append(x), log_probs.append(log_prob), means.append(mu)
+        pred_x0s.append(pred_x0), stds.append(std[0])
+    return Trajectory(
+        prompts=list(prompts), cond=cond,
+        latents=torch.stack(latents, 1),          # (B, K+1, C, H, W)
+        log_probs=torch.stack(log_probs, 1),      # (B, K)
+        means=torch.stack(means, 1),              # (B, K, C, H, W)
+        pred_x0=torch.stack(pred_x0s, 1),         # (B, K, C, H, W)
+        stds=torch.stack(stds).cpu(),             # (K,)
+        timesteps=schedule.timesteps, levels=schedule.levels,
+        images=backbone.decode(x), noise_level=noise_level, cfg_scale=cfg_scale)
+
+
+def chain_picture(backbone, traj, i=0):
+    """(2*(K+1), 3, H, W): row 1 the noisy states x_t then x_0, row 2 the model's clean
+    predictions at each state then the final image."""
+    with torch.no_grad():
+        states = backbone.decode(traj.latents[i])                         # (K+1, 3, H, W)
+        preds = backbone.decode(traj.pred_x0[i])                          # (K, 3, H, W)
+    return torch.cat([states, preds, traj.images[i:i + 1].cpu()])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # model
+    p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    # sampling
+    p.add_argument("--prompt", default="two red circles", help="the prompt to roll out")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps K")
+    p.add_argument("--noise-level", type=float, default=None,
+                   help="SDE noise a (flow, default 0.7) or DDIM eta (default 1.0); 0 = deterministic")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the step noise")
+    # output
+    p.add_argument("--out", default="trajectory.png", help="where to save the chain picture (PNG)")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.exit(2, "error: --steps must be >= 1\n")
+    try:
+        backbone = load_backbone(args.model, args.device)
+    except BackboneError as e:
+        p.exit(2, f"error: {e}\n")
+    noise = args.noise_level if args.noise_level is not None else (0.7 if backbone.sampler == "flow" else 1.0)
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    traj = sample(backbone, [args.prompt], args.steps, noise, args.cfg, generator=g)
+    from torchvision.utils import save_image
+    save_image(chain_picture(backbone, traj), args.out, nrow=args.steps + 1, padding=1)
+    print(f"saved {args.out}: top row x_t from noise to x_0, bottom row the predicted clean image at each step "
+          f"(sampler {backbone.sampler}, noise level {noise}, mean log-prob {traj.log_probs.mean():.3f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

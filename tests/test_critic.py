@@ -1,0 +1,101 @@
+"""critic.py: V_phi is exactly 0 at initialisation on every backbone (full copy and LoRA), its
+backbone starts as the pretrained one, the LoRA adapters share one base without touching
+each other, and the explained-variance diagnostics (ALGORITHM.md section 3)."""
+import pytest
+import torch
+
+import rollout
+from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
+    explained_variance_by_noise, lora_config
+from models import load_backbone
+from tiny import make_tiny_sd15, make_tiny_sd3
+
+PROMPTS = ["a red circle", "two blue squares", "a cat left of a dog"]
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """Loaders, not backbones: LoRA adapters change backbone.net, so every test loads its own."""
+    root = tmp_path_factory.mktemp("pipes")
+    paths = {"sd3.5m-arch": make_tiny_sd3(str(root / "sd3")), "sd1.5-arch": make_tiny_sd15(str(root / "sd15")),
+             "tiny-dit": "tiny-dit", "tiny-unet": "tiny-unet"}
+    return {name: (lambda path=path: load_backbone(path)) for name, path in paths.items()}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("name", ["sd3.5m-arch", "sd1.5-arch", "tiny-dit", "tiny-unet"])
+def test_value_is_zero_at_init(backbones, name, lora):
+    b = backbones[name]()
+    traj = rollout.sample(b, PROMPTS, 3, 0.7 if b.sampler == "flow" else 1.0, generator=torch.Generator().manual_seed(0))
+    critic = Critic(b, num_rewards=2, lora=lora, rank=4, alpha=8)
+    values = critic.values(b, traj)
+    assert values.shape == (3, 3, 2)
+    assert torch.equal(values, torch.zeros_like(values))
+    # and its gradient is not zero: the zero-initialised last layer learns at once
+    v = critic(b, traj.latents[:, 1], traj.timesteps[[1, 1, 1]], traj.cond)
+    v.sum().backward()
+    assert critic.head.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_critic_backbone_starts_as_the_pretrained_one(backbones):
+    b = backbones["tiny-dit"]()
+    traj = rollout.sample(b, PROMPTS, 3, 0.7, generator=torch.Generator().manual_seed(0))
+    critic = Critic(b)
+    x, t = traj.latents[:, 1], traj.timesteps[[1, 1, 1]]
+    with torch.no_grad():
+        ours, base = b.features(x, t, traj.cond, net=critic.net), b.features(x, t, traj.cond)
+    for a, c in zip(ours, base):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert critic.net is not b.net and all(p.requires_grad for p in critic.trainable_parameters())
+
+
+def test_lora_policy_and_critic_share_one_base(backbones):
+    """One base, two adapters: training the critic's adapter leaves the policy's forward alone,
+    disabling adapters gives the base (the KL reference), and requires_grad survives switching."""
+    b = backbones["sd3.5m-arch"]()
+    traj = rollout.sample(b, PROMPTS, 3, 0.7, generator=torch.Generator().manual_seed(0))
+    x, t = traj.latents[:, 1], traj.timesteps[[1, 1, 1]]
+    with torch.no_grad():
+        base = b.predict(x, t, traj.cond)
+    torch.manual_seed(0)
+    b.net.add_adapter(lora_config(b, 4, 8), adapter_name=POLICY)
+    critic = Critic(b, lora=True, rank=4, alpha=8)
+    b.net.set_adapter(POLICY)
+    with torch.no_grad():
+        for p in adapter_params(b.net, POLICY) + adapter_params(b.net, CRITIC):
+            p.add_(0.05 * torch.randn_like(p))           # both adapters now do something
+        policy_out = b.predict(x, t, traj.cond)
+    assert (policy_out - base).abs().max() > 1e-4
+    with torch.no_grad():
+        critic.head.mlp[-1].weight.normal_()             # a non-zero head passes gradient back to the adapter
+    opt = torch.optim.SGD(critic.trainable_parameters(), lr=1.0)
+    critic(b, x, t, traj.cond).sum().backward()
+    assert all(p.grad is None for p in adapter_params(b.net, POLICY))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params(b.net, CRITIC))
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(b.predict(x, t, traj.cond), policy_out, rtol=0, atol=0)   # policy untouched
+        with adapter(b.net, None) as net:
+            torch.testing.assert_close(b.predict(x, t, traj.cond, net=net), base, rtol=0, atol=1e-6)
+    assert b.net.active_adapters() == [POLICY]
+    assert all(p.requires_grad for p in adapter_params(b.net, POLICY) + adapter_params(b.net, CRITIC))
+    # the critic's checkpoint holds its adapter and head only, and loads back
+    state = critic.state_dict_to_save()
+    assert state and all(k.startswith(("head.", "lora.")) for k in state)
+    assert not any(f".{POLICY}." in k for k in state)
+    with torch.no_grad():
+        for p in critic.trainable_parameters():
+            p.zero_()
+    critic.load_saved(state)
+    assert all(torch.equal(v, critic.state_dict_to_save()[k]) for k, v in state.items())
+
+
+def test_explained_variance():
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert explained_variance(y, y) == pytest.approx(1.0)
+    assert explained_variance(torch.full((4,), 2.5), y) == pytest.approx(0.0)
+    assert explained_variance(-y, y) < 0
+    values = torch.stack([torch.zeros(4), y, y], 1)             # (B=4, K=3)
+    returns = torch.stack([y, y, y], 1)
+    out = explained_variance_by_noise(values, returns, torch.tensor([1.0, 0.5, 0.05]))
+    assert out == {"1.0-0.8": pytest.approx(0.0), "0.6-0.4": pytest.approx(1.0), "0.2-0.0": pytest.approx(1.0)}

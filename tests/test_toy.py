@@ -1,0 +1,66 @@
+"""toy.py: the checker is right on correct scenes and fails deliberately wrong ones; the
+prompt split and grammar hold together."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import toy
+
+
+def test_split_is_fixed_disjoint_and_covers_every_category():
+    train, held = toy.prompts("train"), toy.prompts("heldout")
+    train_p, held_p = {m["prompt"] for m in train}, {m["prompt"] for m in held}
+    assert not train_p & held_p
+    assert train_p | held_p == {m["prompt"] for m in toy.all_prompts()}
+    assert {m["tag"] for m in held} == set(toy.TAGS) == {m["tag"] for m in train}
+    assert [m["prompt"] for m in toy.prompts("heldout")] == [m["prompt"] for m in held]
+
+
+def test_prompts_parse_back_to_their_metadata():
+    for m in toy.all_prompts():
+        assert toy.prompt_metadata(m["prompt"]) == m
+    meta = toy.prompt_metadata("two red circles")
+    assert meta["tag"] == "counting" and meta["include"] == [{"class": "circle", "count": 2, "color": "red"}]
+    with pytest.raises(ValueError):
+        toy.prompt_metadata("a purple hexagon")
+
+
+def test_checker_passes_ground_truth_scenes():
+    rng = random.Random(0)
+    metas = [rng.choice(toy.all_prompts()) for _ in range(600)]
+    strict, score = toy.check(toy.render_batch(metas, seed=1), metas)
+    assert strict.float().mean() >= 0.99
+    assert score[strict].min() == 1.0
+
+
+@pytest.mark.parametrize("wrong", ["missing", "color", "swap"])
+def test_checker_fails_wrong_scenes(wrong):
+    rng = random.Random(1)
+    pool = [m for m in toy.all_prompts()
+            if (wrong != "color" or any(e.get("color") for e in m["include"]))
+            and (wrong != "swap" or m["tag"] == "position")]
+    metas = [rng.choice(pool) for _ in range(200)]
+    images = torch.from_numpy(np.stack([toy.render(m, rng, wrong=wrong) for m in metas])).permute(0, 3, 1, 2)
+    strict, score = toy.check(images, metas)
+    assert not strict.any()
+    assert (score < 1).all() and (score >= 0).all()
+
+
+def test_partial_credit_orders_errors():
+    """An empty image earns nothing; one wrong colour earns more than a missing object."""
+    meta = toy.prompt_metadata("a red circle and a blue square")
+    rng = random.Random(2)
+    render = lambda wrong: torch.from_numpy(toy.render(meta, rng, wrong=wrong)).permute(2, 0, 1)[None]
+    empty = torch.zeros(1, 3, 32, 32)
+    s_empty, s_missing, s_color, s_ok = (toy.check(x, [meta])[1].item()
+                                         for x in (empty, render("missing"), render("color"), render(None)))
+    assert s_empty == 0 < s_missing < s_color < s_ok == 1
+
+
+def test_noise_specks_are_not_objects():
+    meta = toy.prompt_metadata("a green triangle")
+    image = torch.from_numpy(toy.render(meta, random.Random(3))).permute(2, 0, 1)
+    image[:, 0, 0] = torch.tensor([1.0, 0.0, 0.0])          # a single red pixel
+    assert toy.check(image[None], [meta])[0].item()

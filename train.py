@@ -1,0 +1,595 @@
+"""Critic-guided RL post-training of a diffusion model (arXiv 2605.27736), and GRPO in the same
+code: rollouts (rollout.py) -> rewards (rewards.py) -> values (critic.py) -> one PPO or GRPO
+update (ppo.py), with value pretraining, logging, sample grids, checkpoints and exact resume.
+
+Launch:
+  python train.py                          # the built-in world: tiny-dit, shapes reward, critic-PPO, CPU
+  python train.py --algo grpo              # the GRPO baseline on the same budget
+  python train.py --resume runs/NAME       # continue a run exactly where it stopped
+  torchrun --standalone --nproc_per_node=8 train.py --model sd3.5m --rewards hps,clip --prompts geneval
+  torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
+Defaults are tuned for the built-in world (see --help); each flag's help names the paper's or
+the peers' value for real models where it differs. Rank 0 alone prints, writes and saves.
+
+A run directory holds: config.json, metrics.jsonl (one line per iteration), reward.png,
+samples/iter_NNNN.png (fixed held-out prompts, deterministic sampler), checkpoint/ (policy and
+critic weights in safetensors, optimiser and RNG states in state.pt) and, at the end,
+pipeline/ (tiny models: a diffusers directory loadable as --model) or policy_lora/ (a LoRA
+adapter loadable with pipe.load_lora_weights).
+
+Test: tests/test_train.py
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ppo
+import rewards
+import rollout
+from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
+    explained_variance_by_noise, lora_config, noise_fraction
+from models import BackboneError, resolve
+
+ALGOS = ("ppo", "grpo")
+# flags a resumed run may change; every other one comes from the run's config.json
+RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every")
+
+
+class ConfigError(ValueError):
+    """Bad flags or paths: printed as one line, exit code 2, before any work."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                     # one line, not usage + error
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser():
+    p = Parser(description=__doc__.splitlines()[0])
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank of the policy and critic adapters on the shared frozen base; 0 = train full "
+                        "copies (default: 0 for the built-in tiny models, 32 otherwise, the peers' value)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: 64 at rank 32)")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--algo", default="ppo", help="ppo (critic-guided, the paper) | grpo (the baseline)")
+    g.add_argument("--iters", type=int, default=60, help="iterations (rollout batch + update each)")
+    g.add_argument("--batch-size", type=int, default=32, help="images generated per iteration, all ranks together")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="samples per prompt G (default: 8 for grpo, whose baseline needs groups; 1 for ppo)")
+    g.add_argument("--num-steps", type=int, default=10, help="denoising steps K in training (paper: 10 SD3.5-M, 50 SD1.5)")
+    g.add_argument("--eval-num-steps", type=int, default=10, help="deterministic steps in evaluation (paper: 40)")
+    g.add_argument("--noise-level", type=float, default=None,
+                   help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's)")
+    g.add_argument("--cfg", type=float, default=1.0, help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
+    g.add_argument("--lr", type=float, default=3e-5, help="policy AdamW learning rate (peers: 3e-4 for LoRA r=32)")
+    g.add_argument("--critic-lr", type=float, default=1e-4, help="critic AdamW learning rate (its backbone copy or adapter)")
+    g.add_argument("--critic-head-lr", type=float, default=1e-3, help="learning rate of the critic's new value head")
+    g.add_argument("--clip-range", type=float, default=1e-3,
+                   help="PPO clip eps on the ratio (peers: 1e-4 at SD sizes; a per-element-mean log-prob over "
+                        "3,072 elements here moves more per update than over 262,144)")
+    g.add_argument("--adv-clip", type=float, default=5.0, help="clip advantages to [-c, c] (Flow-GRPO: 5)")
+    g.add_argument("--gamma", type=float, default=1.0, help="discount over denoising steps")
+    g.add_argument("--gae-lambda", type=float, default=0.9, help="GAE lambda (1 = Monte Carlo: A = R - V)")
+    g.add_argument("--vf-clip", type=float, default=0.0, help="clip the value update around V_old (0 = off)")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL penalty to the frozen base on step means")
+    g.add_argument("--value-warmup", type=int, default=3, help="iterations W of critic-only training before policy updates")
+    g.add_argument("--epochs", type=int, default=1, help="passes over each batch")
+    g.add_argument("--minibatch-size", type=int, default=64,
+                   help="(trajectory, step) pairs per optimiser step, all ranks together")
+    g.add_argument("--critic-fraction", type=float, default=0.25,
+                   help="share of the minibatches the critic also trains on (the rest only update the policy): "
+                        "the critic's cost per image; 1 during value warm-up")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed * world + r)")
+    g = rewards.add_reward_args(p)
+    g.add_argument("--prompts", default="shapes",
+                   help="shapes (the built-in world's train/held-out split) | geneval (GenEval-style prompts) | "
+                        "a .txt (one prompt a line) or GenEval .jsonl file (every 10th held out)")
+    g = p.add_argument_group("logging")
+    g.add_argument("--run-dir", default=None, help="output directory (default runs/ALGO-MODEL-TIME); never overwritten")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    g.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N iterations (and at the end)")
+    g.add_argument("--eval-seeds", type=int, default=4, help="images per held-out prompt in evaluation")
+    g.add_argument("--sample-every", type=int, default=20, help="save a sample grid every N iterations (and at the end)")
+    g.add_argument("--save-every", type=int, default=20, help="checkpoint every N iterations (and at the end)")
+    return p
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def load_prompts(source, seed=0):
+    """(train, heldout): lists of metadata dicts, each with at least a "prompt"."""
+    if source == "shapes":
+        import toy
+        return toy.prompts("train"), toy.prompts("heldout")
+    if source == "geneval":
+        return rewards.geneval_prompts(2000, seed=seed), rewards.geneval_prompts(200, seed=seed + 1)
+    if not os.path.isfile(source):
+        raise ConfigError(f"--prompts {source!r}: not shapes, geneval or an existing file")
+    if source.endswith(".jsonl"):
+        metas = rewards.read_geneval_metadata(source)
+    else:
+        metas = [{"prompt": line.strip()} for line in open(source) if line.strip()]
+    if len(metas) < 2:
+        raise ConfigError(f"--prompts {source}: needs at least 2 prompts")
+    return [m for i, m in enumerate(metas) if i % 10 != 9], [m for i, m in enumerate(metas) if i % 10 == 9]
+
+
+def explicit_flags(parser, argv):
+    """The dests of the flags actually typed (to tell a resumed run's config from new flags)."""
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def configure(args, argv):
+    """Validate every flag and path and derive the batch sizes, before any work. Returns the
+    final args (a resumed run's config), the reward spec, and the prompt lists."""
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(path) or not os.path.isdir(os.path.join(args.resume, "checkpoint")):
+            raise ConfigError(f"--resume {args.resume}: no run to resume there (needs config.json and checkpoint/)")
+        changed = explicit_flags(build_parser(), argv) - set(RESUMABLE)
+        if changed:
+            allowed = ", ".join("--" + f.replace("_", "-") for f in RESUMABLE if f != "resume")
+            raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
+                              f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
+        config = json.load(open(path))
+        for key in RESUMABLE:
+            if key in explicit_flags(build_parser(), argv) or key not in config:
+                config[key] = getattr(args, key)
+        config["run_dir"] = args.resume
+        args = argparse.Namespace(**config)
+    if args.algo not in ALGOS:
+        raise ConfigError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGOS)}")
+    _, kind = resolve(args.model)                                  # BackboneError if unknown
+    args.shapes_world = kind == "ShapesPipeline"
+    spec = rewards.parse_reward_args(args)                          # RewardError if bad
+    if args.lora_rank is None:
+        args.lora_rank = 0 if args.shapes_world else 32
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+    if args.group_size is None:
+        args.group_size = 8 if args.algo == "grpo" else 1
+    if args.noise_level is None:
+        args.noise_level = None if kind == "ShapesPipeline" else (0.7 if kind == "StableDiffusion3Pipeline" else 1.0)
+    for name in ("iters", "batch_size", "group_size", "num_steps", "eval_num_steps", "epochs", "minibatch_size",
+                 "eval_every", "eval_seeds", "sample_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "critic_lr", "critic_head_lr", "clip_range", "adv_clip", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not 0 < args.critic_fraction <= 1 or not 0 <= args.gae_lambda <= 1 or not 0 < args.gamma <= 1:
+        raise ConfigError("--critic-fraction must be in (0, 1], --gae-lambda in [0, 1], --gamma in (0, 1]")
+    if args.value_warmup < 0 or args.kl_coef < 0 or args.vf_clip < 0 or args.lora_rank < 0:
+        raise ConfigError("--value-warmup, --kl-coef, --vf-clip and --lora-rank must be >= 0")
+    if args.algo == "grpo" and args.group_size < 2:
+        raise ConfigError(f"--algo grpo needs --group-size >= 2 (its baseline is the group mean), got {args.group_size}")
+    # derived sizes: asserted to divide evenly, as DDPO does
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % (world * args.group_size):
+        raise ConfigError(f"--batch-size {args.batch_size} is not divisible by world size {world} x --group-size "
+                          f"{args.group_size}")
+    args.world_size = world
+    args.batch_per_rank = args.batch_size // world
+    args.prompts_per_rank = args.batch_per_rank // args.group_size
+    pairs = args.batch_per_rank * args.num_steps
+    if args.minibatch_size % world or pairs % (args.minibatch_size // world):
+        raise ConfigError(f"--minibatch-size {args.minibatch_size} must split into {world} rank(s) and divide the "
+                          f"{pairs} (trajectory, step) pairs per rank ({args.batch_per_rank} images x {args.num_steps} steps)")
+    args.minibatch_per_rank = args.minibatch_size // world
+    args.minibatches = pairs // args.minibatch_per_rank
+    args.critic_minibatches = max(1, round(args.critic_fraction * args.minibatches))
+    train_prompts, heldout = load_prompts(args.prompts, args.seed)
+    rewards.check_metadata(spec.names + spec.monitor, train_prompts + heldout, [m["prompt"] for m in train_prompts + heldout])
+    # the run directory: never overwrite a different run
+    if not args.resume:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.run_dir = args.run_dir or os.path.join("runs", f"{args.algo}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
+        cfg_path = os.path.join(args.run_dir, "config.json")
+        if os.path.isfile(cfg_path):
+            same = strip(json.load(open(cfg_path))) == strip(vars(args))
+            raise ConfigError(f"--run-dir {args.run_dir} already holds {'this' if same else 'a different'} run "
+                              f"(never overwritten){'; continue it with --resume ' + args.run_dir if same else ''}")
+        if os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
+            raise ConfigError(f"--run-dir {args.run_dir} is not empty and holds no run (never overwritten)")
+    parent = os.path.abspath(args.run_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {args.run_dir}: {parent} is not a writable directory")
+    return args, spec, train_prompts, heldout
+
+
+def strip(config):
+    """A run's identity: its config without what a resume may change or what is derived."""
+    return {k: v for k, v in config.items() if k not in RESUMABLE + ("run_dir",)}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    cuda = torch.device(device).type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def all_gather(t):
+    """(n, ...) on every rank -> (world * n, ...) in rank order, on every rank."""
+    if ppo.world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(ppo.world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def barrier():
+    if ppo.world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- models
+
+def build(args, backbone, num_rewards):
+    """Policy, frozen reference, critic (None for GRPO) and their optimisers.
+    Full copies (tiny models): policy = a trainable copy, reference = backbone.net untouched,
+    critic = another copy + head. LoRA: 'policy' and 'critic' adapters on the one frozen
+    backbone.net, whose adapters-off forward is the reference."""
+    torch.manual_seed(args.seed)                  # same initial head / adapters on every rank
+    if args.lora_rank:
+        backbone.net.add_adapter(lora_config(backbone, args.lora_rank, args.lora_alpha), adapter_name=POLICY)
+        policy_net = ref_net = backbone.net
+        policy_params = adapter_params(backbone.net, POLICY)
+    else:
+        import copy
+        policy_net, ref_net = copy.deepcopy(backbone.net).requires_grad_(True), backbone.net
+        policy_params = list(policy_net.parameters())
+    critic = None
+    if args.algo == "ppo":
+        critic = Critic(backbone, num_rewards, lora=bool(args.lora_rank), rank=args.lora_rank or 32,
+                        alpha=args.lora_alpha or 64).to(backbone.device)
+    if args.lora_rank:
+        backbone.net.set_adapter(POLICY)          # what an unwrapped forward of the base runs
+        for p in adapter_params(backbone.net, POLICY) + adapter_params(backbone.net, CRITIC):
+            p.requires_grad_(True)
+    # weight decay 1e-4 as Flow-GRPO; Adam's eps 1e-8 (the log-prob gradients are small)
+    opt_policy = torch.optim.AdamW(policy_params, lr=args.lr, weight_decay=1e-4)
+    opt_critic = torch.optim.AdamW(critic.param_groups(args.critic_lr, args.critic_head_lr), weight_decay=0.0) if critic else None
+    return policy_net, ref_net, critic, opt_policy, opt_critic
+
+
+def policy_state(args, policy_net):
+    if args.lora_rank:
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(policy_net, adapter_name=POLICY)
+    return policy_net.state_dict()
+
+
+def load_policy_state(args, policy_net, state):
+    if args.lora_rank:
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(policy_net, state, adapter_name=POLICY)
+    else:
+        policy_net.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic, mixer, rngs):
+    """checkpoint/ is replaced whole: written to checkpoint.tmp/, then swapped in with renames, so a
+    crash at any point leaves the previous checkpoint intact (resume also reads checkpoint.old/)."""
+    from safetensors.torch import save_file
+    final, tmp, old = (os.path.join(args.run_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in policy_state(args, policy_net).items()},
+              os.path.join(tmp, "policy.safetensors"))
+    if critic is not None:
+        save_file({k: v.cpu() for k, v in critic.state_dict_to_save().items()}, os.path.join(tmp, "critic.safetensors"))
+    state = {"iteration": it, "images": images, "mixer": mixer.state_dict(), "rngs": rngs(),
+             "opt_policy": opt_policy.state_dict(), "opt_critic": opt_critic.state_dict() if opt_critic else None}
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
+    from safetensors.torch import load_file
+    path = os.path.join(args.run_dir, "checkpoint")
+    if not os.path.isdir(path):
+        path += ".old"
+    load_policy_state(args, policy_net, load_file(os.path.join(path, "policy.safetensors")))
+    if critic is not None:
+        critic.load_saved(load_file(os.path.join(path, "critic.safetensors")))
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    opt_policy.load_state_dict(state["opt_policy"])
+    if opt_critic is not None:
+        opt_critic.load_state_dict(state["opt_critic"])
+    mixer.load_state_dict(state["mixer"])
+    return state
+
+
+def export_final(args, backbone, policy_net):
+    """The trained policy in a form other tools load: a diffusers pipeline directory (full copies:
+    `--model RUN/pipeline` works everywhere) or a LoRA adapter for pipe.load_lora_weights."""
+    from peft import get_peft_model_state_dict
+    if not args.lora_rank:
+        key = "transformer" if getattr(backbone.pipe, "transformer", None) is not None else "unet"
+        pipe = type(backbone.pipe)(**{**backbone.pipe.components, key: policy_net})
+        tmp = os.path.join(args.run_dir, "pipeline.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(os.path.join(args.run_dir, "pipeline"), ignore_errors=True)
+        os.replace(tmp, os.path.join(args.run_dir, "pipeline"))
+        return os.path.join(args.run_dir, "pipeline")
+    layers = get_peft_model_state_dict(policy_net, adapter_name=POLICY)
+    out = os.path.join(args.run_dir, "policy_lora")
+    if hasattr(type(backbone.pipe), "save_lora_weights"):
+        key = "transformer_lora_layers" if backbone.sampler == "flow" else "unet_lora_layers"
+        type(backbone.pipe).save_lora_weights(out, **{key: layers}, safe_serialization=True)
+    else:                                          # a ShapesPipeline has no LoRA loader: the raw adapter
+        from safetensors.torch import save_file
+        os.makedirs(out, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in layers.items()}, os.path.join(out, "adapter.safetensors"))
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
+    """Held-out prompts x seeds with the deterministic sampler (noise 0): strict accuracy and
+    partial credit of the built-in world's checker, and every reward's raw mean."""
+    import toy
+    images, metas = [], []
+    with adapter(policy_net, POLICY) as net:
+        for seed in seeds:
+            g = torch.Generator(backbone.device).manual_seed(seed)
+            for i in range(0, len(heldout), 64):
+                chunk = heldout[i:i + 64]
+                traj = rollout.sample(backbone, [m["prompt"] for m in chunk], args.eval_num_steps, 0.0, generator=g, net=net)
+                images.append(traj.images.cpu()), metas.extend(chunk)
+    images = torch.cat(images)
+    out = {}
+    if args.shapes_world:
+        strict, score = toy.check(images, metas)
+        out.update({"eval/heldout_strict": strict.float().mean().item(), "eval/heldout_score": score.mean().item()})
+    try:
+        raw, _ = mixer.score(images, [m["prompt"] for m in metas], metas)
+        out.update({f"eval/heldout_{n}": raw[:, i].mean().item() for i, n in enumerate(mixer.names)})
+    except rewards.RewardError as e:
+        print(f"warning: held-out reward skipped: {e}", file=sys.stderr)
+    return out
+
+
+@torch.no_grad()
+def save_samples(args, backbone, policy_net, grid_prompts, path):
+    from torchvision.utils import save_image
+    with adapter(policy_net, POLICY) as net:
+        traj = rollout.sample(backbone, grid_prompts, args.eval_num_steps, 0.0,
+                              generator=torch.Generator(backbone.device).manual_seed(0), net=net)
+    images = traj.images.cpu()
+    if images.shape[-1] < 128:                     # the built-in world's 32 px: enlarge, keep pixels sharp
+        images = torch.nn.functional.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
+    save_image(images, path, nrow=len(grid_prompts), padding=2, pad_value=1.0)
+
+
+def plot_rewards(run_dir, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("reward/train/total_raw", "train reward (raw, weighted)"), ("reward/train/strict", "train strict accuracy")):
+        have = [r for r in rows if key in r]
+        if have:
+            ax.plot([r["images"] for r in have], [r[key] for r in have], label=label, alpha=0.7)
+    ev = [r for r in rows if "eval/heldout_strict" in r]
+    if ev:
+        ax.plot([r["images"] for r in ev], [r["eval/heldout_strict"] for r in ev], "o-", label="held-out strict accuracy")
+    ax.set_xlabel("images generated"), ax.set_ylabel("reward / accuracy"), ax.grid(alpha=0.3), ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "reward.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args, spec, train_prompts, heldout = configure(args, argv)
+    except (ConfigError, BackboneError, rewards.RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return train(args, spec, train_prompts, heldout)
+
+
+def train(args, spec, train_prompts, heldout):
+    from models import load_backbone
+    rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    seed = args.seed * world + rank                               # DiT: a different stream per rank
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    if master:
+        os.makedirs(os.path.join(args.run_dir, "samples"), exist_ok=True)
+        if not args.resume:
+            with open(os.path.join(args.run_dir, "config.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+    log(f"run {args.run_dir}: {args.algo} on {args.model}, rewards {','.join(spec.names)} "
+        f"(weights {','.join(f'{w:g}' for w in spec.weights)})")
+    log(f"batch: {args.batch_size} images/iter = {world} rank(s) x {args.prompts_per_rank} prompts x {args.group_size} "
+        f"samples; {args.batch_per_rank * args.num_steps} (trajectory, step) pairs/rank -> {args.minibatches} minibatches "
+        f"of {args.minibatch_per_rank} x {args.epochs} epoch(s); critic on {args.critic_minibatches} of them")
+    assert args.batch_per_rank * world == args.batch_size and args.prompts_per_rank * args.group_size == args.batch_per_rank
+    assert args.minibatches * args.minibatch_per_rank == args.batch_per_rank * args.num_steps
+
+    backbone = load_backbone(args.model, device)
+    noise_level = args.noise_level if args.noise_level is not None else (0.7 if backbone.sampler == "flow" else 1.0)
+    mixer = spec.mixer(device)
+    weights = mixer.weights                                       # (R,)
+    policy_net, ref_net, critic, opt_policy, opt_critic = build(args, backbone, len(spec.names))
+    prompt_rng = random.Random(seed)
+    gen = torch.Generator(device).manual_seed(seed)              # rollout noise
+    shuffle = torch.Generator().manual_seed(seed + 12345)        # minibatch order
+
+    def rngs():
+        return {"python": random.getstate(), "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                                                       *np.random.get_state()[2:]],
+                "torch": torch.get_rng_state(), "prompt": prompt_rng.getstate(), "gen": gen.get_state(),
+                "shuffle": shuffle.get_state()}
+
+    start, images_seen, rows = 0, 0, []
+    if args.resume:
+        state = load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer)
+        start, images_seen, r = state["iteration"], state["images"], state["rngs"]
+        random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
+        np.random.set_state(("MT19937", r["numpy"][0].numpy().astype(np.uint32), *r["numpy"][1:]))
+        torch.set_rng_state(r["torch"]), gen.set_state(r["gen"]), shuffle.set_state(r["shuffle"])
+        prompt_rng.setstate((r["prompt"][0], tuple(r["prompt"][1]), r["prompt"][2]))
+        metrics = os.path.join(args.run_dir, "metrics.jsonl")
+        if os.path.isfile(metrics):                 # drop lines logged after the checkpoint
+            rows = [json.loads(line) for line in open(metrics)]
+            rows = [r for r in rows if r["iter"] <= start]
+            if master:
+                with open(metrics, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+        log(f"resumed from iteration {start} ({images_seen} images)")
+    by_tag = {}
+    for m in train_prompts:
+        by_tag.setdefault(m.get("tag", ""), []).append(m)
+    tags = sorted(by_tag)
+    grid_prompts = [m["prompt"] for m in heldout[::max(1, len(heldout) // 8)][:8]]
+    if master:
+        with open(os.path.join(args.run_dir, "samples", "prompts.txt"), "w") as f:
+            f.write("\n".join(grid_prompts) + "\n")
+    if master and start == 0:                     # the base model: where every curve starts
+        rows.append({"iter": 0, "images": 0, "time/total_train_s": 0.0,
+                     **evaluate(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds))})
+        save_samples(args, backbone, policy_net, grid_prompts, os.path.join(args.run_dir, "samples", "iter_0000.png"))
+        with open(os.path.join(args.run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps(rows[0]) + "\n")
+        log(" | ".join(["base model"] + [f"{k.split('/')[-1]} {v:.3f}" for k, v in rows[0].items() if k.startswith("eval/")]))
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.iters), desc=args.algo, disable=not master, dynamic_ncols=True,
+               initial=start, total=args.iters)
+    for it in bar:
+        t0 = time.perf_counter()
+        # 1. prompts (category first, so small categories are not drowned) and rollouts
+        metas = [by_tag[prompt_rng.choice(tags)] for _ in range(args.prompts_per_rank)]
+        metas = [m for group in metas for m in [prompt_rng.choice(group)] * args.group_size]   # G adjacent copies
+        prompts = [m["prompt"] for m in metas]
+        with adapter(policy_net, POLICY) as net:
+            traj = rollout.sample(backbone, prompts, args.num_steps, noise_level, args.cfg, generator=gen, net=net)
+        B, K = traj.log_probs.shape
+        # 2. rewards: every rank's raw scores gathered before normalising (identical statistics everywhere)
+        skip = None
+        try:
+            raw, strict = mixer.score(traj.images, prompts, metas)                             # (B, R)
+            monitor, _ = mixer.score(traj.images, prompts, metas, mixer.monitor)
+        except rewards.RewardError as e:
+            skip, raw, strict, monitor = str(e), torch.full((B, len(spec.names)), float("nan")), {}, None
+        bad = torch.tensor([float(skip is not None or not torch.isfinite(traj.log_probs).all())])
+        if ppo.all_reduce_sum(bad).item() > 0:
+            skip = skip or "non-finite log-probabilities"
+        row = {"iter": it + 1, "images": images_seen + args.batch_size}
+        if skip is None:
+            raw_all = all_gather(raw.to(device)).cpu()                                         # (world*B, R)
+            normalised_all = mixer.normalise(raw_all)                                           # (world*B, R)
+            normalised = normalised_all[rank * B:(rank + 1) * B]                                # (B, R)
+            out = {"raw": raw_all, "normalised": normalised_all, "total": normalised_all @ weights,
+                   "monitor": all_gather(monitor.to(device)).cpu(),
+                   "strict": {n: all_gather(s.to(device)).cpu() for n, s in strict.items()}}
+            row.update(mixer.log_dict(out))
+            row["reward/train/total_raw"] = (raw_all @ weights).mean().item()
+            if "shapes" in out["strict"]:
+                row["reward/train/strict"] = out["strict"]["shapes"].float().mean().item()
+            # 3. advantages: critic + GAE (per reward, then weighted), or GRPO's group baseline
+            mask = (traj.stds > 0).expand(B, K)                                                # (B, K)
+            returns = old_values = None
+            if args.algo == "ppo":
+                with torch.no_grad():
+                    old_values = critic.values(backbone, traj).cpu()                            # (B, K, R)
+                adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
+                advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
+                v_total, g_total = (old_values * weights).sum(-1), (returns * weights).sum(-1)
+                noise = noise_fraction(backbone, traj.levels[:-1])
+                row["critic/explained_variance"] = explained_variance(v_total.flatten(), g_total.flatten())
+                row.update({f"critic/ev_noise_{k}": v for k, v in explained_variance_by_noise(v_total, g_total, noise).items()})
+            else:
+                advantages = ppo.grpo_advantages(normalised @ weights, args.group_size)[:, None].expand(B, K)
+            advantages = advantages.clamp(-args.adv_clip, args.adv_clip)
+            # 4. the update: critic only during value warm-up, then both
+            warmup = args.algo == "ppo" and it < args.value_warmup
+            if returns is not None:
+                returns, old_values = returns.to(device), old_values.to(device)
+            row.update(ppo.update(backbone, traj, advantages.to(device), returns, old_values, policy_net, ref_net,
+                                  critic, opt_policy, opt_critic, args, shuffle, train_policy=not warmup,
+                                  critic_minibatches=None if warmup else args.critic_minibatches))
+            row["warmup"] = warmup
+        else:
+            log(f"warning: iteration {it + 1}: update skipped ({skip})")
+            row["skipped"] = skip
+        images_seen += args.batch_size
+        train_time = time.perf_counter() - t0
+        row.update({"time/iter_s": train_time, "time/per_image_s": train_time / args.batch_size})
+        row["time/total_train_s"] = (rows[-1]["time/total_train_s"] if rows else 0.0) + train_time
+        # 5. evaluation, samples, checkpoints (rank 0; the others wait)
+        last = it + 1 == args.iters
+        if master and ((it + 1) % args.eval_every == 0 or last):
+            row.update(evaluate(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)))
+        if master and ((it + 1) % args.sample_every == 0 or last):
+            save_samples(args, backbone, policy_net, grid_prompts, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"))
+        if master:
+            rows.append(row)
+            with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            parts = [f"it {it + 1}/{args.iters}", f"img {row['images']}"]
+            if "reward/train/total_raw" in row:
+                parts.append(f"reward {row['reward/train/total_raw']:.3f}")
+            for key, name in (("reward/train/strict", "strict"), ("eval/heldout_strict", "heldout"),
+                              ("losses/approx_kl", "approx_kl"), ("losses/clipfrac", "clip"),
+                              ("critic/explained_variance", "EV"), ("losses/ratio_dev_first", "|r-1|")):
+                if key in row:
+                    parts.append(f"{name} {row[key]:.3g}")
+            bar.write(" | ".join(parts + [f"{train_time:.1f}s"] + (["warm-up"] if row.get("warmup") else [])))
+            if (it + 1) % args.eval_every == 0 or last:
+                plot_rewards(args.run_dir, rows)
+        if (it + 1) % args.save_every == 0 or last:
+            if master:
+                save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer, rngs)
+            barrier()
+    if master and args.iters > start:
+        log(f"saved {export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")
+    if ppo.world_size() > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
