@@ -150,22 +150,34 @@ class Critic(nn.Module):
         """The new head learns faster than the pretrained backbone it reads, which should change slowly."""
         return [{"params": self.backbone_parameters(), "lr": lr}, {"params": list(self.head.parameters()), "lr": head_lr}]
 
-    def forward(self, backbone, x_t, t, cond):
-        """x_t (B, C, H, W), t (B,) the denoiser's timesteps, cond a Cond of B prompts."""
+    def features(self, backbone, x_t, t, cond):
+        """The head's inputs: tokens (B, N, D) and timestep embedding (B, E) of the critic's backbone."""
         with adapter(self.backbone_net, CRITIC) as net:
-            tokens, temb = backbone.features(x_t, t, cond, net=net)          # (B, N, D), (B, E)
-        return self.head(tokens.float(), temb.float())                       # (B, R)
+            tokens, temb = backbone.features(x_t, t, cond, net=net)
+        return tokens.float(), temb.float()
+
+    def forward(self, backbone, x_t, t, cond):
+        """x_t (B, C, H, W), t (B,) the denoiser's timesteps, cond a Cond of B prompts -> (B, R)."""
+        return self.head(*self.features(backbone, x_t, t, cond))
 
     @torch.no_grad()
-    def values(self, backbone, traj, chunk=64):
+    def values(self, backbone, traj, chunk=64, keep_features=False):
         """V_k of every state x_{t_K} .. x_{t_1} of a Trajectory, batched: (B, K, R).
-        The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed."""
+        The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed.
+        keep_features=True also returns the head's inputs for the B*K states (row b*K + j), so
+        the head can be trained on every state without another backbone pass."""
         B, K = traj.log_probs.shape
         idx, j = torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")
         idx, j = idx.flatten(), j.flatten()                                  # (B*K,)
-        out = [self(backbone, traj.latents[idx[s:s + chunk], j[s:s + chunk]], traj.timesteps[j[s:s + chunk]],
-                    traj.cond.index(idx[s:s + chunk])) for s in range(0, B * K, chunk)]
-        return torch.cat(out).view(B, K, -1)
+        values, tokens, temb = [], [], []
+        for s in range(0, B * K, chunk):
+            f = self.features(backbone, traj.latents[idx[s:s + chunk], j[s:s + chunk]], traj.timesteps[j[s:s + chunk]],
+                              traj.cond.index(idx[s:s + chunk]))
+            values.append(self.head(*f))
+            if keep_features:
+                tokens.append(f[0]), temb.append(f[1])
+        values = torch.cat(values).view(B, K, -1)
+        return (values, (torch.cat(tokens), torch.cat(temb))) if keep_features else values   # (B*K, N, D), (B*K, E)
 
     def state_dict_to_save(self):
         """What a checkpoint holds: the head, plus the copy's weights or the critic adapter."""
@@ -186,6 +198,20 @@ class Critic(nn.Module):
                                       adapter_name=CRITIC)
         else:
             self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+
+
+def load(backbone, run_dir):
+    """The trained critic of a train.py run (its config.json and checkpoint/critic.safetensors),
+    e.g. for steering. With LoRA, this adds the 'critic' adapter to backbone.net."""
+    import json
+    import os
+    from safetensors.torch import load_file
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    names = [n for n in config["rewards"].split(",") if n.strip()]
+    rank = config.get("lora_rank") or 0
+    critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64)
+    critic.load_saved(load_file(os.path.join(run_dir, "checkpoint", "critic.safetensors")))
+    return critic.to(backbone.device)
 
 
 # ----------------------------------------------------------------------------- diagnostics

@@ -112,7 +112,7 @@ def optimiser_step(loss, params, optimiser, max_grad_norm):
     and every loss is a mean, so the average over ranks is the gradient of the global mean),
     clip, step. Skips the step on every rank if any rank's loss or gradient is not finite, so
     weights are never corrupted and the ranks never diverge. Returns (grad norm, skipped)."""
-    optimiser.zero_grad(set_to_none=False)
+    optimiser.zero_grad(set_to_none=True)      # None, not 0: Adam must not move params this loss does not touch
     ok = torch.isfinite(loss).item()
     if ok:
         loss.backward()
@@ -128,14 +128,14 @@ def optimiser_step(loss, params, optimiser, max_grad_norm):
             offset += g.numel()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if ok else float("nan")
     if not (ok and math.isfinite(grad_norm)):
-        optimiser.zero_grad(set_to_none=False)
+        optimiser.zero_grad(set_to_none=True)
         return grad_norm, True
     optimiser.step()
     return grad_norm, False
 
 
 def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net, critic, opt_policy, opt_critic,
-           args, generator, train_policy=True, critic_minibatches=None):
+           args, generator, train_policy=True, critic_minibatches=None, features=None):
     """One update on a batch of B trajectories of K steps (this rank's share).
 
     advantages (B, K): normalised, clipped, summed over rewards; returns, old_values (B, K, R)
@@ -144,13 +144,26 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     ref_net is the frozen base for the KL penalty (the LoRA base with adapters off, or the
     untouched pretrained net). train_policy=False is value pretraining (--value-warmup).
     critic_minibatches: the critic trains on only the first n minibatches of each epoch (a
-    random share of the pairs), which sets its cost per image; None = all of them."""
+    random share of the pairs), which sets its cost per image; None = all of them.
+    features: the critic's (tokens (B*K, N, D), temb (B*K, E)) from the rollout-time value pass;
+    if given, the value head alone first takes args.head_epochs passes over every state, at a
+    fraction of a backbone pass's cost (the backbone learns only in the minibatches above)."""
     B, K = traj.log_probs.shape
     b_idx, b_j = [t.flatten() for t in torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")]  # (B*K,)
     policy_params = [p for group in opt_policy.param_groups for p in group["params"]] if train_policy else []
     logs = {k: [] for k in ("pg_loss", "kl_loss", "approx_kl", "clipfrac", "grad_norm/policy", "value_loss",
                             "grad_norm/critic")}
     skipped, ratio_dev_first = 0, None
+    if features is not None:
+        tokens, temb = features
+        b_returns, b_old = returns.reshape(B * K, -1), old_values.reshape(B * K, -1)      # (B*K, R)
+        head_params = list(critic.head.parameters())
+        for epoch in range(args.head_epochs):
+            for mb in torch.randperm(B * K, generator=generator).split(args.minibatch_per_rank):
+                v_loss = value_loss(critic.head(tokens[mb], temb[mb]), b_returns[mb], b_old[mb], args.vf_clip)
+                grad_norm, skip = optimiser_step(v_loss, head_params, opt_critic, args.max_grad_norm)
+                skipped += skip
+                logs.setdefault("head_value_loss", []).append(v_loss.item())
     for epoch in range(args.epochs):
         perm = torch.randperm(B * K, generator=generator)
         for n, start in enumerate(range(0, B * K, args.minibatch_per_rank)):

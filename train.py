@@ -92,6 +92,9 @@ def build_parser():
     g.add_argument("--critic-fraction", type=float, default=0.25,
                    help="share of the minibatches the critic also trains on (the rest only update the policy): "
                         "the critic's cost per image; 1 during value warm-up")
+    g.add_argument("--head-epochs", type=int, default=1,
+                   help="passes of the value head alone over every state per iteration, on the features the "
+                        "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed * world + r)")
     g = rewards.add_reward_args(p)
@@ -125,7 +128,8 @@ def load_prompts(source, seed=0):
         metas = [{"prompt": line.strip()} for line in open(source) if line.strip()]
     if len(metas) < 2:
         raise ConfigError(f"--prompts {source}: needs at least 2 prompts")
-    return [m for i, m in enumerate(metas) if i % 10 != 9], [m for i, m in enumerate(metas) if i % 10 == 9]
+    held = {i for i in range(len(metas)) if i % 10 == 9} or {len(metas) - 1}
+    return [m for i, m in enumerate(metas) if i not in held], [m for i, m in enumerate(metas) if i in held]
 
 
 def explicit_flags(parser, argv):
@@ -142,14 +146,15 @@ def configure(args, argv):
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path) or not os.path.isdir(os.path.join(args.resume, "checkpoint")):
             raise ConfigError(f"--resume {args.resume}: no run to resume there (needs config.json and checkpoint/)")
-        changed = explicit_flags(build_parser(), argv) - set(RESUMABLE)
+        given = explicit_flags(build_parser(), argv)
+        changed = given - set(RESUMABLE)
         if changed:
             allowed = ", ".join("--" + f.replace("_", "-") for f in RESUMABLE if f != "resume")
             raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
                               f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
         config = json.load(open(path))
         for key in RESUMABLE:
-            if key in explicit_flags(build_parser(), argv) or key not in config:
+            if key in given or key not in config:
                 config[key] = getattr(args, key)
         config["run_dir"] = args.resume
         args = argparse.Namespace(**config)
@@ -175,8 +180,8 @@ def configure(args, argv):
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not 0 < args.critic_fraction <= 1 or not 0 <= args.gae_lambda <= 1 or not 0 < args.gamma <= 1:
         raise ConfigError("--critic-fraction must be in (0, 1], --gae-lambda in [0, 1], --gamma in (0, 1]")
-    if args.value_warmup < 0 or args.kl_coef < 0 or args.vf_clip < 0 or args.lora_rank < 0:
-        raise ConfigError("--value-warmup, --kl-coef, --vf-clip and --lora-rank must be >= 0")
+    if min(args.value_warmup, args.kl_coef, args.vf_clip, args.lora_rank, args.head_epochs) < 0:
+        raise ConfigError("--value-warmup, --kl-coef, --vf-clip, --lora-rank and --head-epochs must be >= 0")
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError(f"--algo grpo needs --group-size >= 2 (its baseline is the group mean), got {args.group_size}")
     # derived sizes: asserted to divide evenly, as DDPO does
@@ -531,16 +536,20 @@ def train(args, spec, train_prompts, heldout):
                 row["reward/train/strict"] = out["strict"]["shapes"].float().mean().item()
             # 3. advantages: critic + GAE (per reward, then weighted), or GRPO's group baseline
             mask = (traj.stds > 0).expand(B, K)                                                # (B, K)
-            returns = old_values = None
+            returns = old_values = features = None
             if args.algo == "ppo":
                 with torch.no_grad():
-                    old_values = critic.values(backbone, traj).cpu()                            # (B, K, R)
+                    old_values, features = critic.values(backbone, traj, keep_features=True)    # (B, K, R)
+                    old_values = old_values.cpu()
                 adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
                 advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
-                v_total, g_total = (old_values * weights).sum(-1), (returns * weights).sum(-1)
-                noise = noise_fraction(backbone, traj.levels[:-1])
+                # the critic's health: EV against its regression targets (CleanRL's), and, per noise
+                # level, against the final reward itself (the paper's premise: predictable from x_t)
+                v_total, g_total = (old_values * weights).sum(-1), (returns * weights).sum(-1)  # (B, K)
+                r_total = (normalised @ weights)[:, None].expand(B, K)                        # (B, K)
+                noise = noise_fraction(backbone, traj.levels[:-1])                            # (K,)
                 row["critic/explained_variance"] = explained_variance(v_total.flatten(), g_total.flatten())
-                row.update({f"critic/ev_noise_{k}": v for k, v in explained_variance_by_noise(v_total, g_total, noise).items()})
+                row.update({f"critic/ev_noise_{k}": v for k, v in explained_variance_by_noise(v_total, r_total, noise).items()})
             else:
                 advantages = ppo.grpo_advantages(normalised @ weights, args.group_size)[:, None].expand(B, K)
             advantages = advantages.clamp(-args.adv_clip, args.adv_clip)
@@ -550,8 +559,11 @@ def train(args, spec, train_prompts, heldout):
                 returns, old_values = returns.to(device), old_values.to(device)
             row.update(ppo.update(backbone, traj, advantages.to(device), returns, old_values, policy_net, ref_net,
                                   critic, opt_policy, opt_critic, args, shuffle, train_policy=not warmup,
-                                  critic_minibatches=None if warmup else args.critic_minibatches))
+                                  critic_minibatches=None if warmup else args.critic_minibatches,
+                                  features=features if args.head_epochs else None))
             row["warmup"] = warmup
+            if row["losses/skipped"]:
+                log(f"warning: iteration {it + 1}: {row['losses/skipped']} minibatch update(s) skipped (non-finite loss or gradient)")
         else:
             log(f"warning: iteration {it + 1}: update skipped ({skip})")
             row["skipped"] = skip

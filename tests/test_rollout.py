@@ -89,3 +89,17 @@ def test_seeded_rollouts_repeat_and_noise_matters(backbones, name):
     # zero noise: the step noise is never drawn, only the initial one
     assert (run(0, 0.0)[:, 0] - run(0, noise)[:, 0]).abs().max() == 0
     assert (run(0, 0.0)[:, -1] - run(0, noise)[:, -1]).abs().max() > 1e-3
+
+
+def test_cli_saves_the_chain_picture(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from PIL import Image
+    out = tmp_path / "chain.png"
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(rollout.__file__), "rollout.py"),
+                        "--model", "tiny-dit", "--prompt", "two red circles", "--steps", "3", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    w, h = Image.open(out).size
+    assert (w, h) == (4 * 33 + 1, 2 * 33 + 1)            # 2 rows of K+1 = 4 tiles of 32 px, 1 px padding

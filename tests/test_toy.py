@@ -64,3 +64,22 @@ def test_noise_specks_are_not_objects():
     image = torch.from_numpy(toy.render(meta, random.Random(3))).permute(2, 0, 1)
     image[:, 0, 0] = torch.tensor([1.0, 0.0, 0.0])          # a single red pixel
     assert toy.check(image[None], [meta])[0].item()
+
+
+def test_pretrain_writes_a_loadable_pipeline_and_never_overwrites(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from models import load_backbone
+    out = tmp_path / "tiny"
+    cmd = [sys.executable, os.path.join(os.path.dirname(toy.__file__), "toy.py"), "pretrain", "--model", "tiny-dit",
+           "--steps", "2", "--batch", "4", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    b = load_backbone(str(out))
+    assert b.sampler == "flow" and b.latent_shape == (3, 32, 32)
+    before = (out / "model_index.json").stat().st_mtime_ns
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "never overwritten" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "model_index.json").stat().st_mtime_ns == before

@@ -58,6 +58,12 @@ def test_three_iterations(tmp_path, model, algo):
     if algo == "ppo":
         assert log[1]["warmup"] and "losses/pg_loss" not in log[1] and "losses/value_loss" in log[1]
         assert all("critic/explained_variance" in r for r in log[1:])
+        import critic
+        from models import load_backbone as lb
+        b = lb(model)
+        trained = critic.load(b, run_dir)                     # what steering loads
+        saved = load_file(os.path.join(run_dir, "checkpoint/critic.safetensors"))
+        assert all(torch.equal(v, trained.state_dict_to_save()[k]) for k, v in saved.items())
     # the exported pipeline is the trained policy, and it moved
     from models import load_backbone
     policy = load_file(os.path.join(run_dir, "checkpoint/policy.safetensors"))
@@ -169,7 +175,17 @@ def test_reward_goes_up(tmp_path):
     critic-PPO (held-out prompts, deterministic sampler, before vs after)."""
     run_dir = str(tmp_path / "run")
     assert run(["--rewards", "jpeg", "--iters", "8", "--batch-size", "16", "--num-steps", "4", "--eval-num-steps", "4",
-                "--minibatch-size", "32", "--value-warmup", "1", "--lr", "1e-3", "--eval-every", "8", "--eval-seeds", "1",
+                "--minibatch-size", "32", "--value-warmup", "1", "--lr", "1e-4", "--eval-every", "8", "--eval-seeds", "1",
                 "--run-dir", run_dir]) == 0
     log = rows(run_dir)
     assert log[-1]["eval/heldout_jpeg"] > log[0]["eval/heldout_jpeg"] + 0.05
+
+
+def test_real_model_configuration_is_valid(tmp_path):
+    """--model sd3.5m --rewards hps,clip passes every check (its run needs a GPU and downloads)."""
+    argv = ["--model", "sd3.5m", "--rewards", "hps,clip", "--reward-weights", "1,1", "--prompts", "geneval",
+            "--run-dir", str(tmp_path / "run")]
+    args, spec, train_prompts, heldout = train.configure(train.build_parser().parse_args(argv), argv)
+    assert spec.names == ["hps", "clip"] and args.lora_rank == 32 and args.lora_alpha == 64
+    assert args.algo == "ppo" and args.group_size == 1 and args.noise_level == 0.7
+    assert len(train_prompts) > len(heldout) > 0 and not os.path.exists(tmp_path / "run")
