@@ -16,8 +16,8 @@ References
   1. DiT (facebookresearch/DiT, models.py): adaLN modulation, zero-initialised new layers.
   2. CleanRL (ppo_continuous_action.py): explained variance as the critic's health metric.
 
-Run:   python critic.py --model tiny-dit   (fits a critic to rollouts of the base model and
-       prints its explained variance per noise level, from pure noise to clean)
+Run:   python critic.py --model tiny-dit [--reward jpeg]   (fits a critic to rollouts of the base
+       model and prints its explained variance per noise level, from pure noise to clean)
 Test:  tests/test_critic.py
 """
 import argparse
@@ -248,6 +248,7 @@ def main(argv=None):
     report its explained variance per noise level on fresh rollouts (the paper's premise)."""
     p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")
+    p.add_argument("--reward", default="shapes", help="a reward of rewards.py: shapes (the world's checker), jpeg, ...")
     p.add_argument("--iters", type=int, default=30, help="rollout batches to fit on")
     p.add_argument("--batch", type=int, default=32, help="trajectories per batch")
     p.add_argument("--steps", type=int, default=10, help="denoising steps K")
@@ -257,10 +258,12 @@ def main(argv=None):
     p.add_argument("--eval-batches", type=int, default=4, help="fresh batches to measure explained variance on")
     p.add_argument("--seed", type=int, default=0, help="seed")
     args = p.parse_args(argv)
+    import rewards
     import toy
     try:
         backbone = load_backbone(args.model)
-    except BackboneError as e:
+        score = rewards.build_reward(args.reward)
+    except (BackboneError, rewards.RewardError) as e:
         p.exit(2, f"error: {e}\n")
     torch.manual_seed(args.seed)
     noise_level = 0.7 if backbone.sampler == "flow" else 1.0
@@ -271,28 +274,32 @@ def main(argv=None):
 
     def batch():
         metas = [train[i] for i in torch.randint(len(train), (args.batch,), generator=g)]
-        traj = rollout.sample(backbone, [m["prompt"] for m in metas], args.steps, noise_level, generator=g)
-        returns = toy.check(traj.images, metas)[1]                               # (B,): R, gamma = lambda = 1
+        prompts = [m["prompt"] for m in metas]
+        traj = rollout.sample(backbone, prompts, args.steps, noise_level, generator=g)
+        returns = score(traj.images, prompts, metas)                              # (B,): R, gamma = lambda = 1
         return traj, returns[:, None].expand(-1, args.steps)                      # (B, K)
 
     from tqdm import tqdm
+    seen = []
     for _ in tqdm(range(args.iters), desc="fitting the critic"):
         traj, returns = batch()
+        seen.append(returns[:, 0])
+        mean, std = torch.cat(seen).mean(), torch.cat(seen).std().clamp(min=1e-4)   # targets ~ N(0, 1), as in train.py
         B, K = returns.shape
-        pairs = torch.randperm(B * K, generator=g)
-        for mb in pairs.split(args.minibatch):
+        for mb in torch.randperm(B * K, generator=g).split(args.minibatch):
             idx, j = mb // K, mb % K
             v = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))[:, 0]
-            loss = (v - returns[idx, j]).pow(2).mean()
+            loss = (v - (returns[idx, j] - mean) / std).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(critic.trainable_parameters(), 1.0)
             opt.step()
-    values, returns = zip(*[(critic.values(backbone, t)[..., 0], r) for t, r in (batch() for _ in range(args.eval_batches))])
+    values, returns = zip(*[(critic.values(backbone, t)[..., 0] * std + mean, r)
+                            for t, r in (batch() for _ in range(args.eval_batches))])
     values, returns = torch.cat(values), torch.cat(returns)                       # (N, K)
     noise = noise_fraction(backbone, traj.levels[:-1])                            # (K,)
-    print(f"explained variance of V_phi on {len(values)} fresh rollouts, by noise fraction of the state "
-          f"(1 = pure noise, 0 = clean; reward mean {returns[:, 0].mean():.3f}, std {returns[:, 0].std():.3f}):")
+    print(f"explained variance of V_phi ({args.reward}) on {len(values)} fresh rollouts, by noise fraction of "
+          f"the state (1 = pure noise, 0 = clean; reward mean {returns[:, 0].mean():.3f}, std {returns[:, 0].std():.3f}):")
     for k in range(values.shape[1]):
         print(f"  step {k}: noise {noise[k]:.2f}  EV {explained_variance(values[:, k], returns[:, k]):+.3f}")
     for name, ev in explained_variance_by_noise(values, returns, noise).items():

@@ -110,28 +110,31 @@ class Backbone:
 
     # --------------------------------------------------------------- conditioning
     @torch.no_grad()
-    def encode(self, prompts):
-        """Cond for a list of prompts; the unconditional branch encodes "" (as the pipelines do)."""
+    def _encode(self, prompts):
+        """The denoiser's text keywords for prompts, batch first (no CFG branch)."""
         p = self.pipe
         if isinstance(p, ShapesPipeline):
-            hidden, pooled = p.encode_prompt(list(prompts) + [""], self.device)
-            n = len(prompts)
-            cond = {"encoder_hidden_states": hidden[:n], "pooled_projections": pooled[:n]}
-            uncond = {"encoder_hidden_states": hidden[n:].expand_as(hidden[:n]),
-                      "pooled_projections": pooled[n:].expand_as(pooled[:n])}
+            hidden, pooled = p.encode_prompt(list(prompts), self.device)
+            kw = {"encoder_hidden_states": hidden, "pooled_projections": pooled}
             if self.sampler == "ddim":                     # the UNet takes no pooled vector
-                cond.pop("pooled_projections"), uncond.pop("pooled_projections")
+                kw.pop("pooled_projections")
         elif self.sampler == "flow":
-            e, ne, pe, npe = p.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
-                                             device=self.device, do_classifier_free_guidance=True,
-                                             max_sequence_length=self.max_sequence_length)
-            cond = {"encoder_hidden_states": e, "pooled_projections": pe}
-            uncond = {"encoder_hidden_states": ne, "pooled_projections": npe}
+            e, _, pe, _ = p.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+                                          do_classifier_free_guidance=False,
+                                          max_sequence_length=self.max_sequence_length)
+            kw = {"encoder_hidden_states": e, "pooled_projections": pe}
         else:
-            e, ne = p.encode_prompt(list(prompts), self.device, 1, True)
-            cond, uncond = {"encoder_hidden_states": e}, {"encoder_hidden_states": ne}
-        cast = lambda d: {k: v.to(self.device, self.dtype) for k, v in d.items()}
-        return Cond(cast(cond), cast(uncond))
+            kw = {"encoder_hidden_states": p.encode_prompt(list(prompts), self.device, 1, False)[0]}
+        return {k: v.to(self.device, self.dtype) for k, v in kw.items()}
+
+    def encode(self, prompts):
+        """Cond for a list of prompts. The unconditional branch is the empty prompt "", as the
+        pipelines encode it; it is the same for every row, so it is encoded once and cached
+        (the pipelines encode it once per row)."""
+        if getattr(self, "_uncond", None) is None:
+            self._uncond = self._encode([""])
+        n = len(prompts)
+        return Cond(self._encode(prompts), {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()})
 
     # --------------------------------------------------------------- the denoiser
     def _call(self, net, x_t, t, kw):

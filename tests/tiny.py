@@ -8,7 +8,7 @@ import string
 
 import torch
 
-MAX_TOKENS = 16
+MAX_TOKENS = 32               # characters are tokens here: room for the shapes world's prompts
 
 
 def write_clip_tokenizer(path):
