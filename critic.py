@@ -23,7 +23,6 @@ Test:  tests/test_critic.py
 import argparse
 import contextlib
 import copy
-import math
 import sys
 import warnings
 

@@ -22,7 +22,6 @@ Test: tests/test_train.py
 import argparse
 import datetime
 import json
-import math
 import os
 import random
 import shutil
@@ -74,7 +73,7 @@ def build_parser():
     g.add_argument("--noise-level", type=float, default=None,
                    help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's)")
     g.add_argument("--cfg", type=float, default=1.0, help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
-    g.add_argument("--lr", type=float, default=3e-5, help="policy AdamW learning rate (peers: 3e-4 for LoRA r=32)")
+    g.add_argument("--lr", type=float, default=1e-4, help="policy AdamW learning rate (full copy here; peers: 3e-4 for LoRA r=32)")
     g.add_argument("--critic-lr", type=float, default=1e-4, help="critic AdamW learning rate (its backbone copy or adapter)")
     g.add_argument("--critic-head-lr", type=float, default=1e-3, help="learning rate of the critic's new value head")
     g.add_argument("--clip-range", type=float, default=1e-3,
@@ -82,14 +81,16 @@ def build_parser():
                         "3,072 elements here moves more per update than over 262,144)")
     g.add_argument("--adv-clip", type=float, default=5.0, help="clip advantages to [-c, c] (Flow-GRPO: 5)")
     g.add_argument("--gamma", type=float, default=1.0, help="discount over denoising steps")
-    g.add_argument("--gae-lambda", type=float, default=0.9, help="GAE lambda (1 = Monte Carlo: A = R - V)")
+    g.add_argument("--gae-lambda", type=float, default=1.0,
+                   help="GAE lambda (1 = Monte Carlo with the critic as baseline: A = R - V, unbiased; < 1 lowers "
+                        "variance only once the critic predicts well, see the benchmark's explained variance)")
     g.add_argument("--vf-clip", type=float, default=0.0, help="clip the value update around V_old (0 = off)")
     g.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL penalty to the frozen base on step means")
-    g.add_argument("--value-warmup", type=int, default=3, help="iterations W of critic-only training before policy updates")
+    g.add_argument("--value-warmup", type=int, default=2, help="iterations W of critic-only training before policy updates")
     g.add_argument("--epochs", type=int, default=1, help="passes over each batch")
     g.add_argument("--minibatch-size", type=int, default=64,
                    help="(trajectory, step) pairs per optimiser step, all ranks together")
-    g.add_argument("--critic-fraction", type=float, default=0.25,
+    g.add_argument("--critic-fraction", type=float, default=0.2,
                    help="share of the minibatches the critic also trains on (the rest only update the policy): "
                         "the critic's cost per image; 1 during value warm-up")
     g.add_argument("--head-epochs", type=int, default=1,

@@ -18,6 +18,7 @@ Run:  python bench/ppo_vs_grpo.py                       # 3 seeds x 2 algorithms
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,8 +35,12 @@ def run_one(args, algo, seed, extra):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--algo", algo,
            "--seed", str(seed), "--iters", str(args.images // args.batch_size), "--batch-size", str(args.batch_size),
            "--eval-every", str(args.eval_every), "--eval-seeds", str(args.eval_seeds),
-           "--sample-every", str(10 ** 6), "--save-every", str(10 ** 6), *extra]
-    cmd += ["--resume", run_dir] if os.path.isdir(os.path.join(run_dir, "checkpoint")) else ["--run-dir", run_dir]
+           "--sample-every", str(10 ** 6), "--save-every", "20", *extra]
+    if os.path.isdir(os.path.join(run_dir, "checkpoint")):  # a resumed run keeps its own config
+        cmd = cmd[:2] + ["--resume", run_dir, "--iters", str(args.images // args.batch_size)]
+    else:                                           # interrupted before its first checkpoint: start over
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd += ["--run-dir", run_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
     with open(run_dir + ".log", "w") as log:
@@ -130,7 +135,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-dit", help="base model (train.py --model)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, the same for both algorithms")
-    p.add_argument("--images", type=int, default=3200, help="images generated per run (both algorithms)")
+    p.add_argument("--images", type=int, default=2560, help="images generated per run (both algorithms)")
     p.add_argument("--batch-size", type=int, default=32, help="images per iteration (both algorithms)")
     p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N iterations")
     p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")

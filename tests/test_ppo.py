@@ -4,7 +4,6 @@ group advantage, skipping non-finite updates, and the DDP guard: one update on 2
 import copy
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest

@@ -192,3 +192,12 @@ def test_real_model_configuration_is_valid(tmp_path):
     assert spec.names == ["hps", "clip"] and args.lora_rank == 32 and args.lora_alpha == 64
     assert args.algo == "ppo" and args.group_size == 1 and args.noise_level == 0.7
     assert len(train_prompts) > len(heldout) > 0 and not os.path.exists(tmp_path / "run")
+
+
+def test_lora_on_a_builtin_model(tmp_path):
+    """--lora-rank > 0 works on the built-in pipelines too (which have no diffusers LoRA loader:
+    the adapter is saved as plain safetensors)."""
+    run_dir = str(tmp_path / "run")
+    assert run(["--iters", "2", "--run-dir", run_dir, "--lora-rank", "4", *TINY]) == 0
+    assert os.path.isfile(os.path.join(run_dir, "policy_lora", "adapter.safetensors"))
+    assert rows(run_dir)[-1]["losses/ratio_dev_first"] < 1e-5
