@@ -135,7 +135,7 @@ def optimiser_step(loss, params, optimiser, max_grad_norm):
 
 
 def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net, critic, opt_policy, opt_critic,
-           args, generator, train_policy=True, critic_minibatches=None, features=None):
+           args, generator, train_policy=True, critic_pairs=None, features=None):
     """One update on a batch of B trajectories of K steps (this rank's share).
 
     advantages (B, K): normalised, clipped, summed over rewards; returns, old_values (B, K, R)
@@ -143,8 +143,8 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     of args.minibatch_per_rank (trajectory, step) pairs, for args.epochs epochs.
     ref_net is the frozen base for the KL penalty (the LoRA base with adapters off, or the
     untouched pretrained net). train_policy=False is value pretraining (--value-warmup).
-    critic_minibatches: the critic trains on only the first n minibatches of each epoch (a
-    random share of the pairs), which sets its cost per image; None = all of them.
+    critic_pairs: the critic (backbone and head) trains on only the first n pairs of each epoch's
+    shuffled order (a random share), which sets its cost per image; None = all of them.
     features: the critic's (tokens (B*K, N, D), temb (B*K, E)) from the rollout-time value pass;
     if given, the value head alone first takes args.head_epochs passes over every state, at a
     fraction of a backbone pass's cost (the backbone learns only in the minibatches above)."""
@@ -166,7 +166,7 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                 logs.setdefault("head_value_loss", []).append(v_loss.item())
     for epoch in range(args.epochs):
         perm = torch.randperm(B * K, generator=generator)
-        for n, start in enumerate(range(0, B * K, args.minibatch_per_rank)):
+        for start in range(0, B * K, args.minibatch_per_rank):
             mb = perm[start:start + args.minibatch_per_rank]
             mb_idx, mb_j = b_idx[mb], b_j[mb]
             if train_policy:
@@ -191,7 +191,9 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                 skipped += skip
                 logs["pg_loss"].append(pg_loss.item()), logs["kl_loss"].append(kl_loss.item())
                 logs["grad_norm/policy"].append(grad_norm)
-            if critic is not None and (critic_minibatches is None or n < critic_minibatches):
+            take = len(mb) if critic_pairs is None else max(0, min(len(mb), critic_pairs - start))
+            if critic is not None and take:
+                mb_idx, mb_j = mb_idx[:take], mb_j[:take]
                 new_values = critic(backbone, traj.latents[mb_idx, mb_j], traj.timesteps[mb_j],
                                     traj.cond.index(mb_idx))                         # (mb, R)
                 v_loss = value_loss(new_values, returns[mb_idx, mb_j], old_values[mb_idx, mb_j], args.vf_clip)

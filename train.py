@@ -90,9 +90,9 @@ def build_parser():
     g.add_argument("--epochs", type=int, default=1, help="passes over each batch")
     g.add_argument("--minibatch-size", type=int, default=64,
                    help="(trajectory, step) pairs per optimiser step, all ranks together")
-    g.add_argument("--critic-fraction", type=float, default=0.2,
-                   help="share of the minibatches the critic also trains on (the rest only update the policy): "
-                        "the critic's cost per image; 1 during value warm-up")
+    g.add_argument("--critic-fraction", type=float, default=0.1,
+                   help="share of the (trajectory, step) pairs the critic's backbone trains on each iteration (its "
+                        "cost per image; the head sees them all, --head-epochs); 1 during value warm-up")
     g.add_argument("--head-epochs", type=int, default=1,
                    help="passes of the value head alone over every state per iteration, on the features the "
                         "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off)")
@@ -199,7 +199,7 @@ def configure(args, argv):
                           f"{pairs} (trajectory, step) pairs per rank ({args.batch_per_rank} images x {args.num_steps} steps)")
     args.minibatch_per_rank = args.minibatch_size // world
     args.minibatches = pairs // args.minibatch_per_rank
-    args.critic_minibatches = max(1, round(args.critic_fraction * args.minibatches))
+    args.critic_pairs = max(1, round(args.critic_fraction * pairs))
     train_prompts, heldout = load_prompts(args.prompts, args.seed)
     rewards.check_metadata(spec.names + spec.monitor, train_prompts + heldout, [m["prompt"] for m in train_prompts + heldout])
     # the run directory: never overwrite a different run
@@ -451,7 +451,8 @@ def train(args, spec, train_prompts, heldout):
         f"(weights {','.join(f'{w:g}' for w in spec.weights)})")
     log(f"batch: {args.batch_size} images/iter = {world} rank(s) x {args.prompts_per_rank} prompts x {args.group_size} "
         f"samples; {args.batch_per_rank * args.num_steps} (trajectory, step) pairs/rank -> {args.minibatches} minibatches "
-        f"of {args.minibatch_per_rank} x {args.epochs} epoch(s); critic on {args.critic_minibatches} of them")
+        f"of {args.minibatch_per_rank} x {args.epochs} epoch(s); critic backbone on {args.critic_pairs} of the pairs, "
+        f"its head on all of them ({args.head_epochs} epoch(s))")
     assert args.batch_per_rank * world == args.batch_size and args.prompts_per_rank * args.group_size == args.batch_per_rank
     assert args.minibatches * args.minibatch_per_rank == args.batch_per_rank * args.num_steps
 
@@ -560,7 +561,7 @@ def train(args, spec, train_prompts, heldout):
                 returns, old_values = returns.to(device), old_values.to(device)
             row.update(ppo.update(backbone, traj, advantages.to(device), returns, old_values, policy_net, ref_net,
                                   critic, opt_policy, opt_critic, args, shuffle, train_policy=not warmup,
-                                  critic_minibatches=None if warmup else args.critic_minibatches,
+                                  critic_pairs=None if warmup else args.critic_pairs,
                                   features=features if args.head_epochs else None))
             row["warmup"] = warmup
             if row["losses/skipped"]:

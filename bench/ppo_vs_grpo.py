@@ -6,7 +6,8 @@ same number of generated images, then reads each run's metrics.jsonl and reports
   - held-out strict accuracy against images generated (the deterministic sampler on the
     world's held-out prompts; iteration 0 is the base model)
   - wall time per generated image (training only: rollouts, rewards, values, updates;
-    evaluation, sample grids and checkpoints excluded)
+    evaluation, sample grids and checkpoints excluded), from the learning runs and, cleanly,
+    from short timing runs of each algorithm alone on the machine (steady-state median)
   - the images critic-PPO needs to reach GRPO's final held-out accuracy
   - the critic's explained variance by noise level over the last iterations
 and writes bench/results/ppo_vs_grpo.json (raw curves per algorithm and seed) and .png.
@@ -51,6 +52,29 @@ def run_one(args, algo, seed, extra):
     return run_dir
 
 
+def steady_ms_per_image(rows, skip):
+    """Median training time per image over the iterations after the first `skip` (value warm-up
+    and start-up excluded), in ms: robust to the odd iteration slowed by something else."""
+    times = sorted(r["time/per_image_s"] for r in rows if r["iter"] > skip and "time/per_image_s" in r)
+    return 1000 * times[len(times) // 2] if times else float("nan")
+
+
+def timing(args, algo, extra):
+    """One algorithm alone on the machine for --timing-images images: its steady per-image cost."""
+    run_dir = os.path.join(args.runs, f"timing-{algo}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--algo", algo, "--run-dir", run_dir,
+           "--iters", str(args.timing_images // args.batch_size), "--batch-size", str(args.batch_size),
+           "--eval-every", str(10 ** 6), "--eval-seeds", "1", "--sample-every", str(10 ** 6), "--save-every", str(10 ** 6), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    with open(run_dir + ".log", "w") as log:
+        if subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT):
+            raise SystemExit(f"timing run {algo} failed; see {run_dir}.log")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    return steady_ms_per_image(rows, config["value_warmup"] + 1 if algo == "ppo" else 1)
+
+
 def read(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     evals = [r for r in rows if "eval/heldout_strict" in r]
@@ -61,6 +85,7 @@ def read(run_dir):
             "heldout_score": [r["eval/heldout_score"] for r in evals],
             "train_reward": [[r["images"], r["reward/train/total_raw"]] for r in rows if "reward/train/total_raw" in r],
             "wall_s_per_image": last["time/total_train_s"] / last["images"], "train_wall_s": last["time/total_train_s"],
+            "steady_ms_per_image": steady_ms_per_image(rows, 5),
             "critic_ev_by_noise_last5": ev,
             "critic_ev_last5": (sum(r["critic/explained_variance"] for r in tail) / len(tail)) if tail else None}
 
@@ -69,7 +94,7 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def summarise(curves, seeds):
+def summarise(curves, seeds, timed=None):
     """Per algorithm: the seed-mean curve, final accuracy, time per image; and the images
     critic-PPO needs to reach GRPO's final accuracy (first eval where the seed mean gets there)."""
     out = {}
@@ -79,17 +104,23 @@ def summarise(curves, seeds):
         acc = [mean([r["heldout_strict"][i] for r in runs]) for i in range(len(images))]
         out[algo] = {"images": images, "heldout_strict_mean": acc, "base": acc[0], "final": acc[-1],
                      "final_per_seed": [r["heldout_strict"][-1] for r in runs],
-                     "wall_s_per_image": mean([r["wall_s_per_image"] for r in runs])}
+                     "wall_s_per_image": mean([r["wall_s_per_image"] for r in runs]),
+                     "steady_ms_per_image_learning_runs": mean([r["steady_ms_per_image"] for r in runs]),
+                     "steady_ms_per_image_alone": (timed or {}).get(algo)}
     ppo, grpo = out["ppo"], out["grpo"]
     reach = next((n for n, a in zip(ppo["images"], ppo["heldout_strict_mean"]) if n > 0 and a >= grpo["final"]), None)
     runs = [curves["ppo"][str(s)]["critic_ev_by_noise_last5"] for s in seeds]
     out["comparison"] = {
         "ppo_images_to_reach_grpo_final": reach, "total_images": grpo["images"][-1],
-        "time_ratio_ppo_over_grpo": ppo["wall_s_per_image"] / grpo["wall_s_per_image"],
+        "time_ratio_ppo_over_grpo": (timed["ppo"] / timed["grpo"]) if timed else
+                                    ppo["wall_s_per_image"] / grpo["wall_s_per_image"],
+        "time_ratio_source": "timing runs, one algorithm alone, steady-state median" if timed else
+                             "learning runs (total training time / images)",
         "critic_ev_by_noise_last5": {k: mean([r[k] for r in runs]) for k in runs[0]} if runs[0] else {},
         "targets": {"ppo_final_at_least_0.9": ppo["final"] >= 0.9,
                     "ppo_reaches_grpo_final_with_half_the_images": reach is not None and reach <= grpo["images"][-1] / 2,
-                    "ppo_time_per_image_at_most_1.5x": ppo["wall_s_per_image"] <= 1.5 * grpo["wall_s_per_image"]}}
+                    "ppo_time_per_image_at_most_1.5x": ((timed["ppo"] / timed["grpo"]) if timed else
+                                                        ppo["wall_s_per_image"] / grpo["wall_s_per_image"]) <= 1.5}}
     return out
 
 
@@ -107,7 +138,8 @@ def plot(curves, summary, seeds, path):
         ax.plot(m["images"], m["heldout_strict_mean"], color=color, lw=2, marker="o", ms=3, label=f"{label}, mean of {len(seeds)} seeds")
     ax.set_xlabel("images generated"), ax.set_ylabel("held-out strict accuracy"), ax.grid(alpha=0.3), ax.legend()
     ax.set_title("built-in world, tiny-dit: held-out accuracy vs images")
-    bx.bar(["critic-PPO", "GRPO"], [summary[a]["wall_s_per_image"] * 1000 for a in ALGOS], color=["tab:red", "tab:blue"])
+    per_image = [summary[a]["steady_ms_per_image_alone"] or summary[a]["wall_s_per_image"] * 1000 for a in ALGOS]
+    bx.bar(["critic-PPO", "GRPO"], per_image, color=["tab:red", "tab:blue"])
     bx.set_ylabel("training wall time per image (ms, 1 CPU thread)"), bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -120,7 +152,9 @@ def table(summary):
              f"| held-out strict accuracy, base model | {ppo['base']:.3f} | {grpo['base']:.3f} |",
              f"| held-out strict accuracy after {grpo['images'][-1]} images (mean) | {ppo['final']:.3f} | {grpo['final']:.3f} |",
              f"| per seed | {', '.join(f'{a:.3f}' for a in ppo['final_per_seed'])} | {', '.join(f'{a:.3f}' for a in grpo['final_per_seed'])} |",
-             f"| training wall time per image (ms) | {ppo['wall_s_per_image'] * 1000:.1f} | {grpo['wall_s_per_image'] * 1000:.1f} |",
+             f"| training wall time per image, learning runs (ms, total / images) | {ppo['wall_s_per_image'] * 1000:.1f} | {grpo['wall_s_per_image'] * 1000:.1f} |",
+             f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone'] or float('nan'):.1f} | {grpo['steady_ms_per_image_alone'] or float('nan'):.1f} |",
+             f"| time ratio critic-PPO / GRPO ({c['time_ratio_source']}) | {c['time_ratio_ppo_over_grpo']:.2f} | - |",
              f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final']} | - |"]
     if c["critic_ev_by_noise_last5"]:
         lines.append("| critic explained variance by noise fraction (last 5 iterations) | "
@@ -143,6 +177,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs", default=os.path.join(ROOT, "bench", "runs", "ppo_vs_grpo"), help="where the runs go")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"), help="output prefix (.json, .png)")
+    p.add_argument("--timing-images", type=int, default=640,
+                   help="images per algorithm in separate timing runs, one algorithm at a time (0 = skip)")
     p.add_argument("--report-only", action="store_true", help="only read finished runs")
     args = p.parse_args(argv)
     os.makedirs(args.runs, exist_ok=True)
@@ -151,7 +187,12 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: run_one(args, *job, extra), jobs))
     curves = {algo: {str(s): read(os.path.join(args.runs, f"{algo}-seed{s}")) for s in args.seeds} for algo in ALGOS}
-    summary = summarise(curves, args.seeds)
+    timed_path = os.path.join(args.runs, "timing.json")
+    if args.timing_images and not args.report_only:
+        timed = {algo: timing(args, algo, extra) for algo in ALGOS}
+        json.dump(timed, open(timed_path, "w"))
+    timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
+    summary = summarise(curves, args.seeds, timed)
     command = "python bench/ppo_vs_grpo.py " + " ".join(sys.argv[1:])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
