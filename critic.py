@@ -160,12 +160,14 @@ class Critic(nn.Module):
         return self.head(*self.features(backbone, x_t, t, cond))
 
     @torch.no_grad()
-    def values(self, backbone, traj, chunk=64, keep_features=False):
-        """V_k of every state x_{t_K} .. x_{t_1} of a Trajectory, batched: (B, K, R).
+    def values(self, backbone, traj, chunk=64, keep_features=False, steps=None):
+        """V_k of the states x_{t_K} .. x_{t_1} of a Trajectory, batched: (B, K, R); with steps=S,
+        of the first S states only (B, S, R): those of its SDE window, the only ones trained.
         The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed.
         keep_features=True also returns the head's inputs for the B*K states (row b*K + j), so
         the head can be trained on every state without another backbone pass."""
         B, K = traj.log_probs.shape
+        K = steps or K
         idx, j = torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")
         idx, j = idx.flatten(), j.flatten()                                  # (B*K,)
         values, tokens, temb = [], [], []

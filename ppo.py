@@ -138,8 +138,9 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
            args, generator, train_policy=True, critic_pairs=None, features=None):
     """One update on a batch of B trajectories of K steps (this rank's share).
 
-    advantages (B, K): normalised, clipped, summed over rewards; returns, old_values (B, K, R)
-    (None for GRPO, which has no critic). Policy and critic see the same shuffled minibatches
+    advantages (B, K): normalised, clipped, summed over rewards, for the K trained steps (the
+    first K of the trajectory: its SDE window); returns, old_values (B, K, R) (None for GRPO,
+    which has no critic). Policy and critic see the same shuffled minibatches
     of args.minibatch_per_rank (trajectory, step) pairs, for args.epochs epochs.
     ref_net is the frozen base for the KL penalty (the LoRA base with adapters off, or the
     untouched pretrained net). train_policy=False is value pretraining (--value-warmup).
@@ -148,7 +149,7 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     features: the critic's (tokens (B*K, N, D), temb (B*K, E)) from the rollout-time value pass;
     if given, the value head alone first takes args.head_epochs passes over every state, at a
     fraction of a backbone pass's cost (the backbone learns only in the minibatches above)."""
-    B, K = traj.log_probs.shape
+    B, K = advantages.shape          # K: the trained steps, the first traj.sde_steps (all by default)
     b_idx, b_j = [t.flatten() for t in torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")]  # (B*K,)
     policy_params = [p for group in opt_policy.param_groups for p in group["params"]] if train_policy else []
     logs = {k: [] for k in ("pg_loss", "kl_loss", "approx_kl", "clipfrac", "grad_norm/policy", "value_loss",

@@ -35,7 +35,9 @@ class Trajectory:
     stds        (K,)  each step's Gaussian std (0: a deterministic step, no policy gradient)
     timesteps   (K,)  what the denoiser was fed;  levels (K+1,): sigma (flow) / alpha-bar (ddim)
     images      (B, 3, H, W) in [0, 1]: decode(x_0)
-    noise_level, cfg_scale: the sampler settings, which a recompute must reuse
+    noise_level, cfg_scale, sde_steps: the sampler settings, which a recompute must reuse;
+                only the first sde_steps steps are stochastic (None: all K), the rest are the
+                deterministic sampler (Flow-GRPO-Fast / MixGRPO's SDE window, see sample())
     """
     prompts: list
     cond: Cond
@@ -49,6 +51,7 @@ class Trajectory:
     images: torch.Tensor
     noise_level: float
     cfg_scale: float
+    sde_steps: int = None
 
 
 def gaussian_log_prob(x_next, mu, std):
@@ -84,8 +87,11 @@ def ddim_mean_std(x, eps, abar, abar_prev, eta):
 def step(backbone, x_t, j, cond, schedule, noise_level, cfg_scale=1.0, x_next=None, generator=None, net=None):
     """One sampler step for states x_t (B, C, H, W) at step indices j (B,) (they may differ
     across the batch, as in a PPO minibatch). Samples x_next if it is None, else scores the
-    given one. Returns x_next, log_prob (B,), mu, std (B,), pred_x0."""
+    given one. noise_level: a float, or (B,) per state (0 = a deterministic step).
+    Returns x_next, log_prob (B,), mu, std (B,), pred_x0."""
     j = j.cpu()
+    if torch.is_tensor(noise_level):
+        noise_level = noise_level.to(x_t.device)
     t = schedule.timesteps[j]
     level, level_next = schedule.levels[j].to(x_t.device), schedule.levels[j + 1].to(x_t.device)
     pred = backbone.predict(x_t, t, cond, cfg_scale, net)                 # (B, C, H, W), fp32
@@ -115,28 +121,46 @@ def recompute_log_prob(backbone, traj, idx, j, net=None):
     the current weights: what the PPO ratio's numerator is. Same step() as the rollout."""
     schedule = Schedule(traj.timesteps, traj.levels)
     x_t, x_next = traj.latents[idx, j], traj.latents[idx, j + 1]
-    _, log_prob, mu, std, _ = step(backbone, x_t, j, traj.cond.index(idx), schedule, traj.noise_level,
-                                   traj.cfg_scale, x_next=x_next, net=net)
+    _, log_prob, mu, std, _ = step(backbone, x_t, j, traj.cond.index(idx), schedule,
+                                   step_noise(traj.noise_level, traj.sde_steps, j.cpu()), traj.cfg_scale,
+                                   x_next=x_next, net=net)
     return log_prob, mu, std
 
 
+def step_noise(noise_level, sde_steps, j):
+    """The noise level of steps j (N,): noise_level inside the SDE window (the first sde_steps
+    steps; None = every step), 0 after it."""
+    if sde_steps is None:
+        return noise_level
+    return noise_level * (j < sde_steps).float()
+
+
 @torch.no_grad()
-def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=None, net=None, cond=None):
+def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=None, net=None, cond=None,
+           sde_steps=None, latents=None):
     """Roll out len(prompts) trajectories of num_steps steps. The initial noise is drawn with
     diffusers' randn_tensor, exactly as its pipelines draw it, so a seeded generator gives the
-    pipeline's own samples at noise_level = 0."""
+    pipeline's own samples at noise_level = 0.
+    sde_steps = S < num_steps: only the first S steps are stochastic (and trained), the rest
+    deterministic. The early, noisy steps decide what is drawn where (the layout GenEval checks);
+    the reward then varies with the noise of those steps alone, so their credit is less noisy,
+    and the late steps, which only sharpen, are left alone (Flow-GRPO-Fast, MixGRPO).
+    latents: the initial noise x_{t_K} (B, C, H, W), as diffusers pipelines take it (e.g. shared
+    by the samples of a group, as DanceGRPO does); None = drawn from generator."""
     cond = cond if cond is not None else backbone.encode(prompts)
     schedule = backbone.schedule(num_steps)
     B, K = len(prompts), num_steps
-    x = randn_tensor((B, *backbone.latent_shape), generator=generator, device=backbone.device,
-                     dtype=backbone.dtype).float()
+    if latents is None:
+        latents = randn_tensor((B, *backbone.latent_shape), generator=generator, device=backbone.device,
+                               dtype=backbone.dtype)
+    x = latents.float()
     if backbone.sampler == "ddim":
         x = x * backbone.scheduler.init_noise_sigma
     latents, log_probs, means, pred_x0s, stds = [x], [], [], [], []
     for j in range(K):
         jj = torch.full((B,), j, dtype=torch.long)
-        x, log_prob, mu, std, pred_x0 = step(backbone, x, jj, cond, schedule, noise_level, cfg_scale,
-                                             generator=generator, net=net)
+        x, log_prob, mu, std, pred_x0 = step(backbone, x, jj, cond, schedule, step_noise(noise_level, sde_steps, jj),
+                                             cfg_scale, generator=generator, net=net)
         latents.append(x), log_probs.append(log_prob), means.append(mu)
         pred_x0s.append(pred_x0), stds.append(std[0])
     return Trajectory(
@@ -147,7 +171,8 @@ def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=N
         pred_x0=torch.stack(pred_x0s, 1),         # (B, K, C, H, W)
         stds=torch.stack(stds).cpu(),             # (K,)
         timesteps=schedule.timesteps, levels=schedule.levels,
-        images=backbone.decode(x), noise_level=noise_level, cfg_scale=cfg_scale)
+        images=backbone.decode(x), noise_level=noise_level, cfg_scale=cfg_scale,
+        sde_steps=sde_steps if sde_steps is not None and sde_steps < K else None)
 
 
 def chain_picture(backbone, traj, i=0):

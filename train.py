@@ -60,7 +60,8 @@ def build_parser():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--lora-rank", type=int, default=None,
                    help="LoRA rank of the policy and critic adapters on the shared frozen base; 0 = train full "
-                        "copies (default: 0 for the built-in tiny models, 32 otherwise, the peers' value)")
+                        "copies (default: 16 for the built-in tiny models, 32 otherwise, the peers' value; a full "
+                        "copy of tiny-dit drifts into a patch-grid texture under noisy updates, see BENCHMARKS.md)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: 64 at rank 32)")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", default="ppo", help="ppo (critic-guided, the paper) | grpo (the baseline)")
@@ -69,11 +70,14 @@ def build_parser():
     g.add_argument("--group-size", type=int, default=None,
                    help="samples per prompt G (default: 8 for grpo, whose baseline needs groups; 1 for ppo)")
     g.add_argument("--num-steps", type=int, default=10, help="denoising steps K in training (paper: 10 SD3.5-M, 50 SD1.5)")
+    g.add_argument("--sde-steps", type=int, default=None,
+                   help="stochastic (and trained) steps: the first S of the K; the rest run the deterministic "
+                        "sampler (Flow-GRPO-Fast's SDE window; default: 5 for the built-in world, all K otherwise)")
     g.add_argument("--eval-num-steps", type=int, default=10, help="deterministic steps in evaluation (paper: 40)")
     g.add_argument("--noise-level", type=float, default=None,
                    help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's)")
     g.add_argument("--cfg", type=float, default=1.0, help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
-    g.add_argument("--lr", type=float, default=1e-4, help="policy AdamW learning rate (full copy here; peers: 3e-4 for LoRA r=32)")
+    g.add_argument("--lr", type=float, default=1e-4, help="policy AdamW learning rate (peers: 3e-4 for LoRA r=32 on SD3.5-M)")
     g.add_argument("--critic-lr", type=float, default=1e-4, help="critic AdamW learning rate (its backbone copy or adapter)")
     g.add_argument("--critic-head-lr", type=float, default=1e-3, help="learning rate of the critic's new value head")
     g.add_argument("--clip-range", type=float, default=1e-3,
@@ -88,7 +92,7 @@ def build_parser():
     g.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL penalty to the frozen base on step means")
     g.add_argument("--value-warmup", type=int, default=2, help="iterations W of critic-only training before policy updates")
     g.add_argument("--epochs", type=int, default=1, help="passes over each batch")
-    g.add_argument("--minibatch-size", type=int, default=64,
+    g.add_argument("--minibatch-size", type=int, default=80,
                    help="(trajectory, step) pairs per optimiser step, all ranks together")
     g.add_argument("--critic-fraction", type=float, default=0.1,
                    help="share of the (trajectory, step) pairs the critic's backbone trains on each iteration (its "
@@ -153,7 +157,7 @@ def configure(args, argv):
             allowed = ", ".join("--" + f.replace("_", "-") for f in RESUMABLE if f != "resume")
             raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
                               f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
-        config = json.load(open(path))
+        config = {**vars(build_parser().parse_args([])), **json.load(open(path))}   # flags newer than the run: defaults
         for key in RESUMABLE:
             if key in given or key not in config:
                 config[key] = getattr(args, key)
@@ -165,20 +169,24 @@ def configure(args, argv):
     args.shapes_world = kind == "ShapesPipeline"
     spec = rewards.parse_reward_args(args)                          # RewardError if bad
     if args.lora_rank is None:
-        args.lora_rank = 0 if args.shapes_world else 32
+        args.lora_rank = 16 if args.shapes_world else 32
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
     if args.group_size is None:
         args.group_size = 8 if args.algo == "grpo" else 1
     if args.noise_level is None:
         args.noise_level = None if kind == "ShapesPipeline" else (0.7 if kind == "StableDiffusion3Pipeline" else 1.0)
-    for name in ("iters", "batch_size", "group_size", "num_steps", "eval_num_steps", "epochs", "minibatch_size",
+    if args.sde_steps is None:
+        args.sde_steps = min(5, args.num_steps) if args.shapes_world else args.num_steps
+    for name in ("iters", "batch_size", "group_size", "num_steps", "sde_steps", "eval_num_steps", "epochs", "minibatch_size",
                  "eval_every", "eval_seeds", "sample_every", "save_every"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "critic_lr", "critic_head_lr", "clip_range", "adv_clip", "max_grad_norm"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.sde_steps > args.num_steps:
+        raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
     if not 0 < args.critic_fraction <= 1 or not 0 <= args.gae_lambda <= 1 or not 0 < args.gamma <= 1:
         raise ConfigError("--critic-fraction must be in (0, 1], --gae-lambda in [0, 1], --gamma in (0, 1]")
     if min(args.value_warmup, args.kl_coef, args.vf_clip, args.lora_rank, args.head_epochs) < 0:
@@ -193,10 +201,10 @@ def configure(args, argv):
     args.world_size = world
     args.batch_per_rank = args.batch_size // world
     args.prompts_per_rank = args.batch_per_rank // args.group_size
-    pairs = args.batch_per_rank * args.num_steps
+    pairs = args.batch_per_rank * args.sde_steps                  # the trained (trajectory, step) pairs
     if args.minibatch_size % world or pairs % (args.minibatch_size // world):
         raise ConfigError(f"--minibatch-size {args.minibatch_size} must split into {world} rank(s) and divide the "
-                          f"{pairs} (trajectory, step) pairs per rank ({args.batch_per_rank} images x {args.num_steps} steps)")
+                          f"{pairs} (trajectory, step) pairs per rank ({args.batch_per_rank} images x {args.sde_steps} steps)")
     args.minibatch_per_rank = args.minibatch_size // world
     args.minibatches = pairs // args.minibatch_per_rank
     args.critic_pairs = max(1, round(args.critic_fraction * pairs))
@@ -368,7 +376,7 @@ def export_final(args, backbone, policy_net):
 @torch.no_grad()
 def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
     """Held-out prompts x seeds with the deterministic sampler (noise 0): strict accuracy and
-    partial credit of the built-in world's checker, and every reward's raw mean."""
+    partial credit of the built-in world's checker, and the raw mean of every reward and monitor."""
     import toy
     images, metas = [], []
     with adapter(policy_net, POLICY) as net:
@@ -384,8 +392,9 @@ def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
         strict, score = toy.check(images, metas)
         out.update({"eval/heldout_strict": strict.float().mean().item(), "eval/heldout_score": score.mean().item()})
     try:
-        raw, _ = mixer.score(images, [m["prompt"] for m in metas], metas)
-        out.update({f"eval/heldout_{n}": raw[:, i].mean().item() for i, n in enumerate(mixer.names)})
+        names = mixer.names + mixer.monitor                        # monitors too: reward hacking shows here
+        raw, _ = mixer.score(images, [m["prompt"] for m in metas], metas, names)
+        out.update({f"eval/heldout_{n}": raw[:, i].mean().item() for i, n in enumerate(names)})
     except rewards.RewardError as e:
         print(f"warning: held-out reward skipped: {e}", file=sys.stderr)
     return out
@@ -450,11 +459,11 @@ def train(args, spec, train_prompts, heldout):
     log(f"run {args.run_dir}: {args.algo} on {args.model}, rewards {','.join(spec.names)} "
         f"(weights {','.join(f'{w:g}' for w in spec.weights)})")
     log(f"batch: {args.batch_size} images/iter = {world} rank(s) x {args.prompts_per_rank} prompts x {args.group_size} "
-        f"samples; {args.batch_per_rank * args.num_steps} (trajectory, step) pairs/rank -> {args.minibatches} minibatches "
+        f"samples; {args.batch_per_rank * args.sde_steps} (trajectory, step) pairs/rank -> {args.minibatches} minibatches "
         f"of {args.minibatch_per_rank} x {args.epochs} epoch(s); critic backbone on {args.critic_pairs} of the pairs, "
         f"its head on all of them ({args.head_epochs} epoch(s))")
     assert args.batch_per_rank * world == args.batch_size and args.prompts_per_rank * args.group_size == args.batch_per_rank
-    assert args.minibatches * args.minibatch_per_rank == args.batch_per_rank * args.num_steps
+    assert args.minibatches * args.minibatch_per_rank == args.batch_per_rank * args.sde_steps
 
     backbone = load_backbone(args.model, device)
     noise_level = args.noise_level if args.noise_level is not None else (0.7 if backbone.sampler == "flow" else 1.0)
@@ -512,8 +521,9 @@ def train(args, spec, train_prompts, heldout):
         metas = [m for group in metas for m in [prompt_rng.choice(group)] * args.group_size]   # G adjacent copies
         prompts = [m["prompt"] for m in metas]
         with adapter(policy_net, POLICY) as net:
-            traj = rollout.sample(backbone, prompts, args.num_steps, noise_level, args.cfg, generator=gen, net=net)
-        B, K = traj.log_probs.shape
+            traj = rollout.sample(backbone, prompts, args.num_steps, noise_level, args.cfg, generator=gen, net=net,
+                                  sde_steps=args.sde_steps)
+        B, K = len(prompts), args.sde_steps              # the trained steps: the SDE window
         # 2. rewards: every rank's raw scores gathered before normalising (identical statistics everywhere)
         skip = None
         try:
@@ -537,19 +547,21 @@ def train(args, spec, train_prompts, heldout):
             if "shapes" in out["strict"]:
                 row["reward/train/strict"] = out["strict"]["shapes"].float().mean().item()
             # 3. advantages: critic + GAE (per reward, then weighted), or GRPO's group baseline
-            mask = (traj.stds > 0).expand(B, K)                                                # (B, K)
+            mask = (traj.stds[:K] > 0).expand(B, K)                                            # (B, K)
             returns = old_values = features = None
             if args.algo == "ppo":
                 with torch.no_grad():
-                    old_values, features = critic.values(backbone, traj, keep_features=True)    # (B, K, R)
+                    old_values, features = critic.values(backbone, traj, keep_features=True, steps=K)  # (B, K, R)
                     old_values = old_values.cpu()
+                # with an SDE window the reward arrives at its last step: the deterministic tail maps
+                # x_{t_S} to x_0, so the state after the window is worth R exactly (terminal, as x_0)
                 adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
                 advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
                 # level, against the final reward itself (the paper's premise: predictable from x_t)
                 v_total, g_total = (old_values * weights).sum(-1), (returns * weights).sum(-1)  # (B, K)
                 r_total = (normalised @ weights)[:, None].expand(B, K)                        # (B, K)
-                noise = noise_fraction(backbone, traj.levels[:-1])                            # (K,)
+                noise = noise_fraction(backbone, traj.levels[:K])                             # (K,)
                 row["critic/explained_variance"] = explained_variance(v_total.flatten(), g_total.flatten())
                 row.update({f"critic/ev_noise_{k}": v for k, v in explained_variance_by_noise(v_total, r_total, noise).items()})
             else:

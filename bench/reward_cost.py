@@ -146,7 +146,10 @@ def main():
     parser.add_argument("--timeout", type=int, default=900, help="seconds per reward before it is recorded as too slow")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # the subprocess: measure one reward, print JSON
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward_cost.json"))
+    parser.add_argument("--report", action="store_true", help="only rewrite the BENCHMARKS.md section from --out")
     args = parser.parse_args()
+    if args.report:
+        return write_markdown(args.out)
     if args.one:
         print(json.dumps(measure(args.one, args.batch, args.side, args.threads)))
         return
@@ -173,6 +176,27 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"machine": machine(), "notes": NOTES, "results": records}, f, indent=1)
     print(f"wrote {args.out}")
+    write_markdown(args.out)
+
+
+def write_markdown(path):
+    """Its section of BENCHMARKS.md, from the JSON (`--report` alone rewrites it without measuring)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import write_section
+    data = json.load(open(path))
+    m = data["machine"]
+    lines = [f"Command: `HF_HUB_OFFLINE=1 python bench/reward_cost.py` ({m['cpu']}, {m['cores']} cores, torch "
+             f"{m['torch']}, {m['date']}). {data['notes']}", "",
+             "| reward | seconds per image (CPU) | image side | threads | parameters (M) | build (s) | peak RSS (GiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        if "error" in r:
+            lines.append(f"| `{r['reward']}` | {r['error']} | | | | | |")
+        else:
+            lines.append(f"| `{r['reward']}` | {r['per_image_s']:.3f} | {r['image_side']} | {r['threads']} | "
+                         f"{r['params_m']:.1f} | {r['build_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+    write_section("reward-cost", "## What each reward costs per image on a CPU (random weights of the real size)\n\n"
+                  + "\n".join(lines))
 
 
 if __name__ == "__main__":

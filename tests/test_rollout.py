@@ -55,6 +55,26 @@ def test_recomputed_log_prob_gives_ratio_one(backbones, name, cfg_scale):
         torch.testing.assert_close(mu, traj.means[mb_idx, mb_j], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-unet"])
+def test_sde_window_is_stochastic_only_inside_and_recomputes_exactly(backbones, name):
+    """sde_steps=2 of 4: steps 0-1 draw noise (std > 0), steps 2-3 are the deterministic sampler
+    (std 0, log-prob 0, x_next = mu), and the window's steps still recompute to ratio 1."""
+    b = backbones[name]
+    noise = 1.0 if b.sampler == "ddim" else 0.7
+    traj = rollout.sample(b, PROMPTS, 4, noise, generator=torch.Generator().manual_seed(4), sde_steps=2)
+    assert traj.sde_steps == 2 and (traj.stds[:2] > 0).all() and (traj.stds[2:] == 0).all()
+    assert (traj.log_probs[:, 2:] == 0).all()
+    torch.testing.assert_close(traj.latents[:, 3:], traj.means[:, 2:], rtol=0, atol=0)
+    # from the same x_{t_2}, the tail is what the deterministic sampler does from there
+    full = rollout.sample(b, PROMPTS, 4, noise, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(traj.latents[:, :3], full.latents[:, :3], rtol=0, atol=0)
+    assert (traj.latents[:, -1] - full.latents[:, -1]).abs().max() > 1e-3
+    idx, j = torch.tensor([2, 0, 1, 0]), torch.tensor([1, 0, 0, 1])
+    with torch.no_grad():
+        log_prob, _, std = rollout.recompute_log_prob(b, traj, idx, j)
+    assert (std > 0).all() and (torch.exp(log_prob - traj.log_probs[idx, j]) - 1).abs().max() < 1e-5
+
+
 def test_a_changed_policy_changes_the_ratio(backbones):
     """The tripwire can fire: perturbed weights (a copy, passed as net=) move the ratio off 1."""
     b = backbones["tiny-dit"]

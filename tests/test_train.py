@@ -43,7 +43,8 @@ def real_arch(tmp_path_factory):
 def test_three_iterations(tmp_path, model, algo):
     run_dir = str(tmp_path / "run")
     extra = ["--group-size", "2"] if algo == "grpo" else []
-    assert run(["--model", model, "--algo", algo, "--iters", "3", "--run-dir", run_dir, *TINY, *extra]) == 0
+    assert run(["--model", model, "--algo", algo, "--iters", "3", "--run-dir", run_dir, "--lora-rank", "0", *TINY,
+                *extra]) == 0
     for f in ("config.json", "metrics.jsonl", "reward.png", "samples/iter_0000.png", "samples/iter_0003.png",
               "checkpoint/policy.safetensors", "checkpoint/state.pt", "pipeline/model_index.json"):
         assert os.path.isfile(os.path.join(run_dir, f)), f
@@ -71,6 +72,20 @@ def test_three_iterations(tmp_path, model, algo):
     base = load_backbone(model).net.state_dict()
     assert all(torch.equal(policy[k], exported[k]) for k in policy)
     assert any(not torch.equal(policy[k], base[k]) for k in policy)
+
+
+def test_sde_window_trains_only_its_steps(tmp_path):
+    """--sde-steps 2 of 4: only the 2 noisiest steps are stochastic and trained. The critic is
+    scored on those states alone (their noise buckets), the ratio tripwire holds, and the pairs
+    per update are images x 2 (8 pairs: one minibatch of 8 must divide them, 6 would not)."""
+    run_dir = str(tmp_path / "run")
+    common = ["--num-steps", "4", "--eval-num-steps", "4", "--batch-size", "4", "--eval-seeds", "1", "--value-warmup", "1"]
+    assert run([*common, "--sde-steps", "2", "--minibatch-size", "6", "--run-dir", run_dir]) == 2
+    assert run([*common, "--sde-steps", "2", "--minibatch-size", "8", "--iters", "2", "--run-dir", run_dir]) == 0
+    log = rows(run_dir)
+    assert log[-1]["losses/ratio_dev_first"] < 1e-5
+    buckets = {k for r in log[1:] for k in r if k.startswith("critic/ev_noise_")}
+    assert buckets == {"critic/ev_noise_1.0-0.8", "critic/ev_noise_0.8-0.6"}, buckets   # sigma 1.0 and 0.67 only
 
 
 @pytest.mark.parametrize("arch", ["sd3.5m", "sd1.5"])
@@ -117,6 +132,7 @@ def test_resume_is_exact(tmp_path):
     (["--algo", "grpo", "--batch-size", "6", "--group-size", "4"], "not divisible"),
     (["--batch-size", "4", "--minibatch-size", "7"], "--minibatch-size 7"),
     (["--iters", "0"], "--iters must be >= 1"),
+    (["--num-steps", "4", "--sde-steps", "6"], "--sde-steps 6 exceeds --num-steps 4"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
@@ -148,7 +164,7 @@ def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
     check = toy.check
     monkeypatch.setattr(toy, "check", lambda images, metas: (check(images, metas)[0], torch.full((len(images),), float("nan"))))
     run_dir = str(tmp_path / "run")
-    assert run(["--iters", "2", "--run-dir", run_dir, *TINY]) == 0
+    assert run(["--iters", "2", "--run-dir", run_dir, "--lora-rank", "0", *TINY]) == 0   # a full copy: every weight
     log = rows(run_dir)
     assert all("returned nan" in r["skipped"] for r in log[1:])
     from models import load_backbone
@@ -188,7 +204,7 @@ def test_reward_goes_up(tmp_path, monkeypatch):
         run_dir = str(tmp_path / f"run{sign}")
         assert run(["--iters", "8", "--batch-size", "16", "--num-steps", "4", "--eval-num-steps", "4",
                     "--minibatch-size", "32", "--value-warmup", "1", "--eval-every", "8", "--eval-seeds", "1",
-                    "--run-dir", run_dir]) == 0
+                    "--lr", "1e-4", "--lora-rank", "0", "--sde-steps", "4", "--run-dir", run_dir]) == 0
         log = rows(run_dir)
         base, final[sign] = sign * log[0]["eval/heldout_shapes"], sign * log[-1]["eval/heldout_shapes"]
     assert final[1.0] > base + 0.01 and final[-1.0] < base - 0.01, (base, final)
