@@ -25,6 +25,8 @@ import time
 import numpy as np
 import torch
 
+from rewards import relative_position      # GenEval's rule, one implementation for both checkers
+
 RES = 32                                   # image side, pixels
 SIZE = 4                                   # object side, pixels: one 4x4 patch of the tiny DiT
 GRID = 4                                   # objects sit on the patch grid
@@ -245,25 +247,6 @@ def detect(image, min_area=5):
     return objects
 
 
-def relations(a, b):
-    """GenEval's relative_position: the set of relations of box a to box b."""
-    ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
-    cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
-    dim_a = np.array([a[2] - a[0], a[3] - a[1]])
-    dim_b = np.array([b[2] - b[0], b[3] - b[1]])
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    out = set()
-    if dx < -0.5: out.add("left of")
-    if dx > 0.5: out.add("right of")
-    if dy < -0.5: out.add("above")
-    if dy > 0.5: out.add("below")
-    return out
-
-
 def judge(objects, meta):
     """(strict pass, partial credit in [0, 1]) of detected objects against metadata.
 
@@ -287,7 +270,7 @@ def judge(objects, meta):
     if pos:
         subject, reference = matched[-1], matched[pos[1]]
         holds = bool(subject and reference and
-                     pos[0] in relations(subject[0]["box"], reference[0]["box"]))
+                     pos[0] in relative_position(subject[0]["box"], reference[0]["box"], POSITION_THRESHOLD))
         strict &= holds
         parts.append(float(holds))
     score = sum(parts) / len(parts) / (1.0 + 0.5 * n_extra)

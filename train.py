@@ -14,8 +14,8 @@ the peers' value for real models where it differs. Rank 0 alone prints, writes a
 A run directory holds: config.json, metrics.jsonl (one line per iteration), reward.png,
 samples/iter_NNNN.png (fixed held-out prompts, deterministic sampler), checkpoint/ (policy and
 critic weights in safetensors, optimiser and RNG states in state.pt) and, at the end,
-pipeline/ (tiny models: a diffusers directory loadable as --model) or policy_lora/ (a LoRA
-adapter loadable with pipe.load_lora_weights).
+pipeline/ (tiny models: a diffusers directory loadable as --model, LoRA merged in) and/or
+policy_lora/ (the LoRA adapter, loadable with pipe.load_lora_weights for SD models).
 
 Test: tests/test_train.py
 """
@@ -347,28 +347,48 @@ def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
 
 
 def export_final(args, backbone, policy_net):
-    """The trained policy in a form other tools load: a diffusers pipeline directory (full copies:
-    `--model RUN/pipeline` works everywhere) or a LoRA adapter for pipe.load_lora_weights."""
+    """The trained policy in a form other tools load: a diffusers pipeline directory (full copies,
+    and LoRA on the built-in world merged: `--model RUN/pipeline` works everywhere) or a LoRA
+    adapter for pipe.load_lora_weights."""
     from peft import get_peft_model_state_dict
-    if not args.lora_rank:
+    shapes_lora = args.lora_rank and not hasattr(type(backbone.pipe), "save_lora_weights")
+    if not args.lora_rank or shapes_lora:
         key = "transformer" if getattr(backbone.pipe, "transformer", None) is not None else "unet"
-        pipe = type(backbone.pipe)(**{**backbone.pipe.components, key: policy_net})
+        net = merged_policy(policy_net) if shapes_lora else policy_net
+        pipe = type(backbone.pipe)(**{**backbone.pipe.components, key: net})
         tmp = os.path.join(args.run_dir, "pipeline.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(os.path.join(args.run_dir, "pipeline"), ignore_errors=True)
         os.replace(tmp, os.path.join(args.run_dir, "pipeline"))
-        return os.path.join(args.run_dir, "pipeline")
+        if not shapes_lora:
+            return os.path.join(args.run_dir, "pipeline")
     layers = get_peft_model_state_dict(policy_net, adapter_name=POLICY)
     out = os.path.join(args.run_dir, "policy_lora")
     if hasattr(type(backbone.pipe), "save_lora_weights"):
         key = "transformer_lora_layers" if backbone.sampler == "flow" else "unet_lora_layers"
         type(backbone.pipe).save_lora_weights(out, **{key: layers}, safe_serialization=True)
-    else:                                          # a ShapesPipeline has no LoRA loader: the raw adapter
-        from safetensors.torch import save_file
+    else:                                          # a ShapesPipeline has no LoRA loader: the raw adapter,
+        from safetensors.torch import save_file     # beside pipeline/ with the adapter merged in (above)
         os.makedirs(out, exist_ok=True)
         save_file({k: v.contiguous() for k, v in layers.items()}, os.path.join(out, "adapter.safetensors"))
-    return out
+    return out + (" and " + os.path.join(args.run_dir, "pipeline") if shapes_lora else "")
+
+
+def merged_policy(net):
+    """A plain copy of a LoRA-carrying net with the policy adapter merged into its weights
+    (W + scale B A) and the other adapters dropped: what `--model RUN/pipeline` loads."""
+    import copy
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    merged = copy.deepcopy(net)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[POLICY])
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
+    merged._hf_peft_config_loaded = False
+    merged.__dict__.pop("peft_config", None)
+    return merged
 
 
 # ----------------------------------------------------------------------------- evaluation

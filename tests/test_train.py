@@ -222,8 +222,24 @@ def test_real_model_configuration_is_valid(tmp_path):
 
 def test_lora_on_a_builtin_model(tmp_path):
     """--lora-rank > 0 works on the built-in pipelines too (which have no diffusers LoRA loader:
-    the adapter is saved as plain safetensors)."""
+    the adapter is saved as plain safetensors, and merged into pipeline/)."""
     run_dir = str(tmp_path / "run")
     assert run(["--iters", "2", "--run-dir", run_dir, "--lora-rank", "4", *TINY]) == 0
     assert os.path.isfile(os.path.join(run_dir, "policy_lora", "adapter.safetensors"))
     assert rows(run_dir)[-1]["losses/ratio_dev_first"] < 1e-5
+    # pipeline/ holds the policy with its adapter merged: it samples what the adapter did
+    import rollout
+    from critic import POLICY, adapter
+    from models import load_backbone
+    trained, base = load_backbone(os.path.join(run_dir, "pipeline")), load_backbone("tiny-dit")
+    assert not any("lora" in k for k in trained.net.state_dict())
+    train_args, spec, _, _ = train.configure(train.build_parser().parse_args(["--lora-rank", "4", *TINY]),
+                                             ["--lora-rank", "4", *TINY])
+    policy_net, *_ = train.build(train_args, base, 1)
+    train.load_policy_state(train_args, policy_net, load_file(os.path.join(run_dir, "checkpoint", "policy.safetensors")))
+    g = lambda: torch.Generator().manual_seed(0)
+    with adapter(policy_net, POLICY) as net:
+        ours = rollout.sample(base, ["two red circles"], 3, 0.0, generator=g(), net=net).images
+    theirs = rollout.sample(trained, ["two red circles"], 3, 0.0, generator=g()).images
+    plain = rollout.sample(load_backbone("tiny-dit"), ["two red circles"], 3, 0.0, generator=g()).images
+    assert (ours - theirs).abs().max() < 1e-4 and (ours - plain).abs().max() > 1e-6
