@@ -142,9 +142,9 @@ def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=N
     diffusers' randn_tensor, exactly as its pipelines draw it, so a seeded generator gives the
     pipeline's own samples at noise_level = 0.
     sde_steps = S < num_steps: only the first S steps are stochastic (and trained), the rest
-    deterministic. The early, noisy steps decide what is drawn where (the layout GenEval checks);
-    the reward then varies with the noise of those steps alone, so their credit is less noisy,
-    and the late steps, which only sharpen, are left alone (Flow-GRPO-Fast, MixGRPO).
+    deterministic (Flow-GRPO-Fast, MixGRPO). The early, noisy steps decide what is drawn where
+    (the layout GenEval checks); the late ones only sharpen, and their tiny std (~1e-3 at the
+    last flow step) gives the largest log-prob gradients, nearly all noise, so they are left out.
     latents: the initial noise x_{t_K} (B, C, H, W), as diffusers pipelines take it (e.g. shared
     by the samples of a group, as DanceGRPO does); None = drawn from generator."""
     cond = cond if cond is not None else backbone.encode(prompts)
