@@ -157,7 +157,9 @@ def configure(args, argv):
             allowed = ", ".join("--" + f.replace("_", "-") for f in RESUMABLE if f != "resume")
             raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
                               f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
-        config = {**vars(build_parser().parse_args([])), **json.load(open(path))}   # flags newer than the run: defaults
+        config = json.load(open(path))
+        config.setdefault("sde_steps", config.get("num_steps"))  # runs from before the flag trained every step
+        config = {**vars(build_parser().parse_args([])), **config}   # other flags newer than the run: defaults
         for key in RESUMABLE:
             if key in given or key not in config:
                 config[key] = getattr(args, key)
