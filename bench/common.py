@@ -44,3 +44,59 @@ def write_section(name, markdown):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- train.py runs
+
+def split_train_flags(argv):
+    """`script.py [own flags] -- [train.py flags]` -> (own, train.py's)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def add_run_args(p, runs, eval_every, jobs):
+    """The flags every benchmark made of train.py runs shares."""
+    p.add_argument("--model", default="tiny-dit", help="base model (train.py --model)")
+    p.add_argument("--images", type=int, default=2560, help="images generated per run")
+    p.add_argument("--batch-size", type=int, default=32, help="images per iteration")
+    p.add_argument("--eval-every", type=int, default=eval_every, help="held-out evaluation every N iterations")
+    p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")
+    p.add_argument("--jobs", type=int, default=jobs, help="runs at once (each on --threads threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs", default=os.path.join(ROOT, "bench", "runs", runs), help="where the runs go")
+    p.add_argument("--report-only", action="store_true", help="only read finished runs")
+
+
+def launch(flags, threads, log_path):
+    """train.py with these flags, on `threads` torch threads, offline, output to log_path: exit code."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "w") as log:
+        return subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+
+
+def train_run(args, run_dir, flags, label):
+    """One benchmark run of args.images images: reused if it finished before, resumed from its
+    checkpoint if it was interrupted after one (keeping its own config), else started over.
+    flags: train.py's, besides the budget, evaluation and run directory. Returns run_dir."""
+    import shutil
+    import time
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) and any(
+            os.path.isdir(os.path.join(run_dir, d)) for d in ("pipeline", "policy_lora")):
+        return run_dir                                  # finished before: reuse
+    iters = ["--iters", str(args.images // args.batch_size)]
+    if os.path.isdir(os.path.join(run_dir, "checkpoint")):
+        cmd = ["--resume", run_dir, *iters]
+    else:                                               # interrupted before its first checkpoint: start over
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = ["--model", args.model, *iters, "--batch-size", str(args.batch_size), "--eval-every",
+               str(args.eval_every), "--eval-seeds", str(args.eval_seeds), "--sample-every", str(10 ** 6),
+               "--save-every", "20", "--run-dir", run_dir, *flags]
+    t0 = time.time()
+    code = launch(cmd, args.threads, run_dir + ".log")
+    print(f"{label}: exit {code} after {time.time() - t0:.0f}s ({run_dir}.log)", flush=True)
+    if code:
+        raise SystemExit(f"{label} failed; see {run_dir}.log")
+    return run_dir

@@ -20,36 +20,17 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, add_run_args, launch, split_train_flags, train_run, write_section
+
 ALGOS = ("ppo", "grpo")
 
 
 def run_one(args, algo, seed, extra):
-    run_dir = os.path.join(args.runs, f"{algo}-seed{seed}")
-    if os.path.isfile(os.path.join(run_dir, "pipeline", "model_index.json")):
-        return run_dir                              # finished before: reuse
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--algo", algo,
-           "--seed", str(seed), "--iters", str(args.images // args.batch_size), "--batch-size", str(args.batch_size),
-           "--eval-every", str(args.eval_every), "--eval-seeds", str(args.eval_seeds),
-           "--sample-every", str(10 ** 6), "--save-every", "20", *extra]
-    if os.path.isdir(os.path.join(run_dir, "checkpoint")):  # a resumed run keeps its own config
-        cmd = cmd[:2] + ["--resume", run_dir, "--iters", str(args.images // args.batch_size)]
-    else:                                           # interrupted before its first checkpoint: start over
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd += ["--run-dir", run_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    t0 = time.time()
-    with open(run_dir + ".log", "w") as log:
-        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    print(f"{algo} seed {seed}: exit {code} after {time.time() - t0:.0f}s ({run_dir}.log)", flush=True)
-    if code:
-        raise SystemExit(f"{algo} seed {seed} failed; see {run_dir}.log")
-    return run_dir
+    return train_run(args, os.path.join(args.runs, f"{algo}-seed{seed}"), ["--algo", algo, "--seed", str(seed), *extra],
+                     f"{algo} seed {seed}")
 
 
 def steady_ms_per_image(rows, skip):
@@ -63,13 +44,11 @@ def timing(args, algo, extra):
     """One algorithm alone on the machine for --timing-images images: its steady per-image cost."""
     run_dir = os.path.join(args.runs, f"timing-{algo}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", args.model, "--algo", algo, "--run-dir", run_dir,
-           "--iters", str(args.timing_images // args.batch_size), "--batch-size", str(args.batch_size),
-           "--eval-every", str(10 ** 6), "--eval-seeds", "1", "--sample-every", str(10 ** 6), "--save-every", str(10 ** 6), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    with open(run_dir + ".log", "w") as log:
-        if subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT):
-            raise SystemExit(f"timing run {algo} failed; see {run_dir}.log")
+    flags = ["--model", args.model, "--algo", algo, "--run-dir", run_dir,
+             "--iters", str(args.timing_images // args.batch_size), "--batch-size", str(args.batch_size),
+             "--eval-every", str(10 ** 6), "--eval-seeds", "1", "--sample-every", str(10 ** 6), "--save-every", str(10 ** 6), *extra]
+    if launch(flags, args.threads, run_dir + ".log"):
+        raise SystemExit(f"timing run {algo} failed; see {run_dir}.log")
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     config = json.load(open(os.path.join(run_dir, "config.json")))
     return steady_ms_per_image(rows, config["value_warmup"] + 1 if algo == "ppo" else 1)
@@ -165,23 +144,13 @@ def table(summary):
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_train_flags(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-dit", help="base model (train.py --model)")
+    add_run_args(p, "ppo_vs_grpo", eval_every=10, jobs=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, the same for both algorithms")
-    p.add_argument("--images", type=int, default=2560, help="images generated per run (both algorithms)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per iteration (both algorithms)")
-    p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N iterations")
-    p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each on --threads threads)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--runs", default=os.path.join(ROOT, "bench", "runs", "ppo_vs_grpo"), help="where the runs go")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"), help="output prefix (.json, .png)")
     p.add_argument("--timing-images", type=int, default=640,
                    help="images per algorithm in separate timing runs, one algorithm at a time (0 = skip)")
-    p.add_argument("--report-only", action="store_true", help="only read finished runs")
     args = p.parse_args(argv)
     os.makedirs(args.runs, exist_ok=True)
     jobs = [(algo, s) for s in args.seeds for algo in ALGOS]
@@ -206,8 +175,6 @@ def main():
                    "summary": summary, "curves": curves}, f, indent=1)
     plot(curves, summary, args.seeds, args.out + ".png")
     if args.out == os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"):     # the default output owns the section
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from common import write_section
         targets = summary["comparison"]["targets"]
         write_section("ppo-vs-grpo", "\n".join([
             "## Critic-PPO vs GRPO on the built-in world (equal images, equal seeds)", "",

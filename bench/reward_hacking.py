@@ -17,11 +17,10 @@ Run:  python bench/reward_hacking.py                       # 3 runs, 2 at a time
 import argparse
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import ROOT, write_json, write_section
+from common import ROOT, add_run_args, split_train_flags, train_run, write_json, write_section
 
 RUNS = {  # name -> train.py reward flags
     "jpeg": ["--rewards", "jpeg", "--monitor-rewards", "shapes"],
@@ -36,26 +35,8 @@ def slug(name):
 
 
 def run_one(args, name, extra):
-    run_dir = os.path.join(args.runs, slug(name))
-    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) and (
-            os.path.isdir(os.path.join(run_dir, "pipeline")) or os.path.isdir(os.path.join(run_dir, "policy_lora"))):
-        return run_dir                                  # finished before: reuse
-    if os.path.isdir(os.path.join(run_dir, "checkpoint")):
-        cmd = ["--resume", run_dir]
-    else:
-        import shutil
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = ["--model", args.model, "--algo", "ppo", "--seed", str(args.seed), "--run-dir", run_dir,
-               "--iters", str(args.images // args.batch_size), "--batch-size", str(args.batch_size),
-               "--eval-every", str(args.eval_every), "--eval-seeds", str(args.eval_seeds),
-               "--sample-every", str(10 ** 6), "--save-every", "20", *RUNS[name], *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    with open(run_dir + ".log", "w") as log:
-        code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *cmd], cwd=ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    if code:
-        raise SystemExit(f"{name} failed (exit {code}); see {run_dir}.log")
-    return run_dir
+    return train_run(args, os.path.join(args.runs, slug(name)),
+                     ["--algo", "ppo", "--seed", str(args.seed), *RUNS[name], *extra], name)
 
 
 def read(run_dir):
@@ -87,20 +68,10 @@ def grid(run_dirs, path):
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_train_flags(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-dit", help="base model (train.py --model)")
+    add_run_args(p, "reward_hacking", eval_every=20, jobs=2)
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
-    p.add_argument("--images", type=int, default=2560, help="images generated per run")
-    p.add_argument("--batch-size", type=int, default=32, help="images per iteration")
-    p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every N iterations")
-    p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--runs", default=os.path.join(ROOT, "bench", "runs", "reward_hacking"), help="where the runs go")
-    p.add_argument("--report-only", action="store_true", help="only read finished runs")
     args = p.parse_args(argv)
     os.makedirs(args.runs, exist_ok=True)
     names = list(RUNS)
