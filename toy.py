@@ -358,6 +358,14 @@ def _batch(train, rng, n):
     return [rng.choice(by_tag[rng.choice(sorted(by_tag))]) for _ in range(n)]
 
 
+def ddpm_timestep_like(alphas_cumprod, sigma):
+    """The DDPM timestep whose signal-to-noise ratio abar / (1 - abar) is nearest to that of the
+    flow-matching state (1 - sigma) x0 + sigma noise, ((1 - sigma) / sigma)^2. (B,) long."""
+    snr_t = alphas_cumprod / (1 - alphas_cumprod)                                      # (T,)
+    snr = ((1 - sigma) / sigma).pow(2)                                                 # (B,)
+    return (snr_t[None] - snr[:, None]).abs().argmin(1)
+
+
 def pretrain(model, steps, batch, lr, seed, log_every=100, eval_every=0, object_weight=5.0, init=None):
     """Train a ShapesPipeline from scratch on rendered scenes of training prompts: rectified
     flow (velocity target, logit-normal sigma, as SD3) for tiny-dit, epsilon-prediction DDPM
@@ -396,7 +404,9 @@ def pretrain(model, steps, batch, lr, seed, log_every=100, eval_every=0, object_
                        pooled_projections=enc.text_embeds, return_dict=False)[0]
             target = noise - x0
         else:
-            t = torch.randint(0, 1000, (batch,))
+            # the DiT's logit-normal noise levels, carried over by signal-to-noise ratio: uniform t
+            # spends most steps at low noise, where the composition is already decided
+            t = ddpm_timestep_like(abar, torch.sigmoid(torch.randn(batch) + 1.0))
             a = abar[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
             pred = net(x_t, timestep=t, encoder_hidden_states=enc.last_hidden_state, return_dict=False)[0]

@@ -26,6 +26,7 @@ RUNS = {  # name -> train.py reward flags
     "jpeg": ["--rewards", "jpeg", "--monitor-rewards", "shapes"],
     "shapes": ["--rewards", "shapes", "--monitor-rewards", "jpeg"],
     "shapes,jpeg": ["--rewards", "shapes,jpeg", "--reward-weights", "1,1"],
+    "shapes,jpeg weights 1,0.5": ["--rewards", "shapes,jpeg", "--reward-weights", "1,0.5"],
     "shapes,jpeg weights 1,0.2": ["--rewards", "shapes,jpeg", "--reward-weights", "1,0.2"],
 }
 

@@ -66,19 +66,32 @@ def test_noise_specks_are_not_objects():
     assert toy.check(image[None], [meta])[0].item()
 
 
-def test_pretrain_writes_a_loadable_pipeline_and_never_overwrites(tmp_path):
+def test_ddpm_timestep_like_matches_the_flow_noise_level():
+    abar = toy.build_pipeline("tiny-unet").scheduler.alphas_cumprod
+    sigma = torch.tensor([0.2, 0.4, 0.6, 0.8, 0.9])
+    t = toy.ddpm_timestep_like(abar, sigma)
+    assert (t[1:] > t[:-1]).all()                                  # noisier flow state -> later timestep
+    a = abar[t]
+    # the same signal-to-noise ratio, to within the DDPM schedule's spacing (~1% here)
+    torch.testing.assert_close((a / (1 - a)).log(), 2 * ((1 - sigma) / sigma).log(), atol=0.05, rtol=0)
+    assert toy.ddpm_timestep_like(abar, torch.tensor([0.999999]))[0] == len(abar) - 1   # noisier than t = 999 (sigma > 0.94): its end
+
+
+@pytest.mark.parametrize("model,sampler", [("tiny-dit", "flow"), ("tiny-unet", "ddim")])
+def test_pretrain_writes_a_loadable_pipeline_and_never_overwrites(tmp_path, model, sampler):
     import os
     import subprocess
     import sys
     from models import load_backbone
     out = tmp_path / "tiny"
-    cmd = [sys.executable, os.path.join(os.path.dirname(toy.__file__), "toy.py"), "pretrain", "--model", "tiny-dit",
+    cmd = [sys.executable, os.path.join(os.path.dirname(toy.__file__), "toy.py"), "pretrain", "--model", model,
            "--steps", "2", "--batch", "4", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    net = "transformer" if model == "tiny-dit" else "unet"
+    assert (out / net / "diffusion_pytorch_model.safetensors").exists()
     b = load_backbone(str(out))
-    assert b.sampler == "flow" and b.latent_shape == (3, 32, 32)
+    assert b.sampler == sampler and b.latent_shape == (3, 32, 32)
     before = (out / "model_index.json").stat().st_mtime_ns
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "never overwritten" in r.stderr and "Traceback" not in r.stderr
