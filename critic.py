@@ -285,7 +285,8 @@ def main(argv=None):
     for _ in tqdm(range(args.iters), desc="fitting the critic"):
         traj, returns = batch()
         seen.append(returns[:, 0])
-        mean, std = torch.cat(seen).mean(), torch.cat(seen).std().clamp(min=1e-4)   # targets ~ N(0, 1), as in train.py
+        all_returns = torch.cat(seen)
+        mean, std = all_returns.mean(), all_returns.std().clamp(min=1e-4)            # targets ~ N(0, 1), as in train.py
         B, K = returns.shape
         for mb in torch.randperm(B * K, generator=g).split(args.minibatch):
             idx, j = mb // K, mb % K

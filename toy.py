@@ -444,8 +444,9 @@ def pretrain(model, steps, batch, lr, seed, log_every=100, eval_every=0, object_
 
 
 @torch.no_grad()
-def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
-    """Strict accuracy and mean partial credit of the deterministic sampler over metas x seeds."""
+def judge_samples(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
+    """The checker's verdicts on the deterministic sampler's images of metas x seeds (one seeded
+    generator per seed): strict (S, P) bool and partial credit (S, P)."""
     from rollout import sample
     strict, score = [], []
     for seed in seeds:
@@ -455,7 +456,13 @@ def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
             traj = sample(backbone, [m["prompt"] for m in chunk], num_steps, 0.0, generator=g, net=net)
             s, sc = check(traj.images, chunk)
             strict.append(s), score.append(sc)
-    return torch.cat(strict).float().mean().item(), torch.cat(score).mean().item()
+    return torch.cat(strict).bool().view(len(seeds), len(metas)), torch.cat(score).view(len(seeds), len(metas))
+
+
+def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
+    """Strict accuracy and mean partial credit of the deterministic sampler over metas x seeds."""
+    strict, score = judge_samples(backbone, metas, seeds, num_steps, batch, net)
+    return strict.float().mean().item(), score.mean().item()
 
 
 def main(argv=None):

@@ -573,8 +573,11 @@ def train(args, spec, train_prompts, heldout):
             returns = old_values = features = None
             if args.algo == "ppo":
                 with torch.no_grad():
-                    old_values, features = critic.values(backbone, traj, keep_features=True, steps=K)  # (B, K, R)
-                    old_values = old_values.cpu()
+                    # the head's inputs are kept only if the head trains on them (--head-epochs)
+                    old_values = critic.values(backbone, traj, keep_features=args.head_epochs > 0, steps=K)
+                    if args.head_epochs:
+                        old_values, features = old_values
+                    old_values = old_values.cpu()                                               # (B, K, R)
                 # with an SDE window the reward arrives at its last step: the deterministic tail maps
                 # x_{t_S} to x_0, so the state after the window is worth R exactly (terminal, as x_0)
                 adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
@@ -596,7 +599,7 @@ def train(args, spec, train_prompts, heldout):
             row.update(ppo.update(backbone, traj, advantages.to(device), returns, old_values, policy_net, ref_net,
                                   critic, opt_policy, opt_critic, args, shuffle, train_policy=not warmup,
                                   critic_pairs=None if warmup else args.critic_pairs,
-                                  features=features if args.head_epochs else None))
+                                  features=features))
             row["warmup"] = warmup
             if row["losses/skipped"]:
                 log(f"warning: iteration {it + 1}: {row['losses/skipped']} minibatch update(s) skipped (non-finite loss or gradient)")

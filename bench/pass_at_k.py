@@ -24,21 +24,6 @@ def pass_at(n, c, k):
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-@torch.no_grad()
-def successes(backbone, metas, k, num_steps, batch=64):
-    """(P, k) bool: sample j of prompt i passes the strict checker."""
-    import toy
-    from rollout import sample
-    ok = torch.zeros(len(metas), k, dtype=torch.bool)
-    for j in range(k):
-        g = torch.Generator().manual_seed(j)
-        for i in range(0, len(metas), batch):
-            chunk = metas[i:i + batch]
-            strict, _ = toy.check(sample(backbone, [m["prompt"] for m in chunk], num_steps, 0.0, generator=g).images, chunk)
-            ok[i:i + len(chunk), j] = strict.bool()
-    return ok
-
-
 def summarise(ok, ks):
     c = ok.sum(1).tolist()
     n = ok.shape[1]
@@ -58,11 +43,11 @@ def main():
     import toy
     backbone = models.load_backbone(args.model, "cpu", torch.float32)
     ks = sorted({1, 4, args.k})
-    splits = {"held-out": toy.prompts("heldout"),
-              "train": random.Random(0).sample(toy.prompts("train"), min(args.train_prompts, len(toy.prompts("train"))))}
+    train = toy.prompts("train")
+    splits = {"held-out": toy.prompts("heldout"), "train": random.Random(0).sample(train, min(args.train_prompts, len(train)))}
     results = {}
     for name, metas in splits.items():
-        ok = successes(backbone, metas, args.k, args.num_steps)
+        ok = toy.judge_samples(backbone, metas, range(args.k), args.num_steps)[0].T         # (P, k)
         tags = collections.defaultdict(list)
         for i, m in enumerate(metas):
             tags[m["tag"]].append(i)

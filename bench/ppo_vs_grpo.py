@@ -89,10 +89,10 @@ def summarise(curves, seeds, timed=None):
     ppo, grpo = out["ppo"], out["grpo"]
     reach = next((n for n, a in zip(ppo["images"], ppo["heldout_strict_mean"]) if n > 0 and a >= grpo["final"]), None)
     runs = [curves["ppo"][str(s)]["critic_ev_by_noise_last5"] for s in seeds]
+    time_ratio = timed["ppo"] / timed["grpo"] if timed else ppo["wall_s_per_image"] / grpo["wall_s_per_image"]
     out["comparison"] = {
         "ppo_images_to_reach_grpo_final": reach, "total_images": grpo["images"][-1],
-        "time_ratio_ppo_over_grpo": (timed["ppo"] / timed["grpo"]) if timed else
-                                    ppo["wall_s_per_image"] / grpo["wall_s_per_image"],
+        "time_ratio_ppo_over_grpo": time_ratio,
         "time_ratio_source": "timing runs, one algorithm alone, steady-state median" if timed else
                              "learning runs (total training time / images)",
         "critic_ev_by_noise_last5": {k: mean([r[k] for r in runs]) for k in runs[0]} if runs[0] else {},
@@ -100,8 +100,7 @@ def summarise(curves, seeds, timed=None):
                     # only meaningful if GRPO got anywhere: reaching a final below the base model is no result
                     "ppo_reaches_grpo_final_with_half_the_images": reach is not None and reach <= grpo["images"][-1] / 2
                                                                    and grpo["final"] > grpo["base"],
-                    "ppo_time_per_image_at_most_1.5x": ((timed["ppo"] / timed["grpo"]) if timed else
-                                                        ppo["wall_s_per_image"] / grpo["wall_s_per_image"]) <= 1.5}}
+                    "ppo_time_per_image_at_most_1.5x": time_ratio <= 1.5}}
     return out
 
 
@@ -161,7 +160,8 @@ def main():
     timed_path = os.path.join(args.runs, "timing.json")
     if args.timing_images and not args.report_only:
         timed = {algo: timing(args, algo, extra) for algo in ALGOS}
-        json.dump(timed, open(timed_path, "w"))
+        with open(timed_path, "w") as f:
+            json.dump(timed, f)
     timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
     summary = summarise(curves, args.seeds, timed)
     command = "python bench/ppo_vs_grpo.py " + " ".join(sys.argv[1:])
