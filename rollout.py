@@ -175,6 +175,19 @@ def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=N
         sde_steps=sde_steps if sde_steps is not None and sde_steps < K else None)
 
 
+@torch.no_grad()
+def sample_seeded(backbone, prompts, seeds, num_steps, batch=64, net=None):
+    """The deterministic sampler's images of prompts x seeds, for evaluation: a fresh generator
+    per seed, so an image depends on its seed and its place in prompts, not on the other seeds
+    asked for. (S*P, 3, H, W) on the CPU, seed-major."""
+    images = []
+    for seed in seeds:
+        g = torch.Generator(backbone.device).manual_seed(seed)
+        for i in range(0, len(prompts), batch):
+            images.append(sample(backbone, prompts[i:i + batch], num_steps, 0.0, generator=g, net=net).images.cpu())
+    return torch.cat(images)
+
+
 def chain_picture(backbone, traj, i=0):
     """(2*(K+1), 3, H, W): row 1 the noisy states x_t then x_0, row 2 the model's clean
     predictions at each state then the final image."""

@@ -443,20 +443,13 @@ def pretrain(model, steps, batch, lr, seed, log_every=100, eval_every=0, object_
             pipe.text_encoder.train().requires_grad_(True)
 
 
-@torch.no_grad()
 def judge_samples(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
-    """The checker's verdicts on the deterministic sampler's images of metas x seeds (one seeded
-    generator per seed): strict (S, P) bool and partial credit (S, P)."""
-    from rollout import sample
-    strict, score = [], []
-    for seed in seeds:
-        g = torch.Generator(backbone.device).manual_seed(seed)
-        for i in range(0, len(metas), batch):
-            chunk = metas[i:i + batch]
-            traj = sample(backbone, [m["prompt"] for m in chunk], num_steps, 0.0, generator=g, net=net)
-            s, sc = check(traj.images, chunk)
-            strict.append(s), score.append(sc)
-    return torch.cat(strict).bool().view(len(seeds), len(metas)), torch.cat(score).view(len(seeds), len(metas))
+    """The checker's verdicts on the deterministic sampler's images of metas x seeds
+    (rollout.sample_seeded): strict (S, P) bool and partial credit (S, P)."""
+    from rollout import sample_seeded
+    images = sample_seeded(backbone, [m["prompt"] for m in metas], seeds, num_steps, batch, net)
+    strict, score = check(images, list(metas) * len(seeds))
+    return strict.bool().view(len(seeds), len(metas)), score.view(len(seeds), len(metas))
 
 
 def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):

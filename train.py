@@ -400,15 +400,9 @@ def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
     """Held-out prompts x seeds with the deterministic sampler (noise 0): strict accuracy and
     partial credit of the built-in world's checker, and the raw mean of every reward and monitor."""
     import toy
-    images, metas = [], []
     with adapter(policy_net, POLICY) as net:
-        for seed in seeds:
-            g = torch.Generator(backbone.device).manual_seed(seed)
-            for i in range(0, len(heldout), 64):
-                chunk = heldout[i:i + 64]
-                traj = rollout.sample(backbone, [m["prompt"] for m in chunk], args.eval_num_steps, 0.0, generator=g, net=net)
-                images.append(traj.images.cpu()), metas.extend(chunk)
-    images = torch.cat(images)
+        images = rollout.sample_seeded(backbone, [m["prompt"] for m in heldout], seeds, args.eval_num_steps, net=net)
+    metas = list(heldout) * len(seeds)                            # seed-major, as the images
     out = {}
     if args.shapes_world:
         strict, score = toy.check(images, metas)

@@ -1,6 +1,6 @@
 """Reward hacking and its remedy on the built-in world (arXiv 2605.27736, section 6; DDPO's
 compressibility experiment): critic-PPO with `--rewards jpeg` alone, `shapes` alone and
-`shapes,jpeg` (normalised, weights 1,1), same seed, same number of images.
+`shapes,jpeg` (normalised, at weights 1,1, 1,0.5 and 1,0.2), same seed, same number of images.
 
 Each run is train.py (tiny-dit, CPU, one thread); the reward it does not train on is scored as
 a monitor, so every run reports, on the held-out prompts with the deterministic sampler:
@@ -10,7 +10,7 @@ for the base model (iteration 0) and after the budget. Writes bench/results/rewa
 bench/results/reward_hacking.png (the final sample grid of each run, the base model on top) and
 its section of BENCHMARKS.md.
 
-Run:  python bench/reward_hacking.py                       # 3 runs, 2 at a time
+Run:  python bench/reward_hacking.py                       # the 5 runs of RUNS, 2 at a time
       python bench/reward_hacking.py --images 640 -- --lr 3e-4   (flags after -- go to train.py)
       python bench/reward_hacking.py --report-only
 """
@@ -97,8 +97,9 @@ def main():
              "|---|---|---|---|",
              f"| (base model) | {base['heldout_strict']:.3f} | {base['heldout_partial']:.3f} | {base['jpeg_kb']:.2f} |"]
     for n in names:
-        f = results[n]["final"]
-        lines.append(f"| `{n.split()[0]}`{' ' + ' '.join(n.split()[1:]) if ' ' in n else ''} | {f['heldout_strict']:.3f} | {f['heldout_partial']:.3f} | {f['jpeg_kb']:.2f} |")
+        f, (rewards, _, weights) = results[n]["final"], n.partition(" ")     # "shapes,jpeg weights 1,0.5"
+        lines.append(f"| `{rewards}`{' ' + weights if weights else ''} | {f['heldout_strict']:.3f} | "
+                     f"{f['heldout_partial']:.3f} | {f['jpeg_kb']:.2f} |")
     lines += ["", f"![final samples of each run](bench/results/reward_hacking.png)", "",
               "Grid columns, left to right: " + "; ".join(f"\"{p}\"" for p in prompts) + "."]
     write_section("reward-hacking", "## Reward hacking: `jpeg` vs `shapes` vs `shapes,jpeg`\n\n" + "\n".join(lines))
