@@ -244,6 +244,31 @@ def explained_variance_by_noise(values, returns, noise):
     return out
 
 
+def fit(backbone, critic, rollouts, lr=1e-4, head_lr=1e-3, minibatch=32, generator=None, progress=None):
+    """Regress V_phi on Monte-Carlo returns (gamma = lambda = 1: every state's target is its
+    trajectory's final reward R), one rollout batch at a time, each seen once, as train.py does
+with --critic-fraction 1 (backbone and head on every state of the batch).
+    rollouts: an iterable of (Trajectory, returns (B,)); only the states of the SDE window (the
+    trained ones) are fitted. Returns the (mean, std) that standardised the targets: V_phi is in
+    those units, R ~ V * std + mean."""
+    opt = torch.optim.AdamW(critic.param_groups(lr, head_lr), weight_decay=0.0)
+    seen = []
+    for traj, R in (progress or (lambda x: x))(rollouts):
+        seen.append(R)
+        all_returns = torch.cat(seen)
+        mean, std = all_returns.mean(), all_returns.std().clamp(min=1e-4)            # targets ~ N(0, 1), as in train.py
+        B, K = len(R), traj.sde_steps or traj.log_probs.shape[1]
+        for mb in torch.randperm(B * K, generator=generator).split(minibatch):
+            idx, j = mb // K, mb % K
+            v = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))[:, 0]
+            loss = (v - (R[idx] - mean) / std).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(critic.trainable_parameters(), 1.0)
+            opt.step()
+    return mean, std
+
+
 def main(argv=None):
     """Fit a critic to Monte-Carlo returns of the base model's rollouts on the built-in world and
     report its explained variance per noise level on fresh rollouts (the paper's premise)."""
@@ -253,12 +278,16 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=30, help="rollout batches to fit on")
     p.add_argument("--batch", type=int, default=32, help="trajectories per batch")
     p.add_argument("--steps", type=int, default=10, help="denoising steps K")
+    p.add_argument("--sde-steps", type=int, default=None,
+                   help="stochastic (and fitted) steps S, the first of K (train.py's --sde-steps; default: all K)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the critic's backbone copy")
     p.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of the value head")
     p.add_argument("--minibatch", type=int, default=32, help="states per optimiser step")
     p.add_argument("--eval-batches", type=int, default=4, help="fresh batches to measure explained variance on")
     p.add_argument("--seed", type=int, default=0, help="seed")
     args = p.parse_args(argv)
+    if args.sde_steps is not None and not 1 <= args.sde_steps <= args.steps:
+        p.exit(2, f"error: --sde-steps must be between 1 and --steps ({args.steps})\n")
     import rewards
     import toy
     try:
@@ -269,37 +298,23 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     noise_level = 0.7 if backbone.sampler == "flow" else 1.0
     critic = Critic(backbone, num_rewards=1)
-    opt = torch.optim.AdamW(critic.param_groups(args.lr, args.head_lr), weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     train = toy.prompts("train")
+    S = args.sde_steps or args.steps
 
     def batch():
         metas = [train[i] for i in torch.randint(len(train), (args.batch,), generator=g)]
         prompts = [m["prompt"] for m in metas]
-        traj = rollout.sample(backbone, prompts, args.steps, noise_level, generator=g)
-        returns = score(traj.images, prompts, metas)                              # (B,): R, gamma = lambda = 1
-        return traj, returns[:, None].expand(-1, args.steps)                      # (B, K)
+        traj = rollout.sample(backbone, prompts, args.steps, noise_level, generator=g, sde_steps=S)
+        return traj, score(traj.images, prompts, metas)                           # R (B,)
 
     from tqdm import tqdm
-    seen = []
-    for _ in tqdm(range(args.iters), desc="fitting the critic"):
-        traj, returns = batch()
-        seen.append(returns[:, 0])
-        all_returns = torch.cat(seen)
-        mean, std = all_returns.mean(), all_returns.std().clamp(min=1e-4)            # targets ~ N(0, 1), as in train.py
-        B, K = returns.shape
-        for mb in torch.randperm(B * K, generator=g).split(args.minibatch):
-            idx, j = mb // K, mb % K
-            v = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))[:, 0]
-            loss = (v - (returns[idx, j] - mean) / std).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(critic.trainable_parameters(), 1.0)
-            opt.step()
-    values, returns = zip(*[(critic.values(backbone, t)[..., 0] * std + mean, r)
-                            for t, r in (batch() for _ in range(args.eval_batches))])
-    values, returns = torch.cat(values), torch.cat(returns)                       # (N, K)
-    noise = noise_fraction(backbone, traj.levels[:-1])                            # (K,)
+    mean, std = fit(backbone, critic, (batch() for _ in range(args.iters)), args.lr, args.head_lr, args.minibatch, g,
+                    progress=lambda it: tqdm(it, total=args.iters, desc="fitting the critic"))
+    trajs, returns = zip(*[batch() for _ in range(args.eval_batches)])
+    values = torch.cat([critic.values(backbone, t, steps=S)[..., 0] * std + mean for t in trajs])   # (N, S)
+    returns = torch.cat(returns)[:, None].expand_as(values)                      # (N, S): every state's target is R
+    noise = noise_fraction(backbone, trajs[0].levels[:S])                         # (S,)
     print(f"explained variance of V_phi ({args.reward}) on {len(values)} fresh rollouts, by noise fraction of "
           f"the state (1 = pure noise, 0 = clean; reward mean {returns[:, 0].mean():.3f}, std {returns[:, 0].std():.3f}):")
     for k in range(values.shape[1]):

@@ -6,7 +6,7 @@ import torch
 
 import rollout
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
-    explained_variance_by_noise, lora_config
+    explained_variance_by_noise, fit, lora_config
 from models import load_backbone
 from tiny import make_tiny_sd15, make_tiny_sd3
 
@@ -88,6 +88,28 @@ def test_lora_policy_and_critic_share_one_base(backbones):
             p.zero_()
     critic.load_saved(state)
     assert all(torch.equal(v, critic.state_dict_to_save()[k]) for k, v in state.items())
+
+
+def test_fit_learns_a_return_the_prompt_decides(backbones):
+    """critic.fit (python critic.py, bench/value_ceiling.py): with R = 1 for one prompt and 0 for
+    another, V_phi on fresh rollouts must tell them apart at every state of the window, pure
+    noise included, and in R's units (fit returns the standardisation it used)."""
+    b = backbones["tiny-dit"]()
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    prompts = ["a red circle", "two blue squares"] * 8
+
+    def batch():
+        traj = rollout.sample(b, prompts, 4, 0.7, generator=g, sde_steps=3)
+        return traj, torch.tensor([1.0, 0.0] * 8)
+    critic = Critic(b, num_rewards=1)
+    mean, std = fit(b, critic, (batch() for _ in range(8)), head_lr=3e-3, minibatch=16, generator=g)
+    assert (mean.item(), std.item()) == pytest.approx((0.5, 0.5016), abs=1e-3)
+    traj, R = batch()
+    values = critic.values(b, traj, steps=3)[..., 0] * std + mean                 # (16, 3): window states only
+    assert values.shape == (16, 3)
+    for j in range(3):
+        assert explained_variance(values[:, j], R) > 0.8
 
 
 def test_explained_variance():

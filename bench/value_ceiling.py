@@ -1,0 +1,126 @@
+"""How predictable is the return from a noisy latent, in principle and in practice? The paper's
+premise (ALGORITHM.md section 3) on the built-in world, state by state along the SDE window.
+
+For N base-model trajectories (P training prompts x G samples each) and each state x_j of the
+window (j = 0 is pure noise, j = S the first state after the window, from which the rest of the
+sampler is deterministic), M continuations are sampled from x_j with the same sampler. Their
+rewards R_jm give, against the same targets, the explained variance 1 - Var(R - f(x_j)) / Var(R) of:
+  ceiling          f = E[R | x_j], estimated by the M continuations: what a perfect critic reaches
+                   (1 - mean within-state variance / total variance)
+  learned critic   f = V_phi(x_j), critic.fit on --fit-iters fresh batches of the same prompts,
+                   as train.py --critic-fraction 1 trains it (backbone copy and head, each batch once)
+  r(x0-hat)        f = a + b * r(decode(x0-hat_j)), the reward of the model's own one-step
+                   estimate of the clean image (Tweedie), best linear fit: no learning at all
+  prompt mean      f = the mean return of the prompt's other G - 1 samples, from the M continuations
+                   of each one's pure-noise state (leave-one-out: GRPO's group baseline, with less
+                   noise), the same for every state
+The gap between the ceiling and the learned critic is how much variance reduction a better-trained
+critic could still give; the gap between the ceiling and the prompt mean is what a state-aligned
+critic can give that GRPO's baseline cannot.
+
+Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.json and its BENCHMARKS.md section
+"""
+import argparse
+import sys
+
+import torch
+
+from common import machine, write_json, write_section
+
+
+def explained(f, R):
+    """f (N,) or (N, M) predictions, R (N, M) returns -> 1 - Var(R - f) / Var(R) over all N*M pairs."""
+    return (1 - (R - f.expand_as(R)).var() / R.var()).item()
+
+
+@torch.no_grad()
+def continue_from(backbone, x, j, cond, schedule, K, noise_level, S, generator):
+    """Run the sampler from states x (N, C, H, W) at step j to the end: the final images."""
+    import rollout
+    for jj in range(j, K):
+        js = torch.full((len(x),), jj, dtype=torch.long)
+        x = rollout.step(backbone, x, js, cond, schedule, rollout.step_noise(noise_level, S, js), generator=generator)[0]
+    return backbone.decode(x)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-dit", help="base model")
+    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's 100)")
+    p.add_argument("--samples", type=int, default=4, help="trajectories G per prompt")
+    p.add_argument("--branches", type=int, default=8, help="continuations M from each state")
+    p.add_argument("--num-steps", type=int, default=10, help="denoising steps K")
+    p.add_argument("--sde-steps", type=int, default=5, help="the SDE window S (train.py's default on this world)")
+    p.add_argument("--fit-iters", type=int, default=30, help="rollout batches of 32 the learned critic is fitted on")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    args = p.parse_args()
+    if min(args.prompts, args.branches, args.num_steps, args.sde_steps) < 1 or args.samples < 2:
+        p.exit(2, "error: --prompts, --branches, --num-steps, --sde-steps must be >= 1 and --samples >= 2\n")
+    import critic as critic_lib
+    import rollout
+    import toy
+    from models import load_backbone
+    from tqdm import tqdm
+    backbone = load_backbone(args.model)
+    K, S, G, M = args.num_steps, min(args.sde_steps, args.num_steps), args.samples, args.branches
+    noise_level = 0.7 if backbone.sampler == "flow" else 1.0          # train.py's defaults
+    g = torch.Generator().manual_seed(args.seed)
+    train = toy.prompts("train")
+    pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]
+    metas = [m for m in pool for _ in range(G)]                          # prompt-major: (P * G,)
+    prompts = [m["prompt"] for m in metas]
+    score = lambda images: toy.check(images, metas)[1]                  # the `shapes` reward: partial credit
+    traj = rollout.sample(backbone, prompts, K, noise_level, generator=g, sde_steps=S)
+    schedule = backbone.schedule(K)
+
+    # the learned critic, fitted as train.py fits it, on fresh rollouts of the same prompts
+    torch.manual_seed(args.seed)
+    V = critic_lib.Critic(backbone, num_rewards=1)
+
+    def fresh():
+        batch = [pool[i] for i in torch.randint(len(pool), (32,), generator=g)]
+        t = rollout.sample(backbone, [m["prompt"] for m in batch], K, noise_level, generator=g, sde_steps=S)
+        return t, toy.check(t.images, batch)[1]
+    mean, std = critic_lib.fit(backbone, V, (fresh() for _ in range(args.fit_iters)), generator=g,
+                               progress=lambda it: tqdm(it, total=args.fit_iters, desc="fitting the critic"))
+    values = V.values(backbone, traj, steps=S)[..., 0] * std + mean     # (N, S)
+
+    rows = []
+    g = torch.Generator().manual_seed(args.seed + 1)   # the continuations' own noise: the same whatever --fit-iters
+    for j in tqdm(range(S + 1), desc="branching from each state"):
+        x = traj.latents[:, j].float()
+        R = torch.stack([score(continue_from(backbone, x, j, traj.cond, schedule, K, noise_level, S, g))
+                         for _ in range(M)], 1)                           # (N, M)
+        ceiling = 1 - (R.var(1).mean() / R.var()).item()
+        if j == 0:   # E[R | c] for each sample, from its prompt's other G - 1 samples (their M continuations each)
+            per_sample = R.view(args.prompts, G, M).mean(2)                 # (P, G)
+            prompt_mean = ((per_sample.sum(1, keepdim=True) - per_sample) / (G - 1)).reshape(-1, 1)   # (N, 1)
+        row = {"state": j, "noise_fraction": critic_lib.noise_fraction(backbone, traj.levels[j:j + 1]).item(),
+               "ceiling": ceiling, "prompt_mean": explained(prompt_mean, R), "var_R": R.var().item(),
+               "learned_critic": explained(values[:, j:j + 1], R) if j < S else None}
+        if j < K:                                                          # the reward of the one-step x0 estimate
+            tweedie = score(backbone.decode(traj.pred_x0[:, j]))          # (N,)
+            row["tweedie_r2"] = torch.corrcoef(torch.stack([tweedie.repeat_interleave(M), R.flatten()]))[0, 1].nan_to_num().pow(2).item()
+        rows.append(row)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+    command = "python bench/value_ceiling.py " + " ".join(sys.argv[1:])
+    write_json("value_ceiling", {"command": command, "model": args.model, "machine": machine(), "args": vars(args),
+                                 "rows": rows})
+    fmt = lambda v: "-" if v is None else f"{v:+.2f}"
+    lines = [f"Command: `{command}` ({args.model} base model, {args.prompts} training prompts x {G} trajectories, "
+             f"{M} continuations from each state, SDE window {S} of {K} steps; learned critic fitted on "
+             f"{args.fit_iters * 32} fresh trajectories of the same prompts). Explained variance of the `shapes` "
+             "reward by each predictor, all against the same continuations' rewards:", "",
+             "| state (step j) | noise fraction | ceiling E[R \\| x_j] | learned critic V_phi | r(x0-hat), linear fit | "
+             "prompt mean (GRPO's baseline) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = f"{r['state']}" + (" (pure noise)" if r["state"] == 0 else " (after the window)" if r["state"] == S else "")
+        lines.append(f"| {label} | {r['noise_fraction']:.2f} | {fmt(r['ceiling'])} | {fmt(r['learned_critic'])} | "
+                     f"{fmt(r.get('tweedie_r2'))} | {fmt(r['prompt_mean'])} |")
+    write_section("value-ceiling", "## How predictable the return is from a noisy latent (built-in world)\n\n"
+                  + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
