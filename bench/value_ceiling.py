@@ -46,7 +46,7 @@ def continue_from(backbone, x, j, cond, schedule, K, noise_level, S, generator):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-dit", help="base model")
-    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's 100)")
+    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's 101)")
     p.add_argument("--samples", type=int, default=4, help="trajectories G per prompt")
     p.add_argument("--branches", type=int, default=8, help="continuations M from each state")
     p.add_argument("--num-steps", type=int, default=10, help="denoising steps K")
@@ -67,13 +67,14 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
     train = toy.prompts("train")
     pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]
+    P = len(pool)                                                        # at most the world's 101
     metas = [m for m in pool for _ in range(G)]                          # prompt-major: (P * G,)
     prompts = [m["prompt"] for m in metas]
     score = lambda images: toy.check(images, metas)[1]                  # the `shapes` reward: partial credit
     traj = rollout.sample(backbone, prompts, K, noise_level, generator=g, sde_steps=S)
     schedule = backbone.schedule(K)
 
-    # the learned critic, fitted as train.py fits it, on fresh rollouts of the same prompts
+    # the learned critic, fitted as train.py --critic-fraction 1 fits it, on fresh rollouts of the same prompts
     torch.manual_seed(args.seed)
     V = critic_lib.Critic(backbone, num_rewards=1)
 
@@ -93,7 +94,7 @@ def main():
                          for _ in range(M)], 1)                           # (N, M)
         ceiling = 1 - (R.var(1).mean() / R.var()).item()
         if j == 0:   # E[R | c] for each sample, from its prompt's other G - 1 samples (their M continuations each)
-            per_sample = R.view(args.prompts, G, M).mean(2)                 # (P, G)
+            per_sample = R.view(P, G, M).mean(2)                 # (P, G)
             prompt_mean = ((per_sample.sum(1, keepdim=True) - per_sample) / (G - 1)).reshape(-1, 1)   # (N, 1)
         row = {"state": j, "noise_fraction": critic_lib.noise_fraction(backbone, traj.levels[j:j + 1]).item(),
                "ceiling": ceiling, "prompt_mean": explained(prompt_mean, R), "var_R": R.var().item(),
@@ -108,7 +109,7 @@ def main():
     write_json("value_ceiling", {"command": command, "model": args.model, "machine": machine(), "args": vars(args),
                                  "rows": rows})
     fmt = lambda v: "-" if v is None else f"{v:+.2f}"
-    lines = [f"Command: `{command}` ({args.model} base model, {args.prompts} training prompts x {G} trajectories, "
+    lines = [f"Command: `{command}` ({args.model} base model, {P} training prompts x {G} trajectories, "
              f"{M} continuations from each state, SDE window {S} of {K} steps; learned critic fitted on "
              f"{args.fit_iters * 32} fresh trajectories of the same prompts). Explained variance of the `shapes` "
              "reward by each predictor, all against the same continuations' rewards:", "",
