@@ -23,6 +23,7 @@ Test:  tests/test_critic.py
 import argparse
 import contextlib
 import copy
+import itertools
 import sys
 import warnings
 
@@ -244,6 +245,18 @@ def explained_variance_by_noise(values, returns, noise):
     return out
 
 
+def rollouts(backbone, pool, score, batch=32, steps=10, sde_steps=None, generator=None):
+    """Fresh rollout batches without end, (Trajectory, R (B,)), of the model in backbone at its
+    training noise, on prompts drawn uniformly from pool (metadata dicts) and scored by
+    score(images, prompts, metadata) (a rewards.py scorer): what fit() takes."""
+    noise_level = rollout.TRAIN_NOISE[backbone.sampler]
+    while True:
+        metas = [pool[i] for i in torch.randint(len(pool), (batch,), generator=generator)]
+        prompts = [m["prompt"] for m in metas]
+        traj = rollout.sample(backbone, prompts, steps, noise_level, generator=generator, sde_steps=sde_steps)
+        yield traj, score(traj.images, prompts, metas)
+
+
 def fit(backbone, critic, rollouts, lr=1e-4, head_lr=1e-3, minibatch=32, generator=None, progress=None):
     """Regress V_phi on Monte-Carlo returns (gamma = lambda = 1: every state's target is its
     trajectory's final reward R), one rollout batch at a time, each seen once, as train.py does
@@ -296,22 +309,15 @@ def main(argv=None):
     except (BackboneError, rewards.RewardError) as e:
         p.exit(2, f"error: {e}\n")
     torch.manual_seed(args.seed)
-    noise_level = 0.7 if backbone.sampler == "flow" else 1.0
     critic = Critic(backbone, num_rewards=1)
     g = torch.Generator().manual_seed(args.seed)
-    train = toy.prompts("train")
     S = args.sde_steps or args.steps
-
-    def batch():
-        metas = [train[i] for i in torch.randint(len(train), (args.batch,), generator=g)]
-        prompts = [m["prompt"] for m in metas]
-        traj = rollout.sample(backbone, prompts, args.steps, noise_level, generator=g, sde_steps=S)
-        return traj, score(traj.images, prompts, metas)                           # R (B,)
+    stream = rollouts(backbone, toy.prompts("train"), score, args.batch, args.steps, S, g)
 
     from tqdm import tqdm
-    mean, std = fit(backbone, critic, (batch() for _ in range(args.iters)), args.lr, args.head_lr, args.minibatch, g,
+    mean, std = fit(backbone, critic, itertools.islice(stream, args.iters), args.lr, args.head_lr, args.minibatch, g,
                     progress=lambda it: tqdm(it, total=args.iters, desc="fitting the critic"))
-    trajs, returns = zip(*[batch() for _ in range(args.eval_batches)])
+    trajs, returns = zip(*itertools.islice(stream, args.eval_batches))
     values = torch.cat([critic.values(backbone, t, steps=S)[..., 0] * std + mean for t in trajs])   # (N, S)
     returns = torch.cat(returns)[:, None].expand_as(values)                      # (N, S): every state's target is R
     noise = noise_fraction(backbone, trajs[0].levels[:S])                         # (S,)

@@ -21,6 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from models import BackboneError, Cond, Schedule, load_backbone
 
+# the training rollouts' noise by sampler: Flow-GRPO's SDE a = 0.7 (flow), DDPO's eta = 1 (DDIM)
+TRAIN_NOISE = {"flow": 0.7, "ddim": 1.0}
+
 
 @dataclass
 class Trajectory:
@@ -218,7 +221,7 @@ def main(argv=None):
         backbone = load_backbone(args.model, args.device)
     except BackboneError as e:
         p.exit(2, f"error: {e}\n")
-    noise = args.noise_level if args.noise_level is not None else (0.7 if backbone.sampler == "flow" else 1.0)
+    noise = args.noise_level if args.noise_level is not None else TRAIN_NOISE[backbone.sampler]
     g = torch.Generator(args.device).manual_seed(args.seed)
     traj = sample(backbone, [args.prompt], args.steps, noise, args.cfg, generator=g)
     from torchvision.utils import save_image

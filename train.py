@@ -482,7 +482,7 @@ def train(args, spec, train_prompts, heldout):
     assert args.minibatches * args.minibatch_per_rank == args.batch_per_rank * args.sde_steps
 
     backbone = load_backbone(args.model, device)
-    noise_level = args.noise_level if args.noise_level is not None else (0.7 if backbone.sampler == "flow" else 1.0)
+    noise_level = args.noise_level if args.noise_level is not None else rollout.TRAIN_NOISE[backbone.sampler]
     mixer = spec.mixer(device)
     weights = mixer.weights                                       # (R,)
     policy_net, ref_net, critic, opt_policy, opt_critic = build(args, backbone, len(spec.names))

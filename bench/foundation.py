@@ -44,7 +44,7 @@ def main():
     for name in ("tiny-dit", "tiny-unet"):
         b = load_backbone(name)
         acc, score = toy.evaluate(b, toy.prompts("heldout"), range(args.seeds), num_steps=10)
-        noise = 0.7 if b.sampler == "flow" else 1.0
+        noise = rollout.TRAIN_NOISE[b.sampler]
         t_sde = timed(lambda: rollout.sample(b, prompts, 10, noise, generator=torch.Generator().manual_seed(0)), args.repeats)
         t_ode = timed(lambda: rollout.sample(b, prompts, 10, 0.0, generator=torch.Generator().manual_seed(0)), args.repeats)
         out["models"][name] = {"heldout_strict_accuracy": acc, "heldout_partial_credit": score,
@@ -59,7 +59,7 @@ def main():
             t_pipe = timed(lambda: b.pipe(prompts, num_inference_steps=10, guidance_scale=1.0, output_type="pt",
                                           generator=torch.Generator().manual_seed(0), **kw), args.repeats)
             t_ode = timed(lambda: rollout.sample(b, prompts, 10, 0.0, generator=torch.Generator().manual_seed(0)), args.repeats)
-            noise = 0.7 if b.sampler == "flow" else 1.0
+            noise = rollout.TRAIN_NOISE[b.sampler]
             t_sde = timed(lambda: rollout.sample(b, prompts, 10, noise, generator=torch.Generator().manual_seed(0)), args.repeats)
             out["models"][name] = {"rollout_s_sde": t_sde, "rollout_s_deterministic": t_ode, "pipeline_s": t_pipe}
             print(name, out["models"][name])

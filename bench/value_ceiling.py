@@ -21,6 +21,7 @@ critic can give that GRPO's baseline cannot.
 Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.json and its BENCHMARKS.md section
 """
 import argparse
+import itertools
 import sys
 
 import torch
@@ -57,13 +58,14 @@ def main():
     if min(args.prompts, args.branches, args.num_steps, args.sde_steps) < 1 or args.samples < 2:
         p.exit(2, "error: --prompts, --branches, --num-steps, --sde-steps must be >= 1 and --samples >= 2\n")
     import critic as critic_lib
+    import rewards
     import rollout
     import toy
     from models import load_backbone
     from tqdm import tqdm
     backbone = load_backbone(args.model)
     K, S, G, M = args.num_steps, min(args.sde_steps, args.num_steps), args.samples, args.branches
-    noise_level = 0.7 if backbone.sampler == "flow" else 1.0          # train.py's defaults
+    noise_level = rollout.TRAIN_NOISE[backbone.sampler]                # train.py's default
     g = torch.Generator().manual_seed(args.seed)
     train = toy.prompts("train")
     pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]
@@ -77,12 +79,8 @@ def main():
     # the learned critic, fitted as train.py --critic-fraction 1 fits it, on fresh rollouts of the same prompts
     torch.manual_seed(args.seed)
     V = critic_lib.Critic(backbone, num_rewards=1)
-
-    def fresh():
-        batch = [pool[i] for i in torch.randint(len(pool), (32,), generator=g)]
-        t = rollout.sample(backbone, [m["prompt"] for m in batch], K, noise_level, generator=g, sde_steps=S)
-        return t, toy.check(t.images, batch)[1]
-    mean, std = critic_lib.fit(backbone, V, (fresh() for _ in range(args.fit_iters)), generator=g,
+    stream = critic_lib.rollouts(backbone, pool, rewards.build_reward("shapes"), 32, K, S, g)
+    mean, std = critic_lib.fit(backbone, V, itertools.islice(stream, args.fit_iters), generator=g,
                                progress=lambda it: tqdm(it, total=args.fit_iters, desc="fitting the critic"))
     values = V.values(backbone, traj, steps=S)[..., 0] * std + mean     # (N, S)
 

@@ -26,7 +26,7 @@ def backbones(tmp_path_factory):
 @pytest.mark.parametrize("name", ["sd3.5m-arch", "sd1.5-arch", "tiny-dit", "tiny-unet"])
 def test_value_is_zero_at_init(backbones, name, lora):
     b = backbones[name]()
-    traj = rollout.sample(b, PROMPTS, 3, 0.7 if b.sampler == "flow" else 1.0, generator=torch.Generator().manual_seed(0))
+    traj = rollout.sample(b, PROMPTS, 3, rollout.TRAIN_NOISE[b.sampler], generator=torch.Generator().manual_seed(0))
     critic = Critic(b, num_rewards=2, lora=lora, rank=4, alpha=8)
     values = critic.values(b, traj)
     assert values.shape == (3, 3, 2)
