@@ -1,73 +1,162 @@
-"""How much of one update's policy gradient is signal, on the built-in world: the cosine between
-policy gradients of independent rollout batches of the base model (ALGORITHM.md section 5).
+"""How much of one update's policy gradient is signal, on the built-in world, and how much a
+critic could add: the cosine between policy gradients of independent rollout batches of the base
+model, with the advantage each algorithm would give (ALGORITHM.md sections 4-5).
 
 With g_i = s + n_i (s the true gradient, n_i independent noise of equal size), E cos(g_1, g_2) =
 |s|^2 / (|s|^2 + E|n|^2): the signal share of one batch's squared gradient norm. Averaging m
 batches divides the noise by m, so an update's gradient is half signal from m = (1 - cos) / cos
-batches: batch * (1 - cos) / cos images. The estimator is REINFORCE's, A * grad log pi over a window's
-steps, A = the batch-normalised `shapes` reward (a critic with explained variance ~0, as
-measured by the ppo_vs_grpo benchmark, gives the same advantage).
+batches: batch * (1 - cos) / cos images. The estimator is A_j * grad log pi(x_{j+1} | x_j) summed
+over the SDE window's steps, on the same trajectories for every advantage A (all normalised over
+the batch's (trajectory, step) pairs, as train.py does):
+  batch       R minus the batch mean: REINFORCE, and what critic-PPO gives with a critic at
+              explained variance ~0 (as the ppo_vs_grpo benchmark measured)
+  group       GRPO's (R - prompt mean) / prompt std over the batch's G samples of each prompt
+  oracle-mc   R - V*(x_j), V* = E[R | x_j] estimated by M continuations from each state (a
+              perfect critic, GAE lambda = 1)
+  oracle-td   V*(x_{j+1}) - V*(x_j) with V*(x_S) = R (a perfect critic, GAE lambda = 0: each
+              step credited with the change of value it caused)
+  tweedie-td  r(x0-hat_{j+1}) - r(x0-hat_j) with R after the window: the reward of the model's
+              one-step clean estimate as a value, no learning (not the paper's critic)
+The oracle rows bound what the paper's critic could give here; the learned critic is far from
+them (the value-ceiling section).
 
-Run:  python bench/grad_signal.py                # writes bench/results/grad_signal.json and its BENCHMARKS.md section
+Run:  python bench/grad_signal.py                # 64 trajectories per gradient: bench/results/grad_signal.json + BENCHMARKS.md
+      python bench/grad_signal.py --prompts 64 --batches 6   # adds the rows for 256 trajectories per gradient
 """
 import argparse
 import copy
 import itertools
+import json
+import os
 import sys
 
 import torch
 
-from common import machine, write_json, write_section
+from common import RESULTS, machine, write_json, write_section
+from value_ceiling import continue_from
+
+KINDS = ("batch", "group", "oracle-mc", "oracle-td", "tweedie-td")
 
 
-def batch_gradient(backbone, net, prompts_pool, n, sde_steps, seed):
+def normalise(A):
+    return (A - A.mean()) / (A.std() + 1e-8)
+
+
+@torch.no_grad()
+def advantages(backbone, traj, metas, R, kinds, G, M, S, generator):
+    """{kind: A (n, S)} for one batch of n = P * G trajectories (prompt-major)."""
+    import rollout
+    import toy
+    n = len(R)
+    out = {}
+    if "batch" in kinds:
+        out["batch"] = normalise(R)[:, None].expand(n, S)
+    if "group" in kinds:
+        Rg = R.view(-1, G)
+        out["group"] = ((Rg - Rg.mean(1, keepdim=True)) / (Rg.std(1, keepdim=True) + 1e-4)).view(n, 1).expand(n, S)
+    if {"oracle-mc", "oracle-td"} & set(kinds):
+        K = traj.log_probs.shape[1]
+        schedule, noise_level = backbone.schedule(K), rollout.TRAIN_NOISE[backbone.sampler]
+        branch = lambda j: toy.check(continue_from(backbone, traj.latents[:, j].float(), j, traj.cond, schedule, K,
+                                                   noise_level, S, generator), metas)[1]     # (n,): one continuation each
+        V = torch.stack([torch.stack([branch(j) for _ in range(M)]).mean(0) for j in range(S)]
+                        + [R], 1)                                 # (n, S + 1): E[R | x_j]; after the window R itself
+        if "oracle-mc" in kinds:
+            out["oracle-mc"] = normalise(R[:, None] - V[:, :S])
+        if "oracle-td" in kinds:
+            out["oracle-td"] = normalise(V[:, 1:] - V[:, :S])
+    if "tweedie-td" in kinds:
+        T = torch.stack([toy.check(backbone.decode(traj.pred_x0[:, j]), metas)[1] for j in range(1, S)] + [R], 1)   # (n, S)
+        T0 = toy.check(backbone.decode(traj.pred_x0[:, 0]), metas)[1]
+        out["tweedie-td"] = normalise(T - torch.cat([T0[:, None], T[:, :-1]], 1))
+    return out
+
+
+def batch_gradients(backbone, net, pool, P, G, M, S, kinds, seed):
+    """{kind: the policy gradient (all weights, flattened)} of one fresh batch of P prompts x G samples."""
     import rollout
     import toy
     g = torch.Generator().manual_seed(seed)
-    metas = [prompts_pool[i] for i in torch.randint(len(prompts_pool), (n,), generator=g)]
-    traj = rollout.sample(backbone, [m["prompt"] for m in metas], 10, 0.7, generator=g, sde_steps=sde_steps)
+    metas = [pool[i] for i in torch.randint(len(pool), (P,), generator=g) for _ in range(G)]
+    n = len(metas)
+    traj = rollout.sample(backbone, [m["prompt"] for m in metas], 10, rollout.TRAIN_NOISE[backbone.sampler],
+                          generator=g, sde_steps=S)
     _, R = toy.check(traj.images, metas)                               # (n,) partial credit
-    A = (R - R.mean()) / (R.std() + 1e-8)
-    net.zero_grad(set_to_none=True)
-    for j in range(sde_steps):
-        log_prob, _, _ = rollout.recompute_log_prob(backbone, traj, torch.arange(n), torch.full((n,), j), net=net)
-        (-(A * log_prob).mean() / sde_steps).backward()
-    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    A = advantages(backbone, traj, metas, R, kinds, G, M, S, g)
+    grads = {}
+    for kind in kinds:
+        net.zero_grad(set_to_none=True)
+        for j in range(S):
+            log_prob, _, _ = rollout.recompute_log_prob(backbone, traj, torch.arange(n), torch.full((n,), j), net=net)
+            (-(A[kind][:, j] * log_prob).mean() / S).backward()
+        grads[kind] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    return grads
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-dit", help="base model")
-    p.add_argument("--batch", type=int, default=64, help="trajectories per gradient")
+    p.add_argument("--prompts", type=int, default=16, help="prompts P per batch")
+    p.add_argument("--samples", type=int, default=4, help="trajectories G per prompt (GRPO's group)")
     p.add_argument("--batches", type=int, default=8, help="independent batches (pairs of them are compared)")
-    p.add_argument("--sde-steps", type=int, nargs="+", default=[5, 10], help="SDE windows to measure")
+    p.add_argument("--branches", type=int, default=8, help="continuations M per state for the oracle critic")
+    p.add_argument("--sde-steps", type=int, default=5, help="the SDE window S (train.py's default on this world)")
+    p.add_argument("--advantages", nargs="+", default=list(KINDS), choices=KINDS, help="advantage estimators to compare")
+    p.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     args = p.parse_args()
+    if args.report_only:
+        saved = json.load(open(os.path.join(RESULTS, "grad_signal.json")))
+        return report(saved["model"], saved["runs"])
+    if min(args.prompts, args.branches, args.sde_steps) < 1 or args.samples < 2 or args.batches < 3:
+        p.exit(2, "error: --prompts, --branches, --sde-steps must be >= 1, --samples >= 2, --batches >= 3\n")
     import toy
     from models import load_backbone
+    from tqdm import tqdm
     backbone = load_backbone(args.model)
     net = copy.deepcopy(backbone.net).requires_grad_(True)       # full weights: every parameter's gradient
-    pool = toy.prompts("train")
+    pool, n = toy.prompts("train"), args.prompts * args.samples
+    grads = [batch_gradients(backbone, net, pool, args.prompts, args.samples, args.branches, args.sde_steps,
+                             args.advantages, seed) for seed in tqdm(range(args.batches), desc="batches")]
     results = {}
-    for S in args.sde_steps:
-        grads = [batch_gradient(backbone, net, pool, args.batch, S, seed) for seed in range(args.batches)]
-        cos = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
+    for kind in args.advantages:
+        cos = [torch.nn.functional.cosine_similarity(a[kind], b[kind], dim=0).item()
+               for a, b in itertools.combinations(grads, 2)]
         mean = sum(cos) / len(cos)
         spread = (sum((c - mean) ** 2 for c in cos) / (len(cos) - 1)) ** 0.5
-        results[str(S)] = {"cosines": cos, "mean_cos": mean, "std_cos": spread,
-                           "images_for_half_signal": args.batch * (1 - mean) / mean if mean > 0 else float("inf")}
-        print(f"sde_steps {S}: cos {', '.join(f'{c:+.3f}' for c in cos)} -> mean {mean:+.3f}", flush=True)
-    command = "python bench/grad_signal.py " + " ".join(sys.argv[1:])
-    write_json("grad_signal", {"command": command, "model": args.model, "batch": args.batch, "machine": machine(),
-                               "results": results})
-    lines = [f"Command: `{command}` ({args.model} base model, {args.batch} trajectories per gradient, "
-             f"{args.batches} independent batches, all weights)", "",
-             "| SDE steps trained | cosine of two batches' policy gradients (mean of pairs) | "
-             "images per update for a half-signal gradient (batch (1 - cos) / cos) |", "|---|---|---|"]
-    for S, r in results.items():
-        need = f"{r['images_for_half_signal']:.0f}" if r["mean_cos"] > 0 else "not measurable: no signal above the noise"
-        lines.append(f"| {S} of 10 | {r['mean_cos']:+.3f} (std over pairs {r['std_cos']:.3f}) | {need} |")
-    write_section("grad-signal", "## How much of a policy gradient is signal (built-in world)\n\n" + "\n".join(lines))
+        results[kind] = {"cosines": cos, "mean_cos": mean, "std_cos": spread,
+                         "images_for_half_signal": n * (1 - mean) / mean if mean > 0 else float("inf")}
+        print(f"{kind}: mean cos {mean:+.3f} (std over pairs {spread:.3f})", flush=True)
+    # one entry per batch size: a run at another --prompts adds its rows beside the earlier ones,
+    # if those were measured the same way (model, window, group, branches); otherwise they are dropped
+    path = os.path.join(RESULTS, "grad_signal.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    same = lambda a: all(a.get(k) == getattr(args, k) for k in ("model", "sde_steps", "samples", "branches"))
+    runs = {n: r for n, r in old.get("runs", {}).items() if same(r["args"])}
+    runs[str(n)] = {"command": "python bench/grad_signal.py " + " ".join(sys.argv[1:]), "args": vars(args),
+                    "machine": machine(), "results": results}
+    write_json("grad_signal", {"model": args.model, "runs": runs})
+    report(args.model, runs)
 
+
+def report(model, runs):
+    a = next(iter(runs.values()))["args"]
+    lines = [f"{model} base model; SDE window of {a['sde_steps']} of 10 steps; all weights. For each batch size, independent "
+             f"batches of training prompts x {a['samples']} trajectories; the advantages on the same trajectories: `batch` R minus the batch "
+             "mean (critic-PPO with a critic at explained variance ~0); `group` GRPO's; `oracle-mc` R - E[R | x_j] "
+             "(a perfect critic, GAE lambda 1); `oracle-td` E[R | x_j+1] - E[R | x_j] (a perfect critic, lambda 0); "
+             "`tweedie-td` the same with r(x0-hat) as the value (no learning). E[R | x_j] is the mean reward of "
+             f"{a['branches']} continuations from x_j. 'Not measurable' means a mean within 2 standard errors (std / sqrt(batches)) "
+             "of 0.", ""]
+    lines += [f"- {n} trajectories per gradient: `{r['command']}` ({r['machine']})" for n, r in sorted(runs.items(), key=lambda kv: int(kv[0]))]
+    lines += ["", "| trajectories per gradient | advantage | cosine of two batches' policy gradients (mean of pairs) | "
+              "images per update for a half-signal gradient (n (1 - cos) / cos) |", "|---|---|---|---|"]
+    for n, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        for kind, r in run["results"].items():
+            sem = r["std_cos"] / run["args"]["batches"] ** 0.5      # pairs share batches: count batches, not pairs
+            need = f"{r['images_for_half_signal']:.0f}" if r["mean_cos"] > 2 * sem else "not measurable"
+            lines.append(f"| {n} | `{kind}` | {r['mean_cos']:+.3f} (std over pairs {r['std_cos']:.3f}) | {need} |")
+    write_section("grad-signal", "## How much of a policy gradient is signal, and how much a critic could add (built-in world)\n\n"
+                  + "\n".join(lines))
 
 if __name__ == "__main__":
     main()
