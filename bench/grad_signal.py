@@ -6,8 +6,8 @@ With g_i = s + n_i (s the true gradient, n_i independent noise of equal size), E
 |s|^2 / (|s|^2 + E|n|^2): the signal share of one batch's squared gradient norm. Averaging m
 batches divides the noise by m, so an update's gradient is half signal from m = (1 - cos) / cos
 batches: batch * (1 - cos) / cos images. The estimator is A_j * grad log pi(x_{j+1} | x_j) summed
-over the SDE window's steps, on the same trajectories for every advantage A (all normalised over
-the batch's (trajectory, step) pairs, as train.py does):
+over the SDE window's steps, on the same trajectories for every advantage A, each normalised as
+train.py normalises it (GRPO's within groups, the others over the batch's (trajectory, step) pairs):
   batch       R minus the batch mean: REINFORCE, and what critic-PPO gives with a critic at
               explained variance ~0 (as the ppo_vs_grpo benchmark measured)
   group       GRPO's (R - prompt mean) / prompt std over the batch's G samples of each prompt
@@ -38,42 +38,41 @@ from value_ceiling import continue_from
 KINDS = ("batch", "group", "oracle-mc", "oracle-td", "tweedie-td")
 
 
-def normalise(A):
-    return (A - A.mean()) / (A.std() + 1e-8)
-
-
 @torch.no_grad()
 def advantages(backbone, traj, metas, R, kinds, G, M, S, generator):
-    """{kind: A (n, S)} for one batch of n = P * G trajectories (prompt-major)."""
+    """{kind: A (n, S)} for one batch of n = P * G trajectories (prompt-major), made by train.py's own
+    pieces: a value per state through ppo.gae (lambda 1 or 0) then ppo.normalise over the batch's
+    (trajectory, step) pairs, or ppo.grpo_advantages (normalised within each group)."""
+    import ppo
     import rollout
     import toy
     n = len(R)
+    every_pair = torch.ones(n, S, dtype=torch.bool)
+    from_values = lambda V, lam: ppo.normalise(ppo.gae(R[:, None], V[..., None], 1.0, lam)[0][..., 0], every_pair)
     out = {}
-    if "batch" in kinds:
-        out["batch"] = normalise(R)[:, None].expand(n, S)
+    if "batch" in kinds:                   # one value for every state: A = R - const
+        out["batch"] = from_values(torch.zeros(n, S), 1.0)
     if "group" in kinds:
-        Rg = R.view(-1, G)
-        out["group"] = ((Rg - Rg.mean(1, keepdim=True)) / (Rg.std(1, keepdim=True) + 1e-4)).view(n, 1).expand(n, S)
+        out["group"] = ppo.grpo_advantages(R, G)[:, None].expand(n, S)
     if {"oracle-mc", "oracle-td"} & set(kinds):
         K = traj.log_probs.shape[1]
         schedule, noise_level = backbone.schedule(K), rollout.TRAIN_NOISE[backbone.sampler]
         branch = lambda j: toy.check(continue_from(backbone, traj.latents[:, j].float(), j, traj.cond, schedule, K,
                                                    noise_level, S, generator), metas)[1]     # (n,): one continuation each
-        V = torch.stack([torch.stack([branch(j) for _ in range(M)]).mean(0) for j in range(S)]
-                        + [R], 1)                                 # (n, S + 1): E[R | x_j]; after the window R itself
+        V = torch.stack([torch.stack([branch(j) for _ in range(M)]).mean(0) for j in range(S)], 1)   # (n, S): E[R | x_j]
         if "oracle-mc" in kinds:
-            out["oracle-mc"] = normalise(R[:, None] - V[:, :S])
+            out["oracle-mc"] = from_values(V, 1.0)
         if "oracle-td" in kinds:
-            out["oracle-td"] = normalise(V[:, 1:] - V[:, :S])
+            out["oracle-td"] = from_values(V, 0.0)
     if "tweedie-td" in kinds:
-        T = torch.stack([toy.check(backbone.decode(traj.pred_x0[:, j]), metas)[1] for j in range(1, S)] + [R], 1)   # (n, S)
-        T0 = toy.check(backbone.decode(traj.pred_x0[:, 0]), metas)[1]
-        out["tweedie-td"] = normalise(T - torch.cat([T0[:, None], T[:, :-1]], 1))
+        T = torch.stack([toy.check(backbone.decode(traj.pred_x0[:, j]), metas)[1] for j in range(S)], 1)   # (n, S)
+        out["tweedie-td"] = from_values(T, 0.0)
     return out
 
 
 def batch_gradients(backbone, net, pool, P, G, M, S, kinds, seed):
-    """{kind: the policy gradient (all weights, flattened)} of one fresh batch of P prompts x G samples."""
+    """{kind: the policy gradient (all weights, flattened)} of one fresh batch of P prompts x G samples:
+    each step's log-probs are computed once and differentiated against every kind's advantages."""
     import rollout
     import toy
     g = torch.Generator().manual_seed(seed)
@@ -83,14 +82,17 @@ def batch_gradients(backbone, net, pool, P, G, M, S, kinds, seed):
                           generator=g, sde_steps=S)
     _, R = toy.check(traj.images, metas)                               # (n,) partial credit
     A = advantages(backbone, traj, metas, R, kinds, G, M, S, g)
-    grads = {}
-    for kind in kinds:
-        net.zero_grad(set_to_none=True)
-        for j in range(S):
-            log_prob, _, _ = rollout.recompute_log_prob(backbone, traj, torch.arange(n), torch.full((n,), j), net=net)
-            (-(A[kind][:, j] * log_prob).mean() / S).backward()
-        grads[kind] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
-    return grads
+    params = list(net.parameters())
+    grads = {kind: [torch.zeros_like(q) for q in params] for kind in kinds}
+    for j in range(S):
+        log_prob, _, _ = rollout.recompute_log_prob(backbone, traj, torch.arange(n), torch.full((n,), j), net=net)
+        for i, kind in enumerate(kinds):
+            step = torch.autograd.grad(-(A[kind][:, j] * log_prob).mean() / S, params,
+                                       retain_graph=i < len(kinds) - 1, allow_unused=True)
+            for total, d in zip(grads[kind], step):
+                if d is not None:
+                    total += d
+    return {kind: torch.cat([q.flatten() for q in total]) for kind, total in grads.items()}
 
 
 def main():
