@@ -10,11 +10,16 @@ same number of generated images, then reads each run's metrics.jsonl and reports
     from short timing runs of each algorithm alone on the machine (steady-state median)
   - the images critic-PPO needs to reach GRPO's final held-out accuracy
   - the critic's explained variance by noise level over the last iterations
+  - each final policy's strict accuracy on the training prompts as well as the held-out ones,
+    per category: a gain on the training prompts alone is sharpening on what RL saw, a gain on
+    the held-out ones is what generalises
 and writes bench/results/ppo_vs_grpo.json (raw curves per algorithm and seed) and .png.
 
 Run:  python bench/ppo_vs_grpo.py                       # 3 seeds x 2 algorithms, sequentially
       python bench/ppo_vs_grpo.py --seeds 0 --images 640 --jobs 2 -- --lr 1e-4   (flags after -- go to train.py)
       python bench/ppo_vs_grpo.py --report-only          # re-read finished runs, rewrite table/JSON/PNG
+      python bench/ppo_vs_grpo.py --images 20480 --batch-size 128 --eval-every 20 --timing-images 0 \
+          --runs bench/runs/ppo_vs_grpo_8x --out bench/results/ppo_vs_grpo_8x -- ...   # its own section
 """
 import argparse
 import json
@@ -23,7 +28,7 @@ import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import ROOT, add_run_args, launch, split_train_flags, train_run, write_section
+from common import RESULTS, ROOT, add_run_args, launch, split_train_flags, train_run, write_section
 
 ALGOS = ("ppo", "grpo")
 
@@ -73,7 +78,41 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def summarise(curves, seeds, timed=None):
+def prompt_accuracy(model, seeds, cache):
+    """Strict accuracy of `model`'s deterministic samples (the held-out evaluation's sampler and
+    seeds) on the world's training and held-out prompts: per prompt-mean, category-mean (what the
+    category-balanced training sampler weighs) and per category. Cached as JSON in `cache`."""
+    if os.path.isfile(cache) and json.load(open(cache)).get("seeds") == list(seeds):
+        return json.load(open(cache))
+    import toy
+    from models import load_backbone
+    backbone, out = load_backbone(model), {"seeds": list(seeds)}
+    for split in ("train", "heldout"):
+        metas = toy.prompts(split)
+        strict, _ = toy.judge_samples(backbone, metas, seeds)
+        per_prompt = strict.float().mean(0)                                 # (P,) over seeds
+        tags = sorted({m["tag"] for m in metas})
+        by_tag = {t: per_prompt[[i for i, m in enumerate(metas) if m["tag"] == t]].mean().item() for t in tags}
+        out[split] = {"prompt_mean": per_prompt.mean().item(), "category_mean": mean(list(by_tag.values())),
+                      "by_category": by_tag}
+    with open(cache + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(cache + ".tmp", cache)
+    return out
+
+
+def add_prompt_accuracy(args, curves):
+    """The base model's and each run's final policy's accuracy on both prompt splits."""
+    seeds = range(args.eval_seeds)
+    accuracy = {"base": prompt_accuracy(args.model, seeds, os.path.join(args.runs, f"base-{os.path.basename(args.model)}-accuracy.json"))}
+    for algo in ALGOS:
+        accuracy[algo] = {s: prompt_accuracy(os.path.join(args.runs, f"{algo}-seed{s}", "pipeline"), seeds,
+                                             os.path.join(args.runs, f"{algo}-seed{s}", "prompt_accuracy.json"))
+                          for s in curves[algo]}
+    return accuracy
+
+
+def summarise(curves, seeds, timed=None, accuracy=None):
     """Per algorithm: the seed-mean curve, final accuracy, time per image; and the images
     critic-PPO needs to reach GRPO's final accuracy (first eval where the seed mean gets there)."""
     out = {}
@@ -86,6 +125,13 @@ def summarise(curves, seeds, timed=None):
                      "wall_s_per_image": mean([r["wall_s_per_image"] for r in runs]),
                      "steady_ms_per_image_learning_runs": mean([r["steady_ms_per_image"] for r in runs]),
                      "steady_ms_per_image_alone": (timed or {}).get(algo)}
+        if accuracy:
+            for split in ("train", "heldout"):
+                for kind in ("category_mean", "prompt_mean"):
+                    per_seed = [accuracy[algo][str(s)][split][kind] for s in seeds]
+                    out[algo][f"final_{split}_{kind}"] = mean(per_seed)
+                    out[algo][f"final_{split}_{kind}_per_seed"] = per_seed
+                    out[algo][f"base_{split}_{kind}"] = accuracy["base"][split][kind]
     ppo, grpo = out["ppo"], out["grpo"]
     reach = next((n for n, a in zip(ppo["images"], ppo["heldout_strict_mean"]) if n > 0 and a >= grpo["final"]), None)
     runs = [curves["ppo"][str(s)]["critic_ev_by_noise_last5"] for s in seeds]
@@ -108,7 +154,10 @@ def plot(curves, summary, seeds, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    splits = "final_train_category_mean" in summary["ppo"]
+    fig, axes = plt.subplots(1, 3 if splits else 2, figsize=(15 if splits else 11, 4),
+                             gridspec_kw={"width_ratios": [3, 1, 1.5] if splits else [3, 1]})
+    ax, bx = axes[:2]
     for algo, color in zip(ALGOS, ("tab:red", "tab:blue")):
         for s in seeds:
             c = curves[algo][str(s)]
@@ -121,6 +170,15 @@ def plot(curves, summary, seeds, path):
     per_image = [summary[a]["steady_ms_per_image_alone"] or summary[a]["wall_s_per_image"] * 1000 for a in ALGOS]
     bx.bar(["critic-PPO", "GRPO"], per_image, color=["tab:red", "tab:blue"])
     bx.set_ylabel("training wall time per image (ms, 1 CPU thread)"), bx.grid(alpha=0.3, axis="y")
+    if splits:      # sharpening (training prompts) against generalisation (held-out ones)
+        cx, width = axes[2], 0.27
+        for k, (label, color, key) in enumerate((("base", "gray", "base_"), ("critic-PPO", "tab:red", "final_"),
+                                                 ("GRPO", "tab:blue", "final_"))):
+            algo = "grpo" if label == "GRPO" else "ppo"
+            cx.bar([i + (k - 1) * width for i in range(2)],
+                   [summary[algo][f"{key}{split}_category_mean"] for split in ("train", "heldout")], width, color=color, label=label)
+        cx.set_xticks(range(2), ["training prompts", "held-out prompts"]), cx.grid(alpha=0.3, axis="y")
+        cx.set_ylabel("strict accuracy (category mean)"), cx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,6 +194,13 @@ def table(summary):
              f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone'] or float('nan'):.1f} | {grpo['steady_ms_per_image_alone'] or float('nan'):.1f} |",
              f"| time ratio critic-PPO / GRPO ({c['time_ratio_source']}) | {c['time_ratio_ppo_over_grpo']:.2f} | - |",
              f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final']} | - |"]
+    for split, name in (("train", "training prompts (RL saw them)"), ("heldout", "held-out prompts")):
+        if f"final_{split}_category_mean" in ppo:
+            cell = lambda m, k: f"{m[k + '_category_mean']:.3f} ({m[k + '_prompt_mean']:.3f})"
+            lines += [f"| {name}, base model, category mean (prompt mean) | {cell(ppo, 'base_' + split)} | {cell(grpo, 'base_' + split)} |",
+                      f"| {name}, final policies, category mean (prompt mean) | {cell(ppo, 'final_' + split)} | {cell(grpo, 'final_' + split)} |",
+                      f"| {name}, final, category mean per seed | "
+                      + " | ".join(", ".join(f"{a:.3f}" for a in m[f"final_{split}_category_mean_per_seed"]) for m in (ppo, grpo)) + " |"]
     if c["critic_ev_by_noise_last5"]:
         lines.append("| critic explained variance by noise fraction (last 5 iterations) | "
                      + ", ".join(f"{k}: {v:+.2f}" for k, v in c["critic_ev_by_noise_last5"].items()) + " | - |")
@@ -163,25 +228,28 @@ def main():
         with open(timed_path, "w") as f:
             json.dump(timed, f)
     timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
-    summary = summarise(curves, args.seeds, timed)
     command = "python bench/ppo_vs_grpo.py " + " ".join(sys.argv[1:])
     if args.report_only and os.path.isfile(args.out + ".json"):       # keep the command that made the runs
         previous = json.load(open(args.out + ".json"))
         command, extra = previous["command"], previous["train_flags"]
         args.jobs, args.threads = previous["jobs"], previous["threads_per_run"]
+        args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
+    accuracy = add_prompt_accuracy(args, curves)
+    summary = summarise(curves, args.seeds, timed, accuracy)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
-                   "summary": summary, "curves": curves}, f, indent=1)
+                   "eval_seeds": args.eval_seeds, "summary": summary, "prompt_accuracy": accuracy, "curves": curves},
+                  f, indent=1)
     plot(curves, summary, args.seeds, args.out + ".png")
-    if args.out == os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"):     # the default output owns the section
-        targets = summary["comparison"]["targets"]
-        write_section("ppo-vs-grpo", "\n".join([
-            "## Critic-PPO vs GRPO on the built-in world (equal images, equal seeds)", "",
-            f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, {args.images} images per run, "
+    if os.path.dirname(os.path.abspath(args.out)) == RESULTS:      # bench/results/NAME owns the section NAME
+        name, targets = os.path.basename(args.out), summary["comparison"]["targets"]
+        write_section(name.replace("_", "-"), "\n".join([
+            f"## Critic-PPO vs GRPO on the built-in world ({summary['grpo']['images'][-1]} images per run, equal seeds)", "",
+            f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, "
             f"{args.threads} thread per run, {args.jobs} runs at once; held-out prompts x {args.eval_seeds} seeds, "
             "deterministic sampler; train.py flags: `" + (" ".join(extra) or "defaults") + "`)", "",
-            table(summary), "", "![held-out accuracy vs images](bench/results/ppo_vs_grpo.png)", "",
+            table(summary), "", f"![held-out accuracy vs images](bench/results/{name}.png)", "",
             "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items())
             + ("" if summary["grpo"]["final"] > summary["grpo"]["base"] else
                " (GRPO ended at or below the base model, so 'reaching' it is no result)") + "."]))
