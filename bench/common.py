@@ -23,8 +23,9 @@ def machine():
 
 
 def write_json(name, data):
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    """bench/results/NAME.json, or PREFIX.json for a name with a folder in it; written atomically."""
+    path = (name if os.path.dirname(name) else os.path.join(RESULTS, name)) + ".json"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -100,3 +101,28 @@ def train_run(args, run_dir, flags, label):
     if code:
         raise SystemExit(f"{label} failed; see {run_dir}.log")
     return run_dir
+
+
+def prompt_accuracy(model, seeds, cache):
+    """Strict accuracy of `model`'s (a name, or a pipeline directory such as a run's pipeline/)
+    deterministic samples, the held-out evaluation's sampler and seeds, on the world's training
+    and held-out prompts: the mean over prompts, over categories (what train.py's
+    category-balanced prompt draw weighs) and per category. A gain on the training prompts alone
+    is sharpening on what RL saw; on the held-out ones, what generalises. Cached as JSON in `cache`."""
+    if os.path.isfile(cache) and json.load(open(cache)).get("seeds") == list(seeds):
+        return json.load(open(cache))
+    import toy
+    from models import load_backbone
+    backbone, out = load_backbone(model), {"seeds": list(seeds)}
+    for split in ("train", "heldout"):
+        metas = toy.prompts(split)
+        strict, _ = toy.judge_samples(backbone, metas, seeds)
+        per_prompt = strict.float().mean(0)                                 # (P,) over seeds
+        tags = sorted({m["tag"] for m in metas})
+        by_tag = {t: per_prompt[[i for i, m in enumerate(metas) if m["tag"] == t]].mean().item() for t in tags}
+        out[split] = {"prompt_mean": per_prompt.mean().item(), "category_mean": sum(by_tag.values()) / len(by_tag),
+                      "by_category": by_tag}
+    with open(cache + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(cache + ".tmp", cache)
+    return out

@@ -28,7 +28,7 @@ import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import RESULTS, ROOT, add_run_args, launch, split_train_flags, train_run, write_section
+from common import RESULTS, ROOT, add_run_args, launch, prompt_accuracy, split_train_flags, train_run, write_json, write_section
 
 ALGOS = ("ppo", "grpo")
 
@@ -76,29 +76,6 @@ def read(run_dir):
 
 def mean(xs):
     return sum(xs) / len(xs)
-
-
-def prompt_accuracy(model, seeds, cache):
-    """Strict accuracy of `model`'s deterministic samples (the held-out evaluation's sampler and
-    seeds) on the world's training and held-out prompts: per prompt-mean, category-mean (what the
-    category-balanced training sampler weighs) and per category. Cached as JSON in `cache`."""
-    if os.path.isfile(cache) and json.load(open(cache)).get("seeds") == list(seeds):
-        return json.load(open(cache))
-    import toy
-    from models import load_backbone
-    backbone, out = load_backbone(model), {"seeds": list(seeds)}
-    for split in ("train", "heldout"):
-        metas = toy.prompts(split)
-        strict, _ = toy.judge_samples(backbone, metas, seeds)
-        per_prompt = strict.float().mean(0)                                 # (P,) over seeds
-        tags = sorted({m["tag"] for m in metas})
-        by_tag = {t: per_prompt[[i for i, m in enumerate(metas) if m["tag"] == t]].mean().item() for t in tags}
-        out[split] = {"prompt_mean": per_prompt.mean().item(), "category_mean": mean(list(by_tag.values())),
-                      "by_category": by_tag}
-    with open(cache + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(cache + ".tmp", cache)
-    return out
 
 
 def add_prompt_accuracy(args, curves):
@@ -191,9 +168,11 @@ def table(summary):
              f"| held-out strict accuracy after {grpo['images'][-1]} images (mean) | {ppo['final']:.3f} | {grpo['final']:.3f} |",
              f"| per seed | {', '.join(f'{a:.3f}' for a in ppo['final_per_seed'])} | {', '.join(f'{a:.3f}' for a in grpo['final_per_seed'])} |",
              f"| training wall time per image, learning runs (ms, total / images) | {ppo['wall_s_per_image'] * 1000:.1f} | {grpo['wall_s_per_image'] * 1000:.1f} |",
-             f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone'] or float('nan'):.1f} | {grpo['steady_ms_per_image_alone'] or float('nan'):.1f} |",
              f"| time ratio critic-PPO / GRPO ({c['time_ratio_source']}) | {c['time_ratio_ppo_over_grpo']:.2f} | - |",
              f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final']} | - |"]
+    if ppo["steady_ms_per_image_alone"]:                                # only with timing runs
+        lines.insert(6, f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone']:.1f} "
+                        f"| {grpo['steady_ms_per_image_alone']:.1f} |")
     for split, name in (("train", "training prompts (RL saw them)"), ("heldout", "held-out prompts")):
         if f"final_{split}_category_mean" in ppo:
             cell = lambda m, k: f"{m[k + '_category_mean']:.3f} ({m[k + '_prompt_mean']:.3f})"
@@ -236,11 +215,8 @@ def main():
         args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
     accuracy = add_prompt_accuracy(args, curves)
     summary = summarise(curves, args.seeds, timed, accuracy)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
-                   "eval_seeds": args.eval_seeds, "summary": summary, "prompt_accuracy": accuracy, "curves": curves},
-                  f, indent=1)
+    write_json(args.out, {"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
+                          "eval_seeds": args.eval_seeds, "summary": summary, "prompt_accuracy": accuracy, "curves": curves})
     plot(curves, summary, args.seeds, args.out + ".png")
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:      # bench/results/NAME owns the section NAME
         name, targets = os.path.basename(args.out), summary["comparison"]["targets"]
