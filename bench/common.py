@@ -109,8 +109,9 @@ def prompt_accuracy(model, seeds, cache):
     and held-out prompts: the mean over prompts, over categories (what train.py's
     category-balanced prompt draw weighs) and per category. A gain on the training prompts alone
     is sharpening on what RL saw; on the held-out ones, what generalises. Cached as JSON in `cache`."""
-    if os.path.isfile(cache) and json.load(open(cache)).get("seeds") == list(seeds):
-        return json.load(open(cache))
+    cached = json.load(open(cache)) if os.path.isfile(cache) else {}
+    if cached.get("seeds") == list(seeds):
+        return cached
     import toy
     from models import load_backbone
     backbone, out = load_backbone(model), {"seeds": list(seeds)}
@@ -122,7 +123,5 @@ def prompt_accuracy(model, seeds, cache):
         by_tag = {t: per_prompt[[i for i, m in enumerate(metas) if m["tag"] == t]].mean().item() for t in tags}
         out[split] = {"prompt_mean": per_prompt.mean().item(), "category_mean": sum(by_tag.values()) / len(by_tag),
                       "by_category": by_tag}
-    with open(cache + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(cache + ".tmp", cache)
+    write_json(cache.removesuffix(".json"), out)
     return out
