@@ -253,7 +253,11 @@ def judge(objects, meta):
     Strict: every described group has exactly its count (in its colour, if named), nothing
     else is in the scene, and the relation holds. Partial credit averages, per group,
     1 - |count error| / count (a quarter of it from the shape alone, so a wrong colour
-    still earns something), and the relation (1 if it holds); extra objects scale it down."""
+    still earns something), and the relation (1 if it holds); objects of a shape no group
+    asks for scale it down. Each object is charged once: one too many of a requested shape
+    costs its group's count credit exactly what one too few does. (Until session 8 it was
+    also charged as an extra object, so it cost about twice as much, and the credit itself
+    pushed counting prompts towards too few objects: bench/count_bias.py.)"""
     parts, strict = [], True
     matched = []
     for e in meta["include"]:
@@ -264,8 +268,9 @@ def judge(objects, meta):
         credit = lambda m: max(0.0, 1.0 - abs(m - n) / n)
         parts.append(0.75 * credit(len(exact)) + 0.25 * credit(len(same_shape)))
         matched.append(exact)
-    n_extra = max(0, len(objects) - sum(e["count"] for e in meta["include"]))
-    strict &= n_extra == 0
+    strict &= len(objects) == sum(e["count"] for e in meta["include"])   # nothing else in the scene
+    asked = {e["class"] for e in meta["include"]}
+    n_unasked = sum(o["class"] not in asked for o in objects)
     pos = meta["include"][-1].get("position")
     if pos:
         subject, reference = matched[-1], matched[pos[1]]
@@ -273,7 +278,7 @@ def judge(objects, meta):
                      pos[0] in relative_position(subject[0]["box"], reference[0]["box"], POSITION_THRESHOLD))
         strict &= holds
         parts.append(float(holds))
-    score = sum(parts) / len(parts) / (1.0 + 0.5 * n_extra)
+    score = sum(parts) / len(parts) / (1.0 + 0.5 * n_unasked)
     return bool(strict), float(score)
 
 

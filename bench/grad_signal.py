@@ -28,6 +28,7 @@ import copy
 import itertools
 import json
 import os
+import shlex
 import sys
 
 import torch
@@ -134,7 +135,7 @@ def main():
     old = json.load(open(path)) if os.path.exists(path) else {}
     same = lambda a: all(a.get(k) == getattr(args, k) for k in ("model", "sde_steps", "samples", "branches"))
     runs = {n: r for n, r in old.get("runs", {}).items() if same(r["args"])}
-    runs[str(n)] = {"command": "python bench/grad_signal.py " + " ".join(sys.argv[1:]), "args": vars(args),
+    runs[str(n)] = {"command": "python bench/grad_signal.py " + shlex.join(sys.argv[1:]), "args": vars(args),
                     "machine": machine(), "results": results}
     write_json("grad_signal", {"model": args.model, "runs": runs})
     report(args.model, runs)

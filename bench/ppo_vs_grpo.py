@@ -24,6 +24,7 @@ Run:  python bench/ppo_vs_grpo.py                       # 3 seeds x 2 algorithms
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -194,6 +195,7 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"), help="output prefix (.json, .png)")
     p.add_argument("--timing-images", type=int, default=640,
                    help="images per algorithm in separate timing runs, one algorithm at a time (0 = skip)")
+    p.add_argument("--label", default="", help="added to the section's title: what sets this section apart")
     args = p.parse_args(argv)
     os.makedirs(args.runs, exist_ok=True)
     jobs = [(algo, s) for s in args.seeds for algo in ALGOS]
@@ -207,21 +209,24 @@ def main():
         with open(timed_path, "w") as f:
             json.dump(timed, f)
     timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
-    command = "python bench/ppo_vs_grpo.py " + " ".join(sys.argv[1:])
+    command = "python bench/ppo_vs_grpo.py " + shlex.join(sys.argv[1:])
     if args.report_only and os.path.isfile(args.out + ".json"):       # keep the command that made the runs
         previous = json.load(open(args.out + ".json"))
         command, extra = previous["command"], previous["train_flags"]
         args.jobs, args.threads = previous["jobs"], previous["threads_per_run"]
         args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
+        args.label = args.label or previous.get("label", "")
     accuracy = add_prompt_accuracy(args, curves)
     summary = summarise(curves, args.seeds, timed, accuracy)
     write_json(args.out, {"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
-                          "eval_seeds": args.eval_seeds, "summary": summary, "prompt_accuracy": accuracy, "curves": curves})
+                          "eval_seeds": args.eval_seeds, "label": args.label, "summary": summary, "prompt_accuracy": accuracy,
+                          "curves": curves})
     plot(curves, summary, args.seeds, args.out + ".png")
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:      # bench/results/NAME owns the section NAME
         name, targets = os.path.basename(args.out), summary["comparison"]["targets"]
         write_section(name.replace("_", "-"), "\n".join([
-            f"## Critic-PPO vs GRPO on the built-in world ({summary['grpo']['images'][-1]} images per run, equal seeds)", "",
+            f"## Critic-PPO vs GRPO on the built-in world ({summary['grpo']['images'][-1]} images per run, equal seeds"
+            + (f"; {args.label}" if args.label else "") + ")", "",
             f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, "
             f"{args.threads} thread per run, {args.jobs} runs at once; held-out prompts x {args.eval_seeds} seeds, "
             "deterministic sampler; train.py flags: `" + (" ".join(extra) or "defaults") + "`)", "",

@@ -20,6 +20,7 @@ Run:  python bench/reward_hacking.py                       # the 5 runs of RUNS,
 import argparse
 import json
 import os
+import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,7 +88,7 @@ def main():
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             run_dirs = dict(zip(names, pool.map(lambda n: run_one(args, n, extra), names)))
-    command = "python bench/reward_hacking.py " + " ".join(sys.argv[1:])
+    command = "python bench/reward_hacking.py " + shlex.join(sys.argv[1:])
     if args.report_only and os.path.isfile(args.out + ".json"):         # keep the command that made the runs
         previous = json.load(open(args.out + ".json"))
         command, extra, args.images = previous["command"], previous["train_flags"], previous["images"]

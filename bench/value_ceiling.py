@@ -22,6 +22,7 @@ Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.
 """
 import argparse
 import itertools
+import shlex
 import sys
 
 import torch
@@ -103,7 +104,7 @@ def main():
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-    command = "python bench/value_ceiling.py " + " ".join(sys.argv[1:])
+    command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
     write_json("value_ceiling", {"command": command, "model": args.model, "machine": machine(), "args": vars(args),
                                  "rows": rows})
     fmt = lambda v: "-" if v is None else f"{v:+.2f}"
