@@ -67,13 +67,12 @@ def push(backbone, reps):
 
 
 @torch.no_grad()
-def counting(model, seeds):
+def counting(backbone, seeds):
     """Part B: counting's training prompts under the deterministic sampler."""
     import toy
-    from models import load_backbone
     from rollout import sample_seeded
     metas = [m for m in toy.prompts("train") if m["tag"] == "counting"]
-    images = sample_seeded(load_backbone(model), [m["prompt"] for m in metas], seeds, 10)
+    images = sample_seeded(backbone, [m["prompt"] for m in metas], seeds, 10)
     d, strict = [], []
     for image, meta in zip(images, metas * len(seeds)):
         objects = toy.detect(image)
@@ -92,16 +91,19 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     from models import load_backbone
-    a = push(load_backbone(args.model), args.reps)
+    base = load_backbone(args.model)
+    a = push(base, args.reps)
     seeds = list(range(args.seeds))
-    b = {"base model": counting(args.model, seeds)}
+    b = {"base model": counting(base, seeds)}
     for label, pattern in RUN_SETS.items():
+        by_algo = {}                                                     # "ppo" / "grpo" -> its seeds' rows
         for run in sorted(glob.glob(os.path.join(ROOT, pattern))):
             if os.path.isdir(os.path.join(run, "pipeline")):
-                b[f"{os.path.basename(run)}, {label}"] = counting(os.path.join(run, "pipeline"), seeds)
+                name = os.path.basename(run)                             # ALGO-seedN
+                b[f"{name}, {label}"] = counting(load_backbone(os.path.join(run, "pipeline")), seeds)
+                by_algo.setdefault(name.split("-seed")[0], []).append(b[f"{name}, {label}"])
         for algo in ("ppo", "grpo"):                                     # the mean over seeds
-            rows = [r for m, r in b.items() if m.startswith(f"{algo}-seed") and m.endswith(label)]
-            if rows:
+            if rows := by_algo.get(algo):
                 b[f"**{algo}, mean of {len(rows)} seeds, {label}**"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     write_json("count_bias", {"machine": machine(), "reps": args.reps, "seeds": seeds, "push": a, "counting": b})
     lines = ["Command: `python bench/count_bias.py`. d = objects drawn - objects asked (all detected objects).", "",
