@@ -106,6 +106,9 @@ def build_parser():
     g.add_argument("--prompts", default="shapes",
                    help="shapes (the built-in world's train/held-out split) | geneval (GenEval-style prompts) | "
                         "a .txt (one prompt a line) or GenEval .jsonl file (every 10th held out)")
+    g.add_argument("--train-tags", default=None,
+                   help="train on the prompts of these metadata tags only, comma-separated (e.g. counting); "
+                        "held-out evaluation keeps every tag, so it measures the transfer")
     g = p.add_argument_group("logging")
     g.add_argument("--run-dir", default=None, help="output directory (default runs/ALGO-MODEL-TIME); never overwritten")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
@@ -211,6 +214,13 @@ def configure(args, argv):
     args.minibatches = pairs // args.minibatch_per_rank
     args.critic_pairs = max(1, round(args.critic_fraction * pairs))
     train_prompts, heldout = load_prompts(args.prompts, args.seed)
+    if args.train_tags:
+        known = sorted({m.get("tag", "") for m in train_prompts})
+        wanted = args.train_tags.split(",")
+        for tag in wanted:
+            if tag not in known:
+                raise ConfigError(f"--train-tags: no training prompt has the tag {tag!r}; the tags are {', '.join(known)}")
+        train_prompts = [m for m in train_prompts if m.get("tag", "") in wanted]
     rewards.check_metadata(spec.names + spec.monitor, train_prompts + heldout, [m["prompt"] for m in train_prompts + heldout])
     # the run directory: never overwrite a different run
     if not args.resume:

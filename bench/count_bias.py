@@ -11,7 +11,8 @@ shape as an extra. The script measures, with d = objects drawn - objects asked:
      SDE over the 5 noisiest steps), per category, the covariance of d with the reward within
      each prompt (the policy gradient's direction along d); < 0 pushes towards fewer objects
   B. where the policies went: counting's training prompts, deterministic sampler x 8 seeds, for
-     the base model and each finished run's pipeline/: strict accuracy, mean d, P(d < 0), P(d > 0)
+     the base model and each finished run's pipeline/ (trained on every category, or on counting
+     alone with train.py --train-tags counting): strict accuracy, mean d, P(d < 0), P(d > 0)
      (the counting prompts sampled alone: rollout.sample_seeded's noise depends on an image's
      place in the batch, so these images are not those the ppo_vs_grpo sections judge)
 
@@ -29,6 +30,7 @@ from common import ROOT, machine, write_json, write_section
 RUN_SETS = {  # label -> glob of run directories (git-ignored; missing ones are skipped)
     "credit until session 8": "bench/runs/ppo_vs_grpo_8x/*-seed*",
     "credit now": "bench/runs/ppo_vs_grpo_8x_credit/*-seed*",
+    "credit now, counting prompts only": "bench/runs/counting_only/*-seed*",   # train.py --train-tags counting
 }
 
 
@@ -114,7 +116,7 @@ def main():
     lines += [f"| {t} | {r['prompts']} | {r['mean_d']:+.2f} | {r['std_d']:.2f} | {r['cov_before']:+.4f} | {r['cov_now']:+.4f} |"
               for t, r in a.items()]
     lines += ["", f"**B. Where the policies went on counting** (training prompts x {args.seeds} seeds, deterministic "
-              "sampler; runs of the 8x sections, trained with the credit named; the counting prompts are sampled alone, so "
+              "sampler; runs of the 8x sections, trained with the credit named, and of the counting-only section; the counting prompts are sampled alone, so "
               "each image's noise, which depends on its place in the batch, differs from the ppo-vs-grpo sections' and "
               "strict figures differ from theirs by sampling noise)", "",
               "| model | strict | mean d | P(too few) | P(too many) |", "|---|---|---|---|---|"]

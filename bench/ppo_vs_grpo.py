@@ -11,8 +11,9 @@ same number of generated images, then reads each run's metrics.jsonl and reports
   - the images critic-PPO needs to reach GRPO's final held-out accuracy
   - the critic's explained variance by noise level over the last iterations
   - each final policy's strict accuracy on the training prompts as well as the held-out ones,
-    per category: a gain on the training prompts alone is sharpening on what RL saw, a gain on
-    the held-out ones is what generalises
+    per category (a table of its own): a gain on the training prompts alone is sharpening on what
+    RL saw, a gain on the held-out ones is what generalises (with train.py's --train-tags, RL saw
+    only those categories' training prompts, and the others measure transfer too)
 and writes bench/results/ppo_vs_grpo.json (raw curves per algorithm and seed) and .png.
 
 Run:  python bench/ppo_vs_grpo.py                       # 3 seeds x 2 algorithms, sequentially
@@ -20,6 +21,8 @@ Run:  python bench/ppo_vs_grpo.py                       # 3 seeds x 2 algorithms
       python bench/ppo_vs_grpo.py --report-only          # re-read finished runs, rewrite table/JSON/PNG
       python bench/ppo_vs_grpo.py --images 20480 --batch-size 128 --eval-every 20 --timing-images 0 \
           --runs bench/runs/ppo_vs_grpo_8x --out bench/results/ppo_vs_grpo_8x -- ...   # its own section
+      python bench/ppo_vs_grpo.py ... --runs bench/runs/counting_only --out bench/results/counting_only \
+          -- --train-tags counting ...                 # RL on the counting prompts alone
 """
 import argparse
 import json
@@ -110,6 +113,9 @@ def summarise(curves, seeds, timed=None, accuracy=None):
                     out[algo][f"final_{split}_{kind}"] = mean(per_seed)
                     out[algo][f"final_{split}_{kind}_per_seed"] = per_seed
                     out[algo][f"base_{split}_{kind}"] = accuracy["base"][split][kind]
+                out[algo][f"final_{split}_by_category"] = {c: mean([accuracy[algo][str(s)][split]["by_category"][c] for s in seeds])
+                                                           for c in accuracy["base"][split]["by_category"]}
+                out[algo][f"base_{split}_by_category"] = accuracy["base"][split]["by_category"]
     ppo, grpo = out["ppo"], out["grpo"]
     reach = next((n for n, a in zip(ppo["images"], ppo["heldout_strict_mean"]) if n > 0 and a >= grpo["final"]), None)
     runs = [curves["ppo"][str(s)]["critic_ev_by_noise_last5"] for s in seeds]
@@ -162,19 +168,21 @@ def plot(curves, summary, seeds, path):
     plt.close(fig)
 
 
-def table(summary):
+def table(summary, train_tags=None):
+    """The section's main table; train_tags: the categories RL trained on, when not all of them."""
     ppo, grpo, c = summary["ppo"], summary["grpo"], summary["comparison"]
+    alone = [f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone']:.1f} "
+             f"| {grpo['steady_ms_per_image_alone']:.1f} |"] if ppo["steady_ms_per_image_alone"] else []   # timing runs only
     lines = ["| | critic-PPO | GRPO |", "|---|---|---|",
              f"| held-out strict accuracy, base model | {ppo['base']:.3f} | {grpo['base']:.3f} |",
              f"| held-out strict accuracy after {grpo['images'][-1]} images (mean) | {ppo['final']:.3f} | {grpo['final']:.3f} |",
              f"| per seed | {', '.join(f'{a:.3f}' for a in ppo['final_per_seed'])} | {', '.join(f'{a:.3f}' for a in grpo['final_per_seed'])} |",
              f"| training wall time per image, learning runs (ms, total / images) | {ppo['wall_s_per_image'] * 1000:.1f} | {grpo['wall_s_per_image'] * 1000:.1f} |",
+             *alone,
              f"| time ratio critic-PPO / GRPO ({c['time_ratio_source']}) | {c['time_ratio_ppo_over_grpo']:.2f} | - |",
-             f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final']} | - |"]
-    if ppo["steady_ms_per_image_alone"]:                                # only with timing runs
-        lines.insert(6, f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone']:.1f} "
-                        f"| {grpo['steady_ms_per_image_alone']:.1f} |")
-    for split, name in (("train", "training prompts (RL saw them)"), ("heldout", "held-out prompts")):
+             f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final'] or 'not reached'} | - |"]
+    seen = f"RL saw the {', '.join(f'`{t}`' for t in train_tags)} ones" if train_tags else "RL saw them"
+    for split, name in (("train", f"training prompts ({seen})"), ("heldout", "held-out prompts")):
         if f"final_{split}_category_mean" in ppo:
             cell = lambda m, k: f"{m[k + '_category_mean']:.3f} ({m[k + '_prompt_mean']:.3f})"
             lines += [f"| {name}, base model, category mean (prompt mean) | {cell(ppo, 'base_' + split)} | {cell(grpo, 'base_' + split)} |",
@@ -184,6 +192,19 @@ def table(summary):
     if c["critic_ev_by_noise_last5"]:
         lines.append("| critic explained variance by noise fraction (last 5 iterations) | "
                      + ", ".join(f"{k}: {v:+.2f}" for k, v in c["critic_ev_by_noise_last5"].items()) + " | - |")
+    return "\n".join(lines)
+
+
+def category_table(summary):
+    """Strict accuracy per category and split: base model, then each algorithm's mean over seeds."""
+    ppo, grpo = summary["ppo"], summary["grpo"]
+    if "final_train_by_category" not in ppo:                         # a JSON from before the per-category figures
+        return ""
+    lines = ["| category | split | base model | critic-PPO (mean of seeds) | GRPO (mean of seeds) |", "|---|---|---|---|---|"]
+    for category in ppo["base_train_by_category"]:
+        for split, name in (("train", "training"), ("heldout", "held-out")):
+            lines.append(f"| {category} | {name} | {ppo[f'base_{split}_by_category'][category]:.3f} | "
+                         f"{ppo[f'final_{split}_by_category'][category]:.3f} | {grpo[f'final_{split}_by_category'][category]:.3f} |")
     return "\n".join(lines)
 
 
@@ -217,6 +238,10 @@ def main():
         args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
         args.label = args.label or previous.get("label", "")
     accuracy = add_prompt_accuracy(args, curves)
+    flags = argparse.ArgumentParser(add_help=False)                 # the categories RL trained on, if not all
+    flags.add_argument("--train-tags")
+    train_tags = flags.parse_known_args(extra)[0].train_tags
+    train_tags = train_tags.split(",") if train_tags else None
     summary = summarise(curves, args.seeds, timed, accuracy)
     write_json(args.out, {"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
                           "eval_seeds": args.eval_seeds, "label": args.label, "summary": summary, "prompt_accuracy": accuracy,
@@ -230,11 +255,12 @@ def main():
             f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, "
             f"{args.threads} thread per run, {args.jobs} runs at once; held-out prompts x {args.eval_seeds} seeds, "
             "deterministic sampler; train.py flags: `" + (" ".join(extra) or "defaults") + "`)", "",
-            table(summary), "", f"![held-out accuracy vs images](bench/results/{name}.png)", "",
+            table(summary, train_tags), "", *([category_table(summary), ""] if category_table(summary) else []),
+            f"![held-out accuracy vs images](bench/results/{name}.png)", "",
             "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items())
             + ("" if summary["grpo"]["final"] > summary["grpo"]["base"] else
                " (GRPO ended at or below the base model, so 'reaching' it is no result)") + "."]))
-    print(table(summary))
+    print(table(summary, train_tags))
     print(json.dumps(summary["comparison"]["targets"]))
     print(f"wrote {args.out}.json and {args.out}.png")
 

@@ -134,6 +134,7 @@ def test_resume_is_exact(tmp_path):
     (["--iters", "0"], "--iters must be >= 1"),
     (["--num-steps", "4", "--sde-steps", "6"], "--sde-steps 6 exceeds --num-steps 4"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
+    (["--train-tags", "counting,spelling"], "no training prompt has the tag 'spelling'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     run_dir = str(tmp_path / "run")
@@ -141,6 +142,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and words in err, err
     assert not os.path.exists(run_dir)
+
+
+def test_train_tags_narrow_the_training_prompts_not_the_heldout(tmp_path):
+    def prompts(*argv):
+        argv = ["--run-dir", str(tmp_path / "run"), *argv]
+        return train.configure(train.build_parser().parse_args(argv), argv)[2:]
+    train_all, heldout_all = prompts()
+    train_some, heldout_some = prompts("--train-tags", "counting,colors")
+    assert train_some == [m for m in train_all if m["tag"] in ("counting", "colors")]
+    assert {m["tag"] for m in train_some} == {"counting", "colors"} and len(train_some) < len(train_all)
+    assert heldout_some == heldout_all
 
 
 def test_run_dir_is_never_overwritten(tmp_path, capsys):
