@@ -219,7 +219,8 @@ def configure(args, argv):
         wanted = args.train_tags.split(",")
         for tag in wanted:
             if tag not in known:
-                raise ConfigError(f"--train-tags: no training prompt has the tag {tag!r}; the tags are {', '.join(known)}")
+                raise ConfigError(f"--train-tags: no training prompt has the tag {tag!r}; "
+                                  + (f"the tags are {', '.join(known)}" if any(known) else "these prompts carry no tags"))
         train_prompts = [m for m in train_prompts if m.get("tag", "") in wanted]
     rewards.check_metadata(spec.names + spec.monitor, train_prompts + heldout, [m["prompt"] for m in train_prompts + heldout])
     # the run directory: never overwrite a different run

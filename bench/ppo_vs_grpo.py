@@ -223,6 +223,14 @@ def main():
     if not args.report_only:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: run_one(args, *job, extra), jobs))
+    command = "python bench/ppo_vs_grpo.py " + shlex.join(sys.argv[1:])
+    if args.report_only and os.path.isfile(args.out + ".json"):       # keep the command that made the runs
+        previous = json.load(open(args.out + ".json"))
+        command, extra = previous["command"], previous["train_flags"]
+        args.seeds = [int(s) for s in previous["curves"]["ppo"]]       # and its seeds
+        args.jobs, args.threads = previous["jobs"], previous["threads_per_run"]
+        args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
+        args.label = args.label or previous.get("label", "")
     curves = {algo: {str(s): read(os.path.join(args.runs, f"{algo}-seed{s}")) for s in args.seeds} for algo in ALGOS}
     timed_path = os.path.join(args.runs, "timing.json")
     if args.timing_images and not args.report_only:
@@ -230,13 +238,6 @@ def main():
         with open(timed_path, "w") as f:
             json.dump(timed, f)
     timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
-    command = "python bench/ppo_vs_grpo.py " + shlex.join(sys.argv[1:])
-    if args.report_only and os.path.isfile(args.out + ".json"):       # keep the command that made the runs
-        previous = json.load(open(args.out + ".json"))
-        command, extra = previous["command"], previous["train_flags"]
-        args.jobs, args.threads = previous["jobs"], previous["threads_per_run"]
-        args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
-        args.label = args.label or previous.get("label", "")
     accuracy = add_prompt_accuracy(args, curves)
     flags = argparse.ArgumentParser(add_help=False)                 # the categories RL trained on, if not all
     flags.add_argument("--train-tags")
@@ -249,13 +250,14 @@ def main():
     plot(curves, summary, args.seeds, args.out + ".png")
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:      # bench/results/NAME owns the section NAME
         name, targets = os.path.basename(args.out), summary["comparison"]["targets"]
+        categories = category_table(summary)
         write_section(name.replace("_", "-"), "\n".join([
             f"## Critic-PPO vs GRPO on the built-in world ({summary['grpo']['images'][-1]} images per run, equal seeds"
             + (f"; {args.label}" if args.label else "") + ")", "",
             f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, "
             f"{args.threads} thread per run, {args.jobs} runs at once; held-out prompts x {args.eval_seeds} seeds, "
             "deterministic sampler; train.py flags: `" + (" ".join(extra) or "defaults") + "`)", "",
-            table(summary, train_tags), "", *([category_table(summary), ""] if category_table(summary) else []),
+            table(summary, train_tags), "", *([categories, ""] if categories else []),
             f"![held-out accuracy vs images](bench/results/{name}.png)", "",
             "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items())
             + ("" if summary["grpo"]["final"] > summary["grpo"]["base"] else
