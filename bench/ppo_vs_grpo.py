@@ -239,10 +239,8 @@ def main():
             json.dump(timed, f)
     timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
     accuracy = add_prompt_accuracy(args, curves)
-    flags = argparse.ArgumentParser(add_help=False)                 # the categories RL trained on, if not all
-    flags.add_argument("--train-tags")
-    train_tags = flags.parse_known_args(extra)[0].train_tags
-    train_tags = train_tags.split(",") if train_tags else None
+    config = json.load(open(os.path.join(args.runs, f"ppo-seed{args.seeds[0]}", "config.json")))
+    train_tags = config.get("train_tags") and config["train_tags"].split(",")   # the categories RL trained on, if not all
     summary = summarise(curves, args.seeds, timed, accuracy)
     write_json(args.out, {"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
                           "eval_seeds": args.eval_seeds, "label": args.label, "summary": summary, "prompt_accuracy": accuracy,
