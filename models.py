@@ -38,14 +38,14 @@ class BackboneError(ValueError):
 
 
 class ShapesPipeline(DiffusionPipeline):
-    """The built-in world's pipeline: a pixel-space denoiser (an SD3 transformer or a UNet),
-    a tiny CLIP text encoder and a word-level tokenizer. No VAE: latents are images in [-1, 1].
-    Saved and loaded with diffusers' own save_pretrained / from_pretrained."""
+    """The built-in world's pipeline: a latent denoiser (an SD3 transformer or a UNet), the
+    world's AutoencoderKL, a tiny CLIP text encoder and a word-level tokenizer, as SD3 / SD1.5
+    pipelines hold them. Saved and loaded with diffusers' own save_pretrained / from_pretrained."""
     _optional_components = ["transformer", "unet"]
 
-    def __init__(self, text_encoder, tokenizer, scheduler, transformer=None, unet=None):
+    def __init__(self, text_encoder, tokenizer, scheduler, vae, transformer=None, unet=None):
         super().__init__()
-        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
                               transformer=transformer, unet=unet)
 
     @torch.no_grad()
@@ -179,9 +179,8 @@ class Backbone:
 
     # --------------------------------------------------------------- images
     def decode(self, x0):
-        """Clean latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        if self.vae is None:
-            return (x0.float() / 2 + 0.5).clamp(0, 1)
+        """Clean latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], through the pipeline's
+        VAE with its scaling and shift factors (the one decode path of every backbone)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
@@ -206,6 +205,37 @@ class Backbone:
         return Schedule(t, torch.cat([abar[t[:1]], abar_prev]).float())
 
 
+def ddpm_timestep_like(alphas_cumprod, sigma):
+    """The DDPM timestep whose signal-to-noise ratio abar / (1 - abar) is nearest to that of the
+    flow-matching state (1 - sigma) x0 + sigma noise, ((1 - sigma) / sigma)^2. (B,) long."""
+    snr_t = alphas_cumprod / (1 - alphas_cumprod)                                      # (T,)
+    snr = ((1 - sigma) / sigma).pow(2)                                                 # (B,)
+    return (snr_t[None] - snr[:, None]).abs().argmin(1)
+
+
+def denoising_loss(sampler, scheduler, net, x0, kw, location=0.0):
+    """The diffusion pretraining loss on clean latents x0 (B, C, h, w) with text keywords kw:
+    what the built-in models were pretrained with (pretrain.py) and what rejection-sampling
+    fine-tuning (RAFT, train.py --algo raft) trains on kept samples with.
+    Noise levels: SD3's logit-normal sigma = sigmoid(N(location, 1)). 'flow': x_sigma = (1 - sigma) x0 + sigma * noise, target the
+    velocity noise - x0 (rectified flow). 'ddim': the same noise levels carried to DDPM timesteps
+    by signal-to-noise ratio (uniform t spends most steps at low noise), target epsilon (or v)."""
+    b = lambda s: s.view(-1, 1, 1, 1)
+    noise = torch.randn_like(x0)
+    sigma = torch.sigmoid(torch.randn(len(x0)) + location).to(x0.device)
+    if sampler == "flow":
+        x_t = (1 - b(sigma)) * x0 + b(sigma) * noise
+        t, target = sigma * scheduler.config.num_train_timesteps, noise - x0
+    else:
+        abar = scheduler.alphas_cumprod.to(x0.device)
+        t = ddpm_timestep_like(abar, sigma)
+        a = b(abar[t])
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    pred = net(x_t, timestep=t, **kw, return_dict=False)[0]
+    return (pred.float() - target).pow(2).mean()
+
+
 def resolve(name_or_path):
     """Map a name to a hub id or directory; a BackboneError naming the choices otherwise."""
     path = MODELS.get(name_or_path, name_or_path)
@@ -220,7 +250,7 @@ def resolve(name_or_path):
             raise BackboneError(f"{path} holds a {kind}; accepted kinds: {', '.join(KINDS)}")
         return path, kind
     if name_or_path in MODELS and name_or_path.startswith("tiny-"):
-        raise BackboneError(f"the built-in checkpoint {path} is missing: run `python toy.py pretrain --model {name_or_path}`")
+        raise BackboneError(f"the built-in checkpoint {path} is missing: run `python pretrain.py --model {name_or_path}`")
     if name_or_path in MODELS:
         return path, "StableDiffusion3Pipeline" if name_or_path == "sd3.5m" else "StableDiffusionPipeline"
     if os.sep in name_or_path or name_or_path.startswith("."):

@@ -206,3 +206,31 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     if ratio_dev_first is not None:
         out["losses/ratio_dev_first"] = ratio_dev_first
     return out
+
+
+def raft_update(backbone, traj, keep, policy_net, opt_policy, args, generator):
+    """Rejection-sampling fine-tuning (RAFT; the supervised reference beside PPO and GRPO, not
+    the paper's method): args.raft_steps optimiser steps of the pretraining loss
+    (models.denoising_loss) on the final latents x_0 of the kept trajectories (keep: (B,) bool,
+    e.g. the strict passes), each step on a random minibatch of args.minibatch_per_rank of them,
+    conditioned on the prompts they were sampled for. A rank with nothing kept still takes part
+    in every (averaged) step with a zero loss, so the ranks stay in step."""
+    from models import denoising_loss
+    kept = keep.nonzero().flatten()
+    params = [p for group in opt_policy.param_groups for p in group["params"]]
+    logs = {"losses/raft_loss": [], "grad_norm/policy": []}
+    skipped = 0
+    for _ in range(args.raft_steps):
+        if len(kept):
+            mb = kept[torch.randint(len(kept), (min(len(kept), args.minibatch_per_rank),), generator=generator)]
+            with adapter(policy_net, POLICY) as net:
+                loss = denoising_loss(backbone.sampler, backbone.scheduler, net, traj.latents[mb, -1],
+                                      traj.cond.index(mb).cond)
+        else:
+            loss = sum(p.sum() for p in params) * 0.0
+        grad_norm, skip = optimiser_step(loss, params, opt_policy, args.max_grad_norm)
+        skipped += skip
+        logs["losses/raft_loss"].append(loss.item()), logs["grad_norm/policy"].append(grad_norm)
+    out = {k: sum(v) / len(v) for k, v in logs.items()}
+    out.update({"losses/skipped": skipped, "losses/raft_kept": len(kept) / len(keep)})
+    return out

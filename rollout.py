@@ -192,8 +192,8 @@ def sample_seeded(backbone, prompts, seeds, num_steps, batch=64, net=None):
 
 
 def chain_picture(backbone, traj, i=0):
-    """(2*(K+1), 3, H, W): row 1 the noisy states x_t then x_0, row 2 the model's clean
-    predictions at each state then the final image."""
+    """(2*(K+1), 3, H, W): row 1 the noisy states x_t (decoded as they are) then x_0, row 2 the
+    model's clean predictions x0-hat at each state then the final image."""
     with torch.no_grad():
         states = backbone.decode(traj.latents[i])                         # (K+1, 3, H, W)
         preds = backbone.decode(traj.pred_x0[i])                          # (K, 3, H, W)
@@ -224,8 +224,11 @@ def main(argv=None):
     noise = args.noise_level if args.noise_level is not None else TRAIN_NOISE[backbone.sampler]
     g = torch.Generator(args.device).manual_seed(args.seed)
     traj = sample(backbone, [args.prompt], args.steps, noise, args.cfg, generator=g)
-    from torchvision.utils import save_image
-    save_image(chain_picture(backbone, traj), args.out, nrow=args.steps + 1, padding=1)
+    import grid
+    levels = ["sigma" if backbone.sampler == "flow" else "abar"] * (args.steps + 1)
+    titles = [f"k={args.steps - j} {name}={lvl:.2f}" for j, (name, lvl) in enumerate(zip(levels, traj.levels.tolist()))]
+    grid.save_grid(args.out, chain_picture(backbone, traj), args.steps + 1, titles=titles[:-1] + ["x_0"],
+                   row_titles=["x_t", "x0-hat"], heading=f"{args.prompt!r} ({backbone.name}, noise level {noise})")
     print(f"saved {args.out}: top row x_t from noise to x_0, bottom row the predicted clean image at each step "
           f"(sampler {backbone.sampler}, noise level {noise}, mean log-prob {traj.log_probs.mean():.3f})")
 

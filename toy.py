@@ -4,23 +4,26 @@ What it holds (nothing here is from the paper; it stands in for real prompts, im
 GenEval so that the whole method of arXiv 2605.27736 runs on any laptop):
   1. prompts: GenEval's six categories (single object, two objects, counting, colors,
      position, color attribution) over circles/squares/triangles in red/green/blue/yellow,
-     with GenEval-style metadata, and a fixed train / held-out split;
-  2. render(): draws a scene that satisfies a prompt (the pretraining data);
+     with GenEval-style metadata, and a fixed train / held-out split (held-out: RL never
+     trains on them; the base models saw every prompt in pretraining, as real ones have);
+  2. render(): a board of 4x4 cells of 8x8 pixels, each empty or one 6x6 shape; the world's
+     VAE (pretrain.py) codes each cell as one latent token, so the denoisers work on a 4x4x4
+     latent exactly as SD1.5 / SD3.5-M work on theirs;
   3. check(): scores an image against its prompt from pixels alone: GenEval-style strict
-     pass/fail and a dense partial credit in [0, 1] (the `shapes` reward);
-  4. `python toy.py pretrain --model tiny-dit|tiny-unet`: trains the base model from scratch
-     and writes it in diffusers' save_pretrained layout (what `--model tiny-dit` loads).
-     `python toy.py eval --model tiny-dit` measures its held-out strict accuracy.
+     pass/fail and a dense partial credit in [0, 1] (the `shapes` reward); well_formed()
+     says whether an image is a board of this world at all;
+  4. caption_scene(): the noisy captions the shipped base models were pretrained on (a count
+     off by one, a colour changed, a relation reversed, an object left out of the caption):
+     the base model's misalignment, which RL is there to fix (pretrain.py explains);
+  5. `python toy.py eval --model tiny-dit` measures a model's held-out strict accuracy.
 
-Tests: tests/test_toy.py (checker accuracy on correct and deliberately wrong scenes).
+Tests: tests/test_toy.py (checker accuracy on correct and deliberately wrong scenes, caption
+corruption rates, the VAE's round trip).
 """
 import argparse
-import math
-import os
 import random
 import re
 import sys
-import time
 
 import numpy as np
 import torch
@@ -28,8 +31,8 @@ import torch
 from rewards import relative_position      # GenEval's rule, one implementation for both checkers
 
 RES = 32                                   # image side, pixels
-SIZE = 4                                   # object side, pixels: one 4x4 patch of the tiny DiT
-GRID = 4                                   # objects sit on the patch grid
+CELL = 8                                   # cell side, pixels: one latent token after the VAE's 8x downsampling
+GRID = RES // CELL                         # the board: GRID x GRID cells
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
           "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
@@ -125,22 +128,23 @@ def prompt_metadata(prompt):
 
 # ----------------------------------------------------------------------------- rendering
 
-
-# Each object is one 4x4 template on the 4-pixel grid, i.e. exactly one patch of the tiny DiT:
-# a short pretraining then learns the shapes themselves, and what is left to learn (and to
-# fix with RL) is the composition: which patches, how many, in which colours, where.
+# Scenes are a GRID x GRID board of CELL x CELL cells; each cell is empty or holds one object, a
+# 6x6 template centred in it (a 1-pixel black margin, so neighbours never touch). An object is
+# one cell, so the VAE's 8x downsampling makes it one latent token: the diffusion model then
+# composes a 4x4 board of tokens, which a CPU learns in minutes (3,072 pixels took it hours).
 TEMPLATES = {
-    "square": np.ones((4, 4), bool),
-    "circle": np.array([[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], bool),
-    "triangle": np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], bool),
-}
+    "square": np.ones((6, 6), bool),
+    "circle": np.array([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1],
+                        [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], bool),
+    "triangle": np.array([[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0],
+                          [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool),
+}       # pairwise 12 pixels apart: a detector tells them apart even from a blurry decode
 
 
-def _relation_offset(relation, rng):
-    """Offset (dx, dy) of the named object from its reference, clearly on one side."""
-    along, across = GRID * rng.randint(2, 5), GRID * rng.randint(-1, 1)
-    return {"left of": (-along, across), "right of": (along, across),
-            "above": (across, -along), "below": (across, along)}[relation]
+def cell_box(cell):
+    """The box (x0, y0, x1, y1) of the object drawn in cell index 0..GRID^2-1 (row-major)."""
+    y, x = divmod(cell, GRID)
+    return [x * CELL + 1.0, y * CELL + 1.0, x * CELL + 7.0, y * CELL + 7.0]
 
 
 def _objects(meta, rng):
@@ -152,6 +156,19 @@ def _objects(meta, rng):
     return objs
 
 
+def _cells(meta, n, rng, swap=False):
+    """n distinct cells for the objects; for a position prompt the first object (the reference)
+    and the second (the subject) in the asked relation by GenEval's rule (reversed if swap)."""
+    pos = meta["include"][-1].get("position")
+    while True:
+        cells = rng.sample(range(GRID * GRID), n)
+        if not pos or n < 2:
+            return cells
+        subject, reference = (cells[0], cells[1]) if swap else (cells[1], cells[0])
+        if pos[0] in relative_position(cell_box(subject), cell_box(reference), POSITION_THRESHOLD):
+            return cells
+
+
 def render(meta, rng, wrong=None):
     """Draw a scene for `meta` as (32, 32, 3) float32 in [0, 1] on black.
 
@@ -159,7 +176,6 @@ def render(meta, rng, wrong=None):
     (one coloured object in another colour), 'swap' (the relation's sides swapped) to make
     deliberately wrong scenes for the checker's tests."""
     objs = _objects(meta, rng)
-    pos = meta["include"][-1].get("position")
     if wrong == "missing":
         objs = objs[:-1]
     if wrong == "color":
@@ -167,28 +183,10 @@ def render(meta, rng, wrong=None):
         first = sum(e["count"] for e in meta["include"][:i])
         shape, color = objs[first]
         objs[first] = (shape, rng.choice([c for c in COLORS if c != color]))
-    for _ in range(1000):
-        corners = []
-        if pos:
-            dx, dy = _relation_offset(pos[0], rng)
-            if wrong == "swap":
-                dx, dy = -dx, -dy
-            x0 = GRID * rng.randint(max(0, -dx) // GRID, (RES - SIZE - max(0, dx)) // GRID)
-            y0 = GRID * rng.randint(max(0, -dy) // GRID, (RES - SIZE - max(0, dy)) // GRID)
-            corners = [(x0, y0), (x0 + dx, y0 + dy)]
-        else:
-            for _ in objs:
-                corners.append((GRID * rng.randint(0, (RES - SIZE) // GRID), GRID * rng.randint(0, (RES - SIZE) // GRID)))
-        # objects on the patch grid (so a 4x4-patch DiT learns them in minutes), a grid cell
-        # apart (so connected components separate them)
-        if all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= SIZE + GRID
-               for i, a in enumerate(corners) for b in corners[i + 1:]):
-            break
-    else:
-        raise RuntimeError(f"could not place {meta['prompt']!r}")
     img = np.zeros((RES, RES, 3), np.float32)
-    for (shape, color), (x, y) in zip(objs, corners):
-        img[y:y + SIZE, x:x + SIZE][TEMPLATES[shape]] = COLORS[color]
+    for (shape, color), cell in zip(objs, _cells(meta, len(objs), rng, swap=wrong == "swap")):
+        x0, y0 = (int(v) for v in cell_box(cell)[:2])
+        img[y0:y0 + 6, x0:x0 + 6][TEMPLATES[shape]] = COLORS[color]
     return img
 
 
@@ -198,53 +196,119 @@ def render_batch(metas, seed):
     return torch.from_numpy(np.stack([render(m, rng) for m in metas])).permute(0, 3, 1, 2)
 
 
+def random_scenes(n, seed, p_empty=0.6):
+    """(n, 3, 32, 32) boards with each cell independently empty or a random object: what the
+    VAE trains on, so it codes every board, not only the prompts' ones."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((n, RES, RES, 3), np.float32)
+    shapes, colors = list(TEMPLATES.values()), list(COLORS.values())
+    for b, cell in zip(*np.nonzero(rng.random((n, GRID * GRID)) > p_empty)):
+        x0, y0 = (int(v) for v in cell_box(int(cell))[:2])
+        img[b, y0:y0 + 6, x0:x0 + 6][shapes[rng.integers(3)]] = colors[rng.integers(4)]
+    return torch.from_numpy(img).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- noisy captions
+
+CORRUPTIONS = ("count", "color", "relation", "omission")
+
+
+def corrupt(meta, kind, rng):
+    """A plausible wrong scene description for a caption, like web alt-text gets wrong: the
+    metadata of the scene actually drawn while the caption still says meta["prompt"], or None
+    if `kind` does not apply. count: one object more or fewer; color: a named colour changed;
+    relation: the relation reversed; omission: the scene holds an object the caption leaves out."""
+    inc = [dict(e) for e in meta["include"]]
+    if kind == "count":
+        if len(inc) != 1:
+            return None
+        n = inc[0]["count"]
+        inc[0]["count"] = rng.choice([c for c in (n - 1, n + 1) if 1 <= c <= 4])
+    elif kind == "color":
+        named = [e for e in inc if e.get("color")]
+        if not named:
+            return None
+        e = rng.choice(named)
+        e["color"] = rng.choice([c for c in COLORS if c != e["color"]])
+    elif kind == "relation":
+        if "position" not in inc[-1]:
+            return None
+        r = inc[-1]["position"][0]
+        inc[-1]["position"] = [{"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[r], 0]
+    elif kind == "omission":
+        if sum(e["count"] for e in inc) >= 4 or "position" in inc[-1]:
+            return None
+        extra = {"class": rng.choice(SHAPES), "count": 1}
+        if any(e.get("color") for e in inc):
+            extra["color"] = rng.choice(list(COLORS))
+        if any(e["class"] == extra["class"] for e in inc):      # an extra of an asked shape is a count error
+            return None
+        inc.append(extra)
+    return {"tag": meta["tag"], "include": inc, "prompt": meta["prompt"]}
+
+
+def caption_scene(meta, truthful, rng):
+    """(the metadata whose scene is drawn, the corruption kind or None) for one pretraining
+    example captioned meta["prompt"]: the caption is truthful with probability `truthful`,
+    otherwise one applicable corruption, chosen uniformly."""
+    if rng.random() < truthful:
+        return meta, None
+    while True:
+        kind = rng.choice(CORRUPTIONS)
+        scene = corrupt(meta, kind, rng)
+        if scene is not None:
+            return scene, kind
+
+
 # ----------------------------------------------------------------------------- checker
 
 
-def _components(labels):
-    """4-connected components of equal non-zero labels in a (H, W) int array, by label
-    propagation (each pixel takes the max id of its same-label neighbours until stable)."""
-    h, w = labels.shape
-    ids = np.where(labels > 0, np.arange(1, h * w + 1).reshape(h, w), 0)
-    while True:
-        p = np.pad(ids, 1)
-        lp = np.pad(labels, 1)
-        new = ids.copy()
-        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            nb = p[dy:dy + h, dx:dx + w]
-            same = lp[dy:dy + h, dx:dx + w] == labels
-            new = np.where(same & (labels > 0), np.maximum(new, nb), new)
-        if (new == ids).all():
-            return ids
-        ids = new
-
-
-def detect(image, min_area=5):
-    """Objects in one (3, H, W) image in [0, 1]: list of dicts (class, color, box, area).
-
-    Each pixel takes the nearest palette colour if it is bright and close enough to it,
-    else background; a 4-connected blob of one colour is an object; its shape is the
-    template nearest (in pixels that differ) to the blob's 4x4 box."""
+def _cell_pixels(image):
+    """Per-cell palette labels of an image (3, H, W) in [0, 1]: (GRID^2, CELL, CELL) int, 0 for
+    background, 1..4 for the nearest palette colour of bright pixels close enough to it."""
     rgb = image.permute(1, 2, 0).float().cpu().numpy()
-    palette = np.array(list(COLORS.values()), np.float32)                   # (4, 3)
+    palette = np.array(list(COLORS.values()), np.float32)                     # (4, 3)
     dist = np.linalg.norm(rgb[:, :, None, :] - palette[None, None], axis=-1)  # (H, W, 4)
     labels = dist.argmin(-1) + 1
     labels[(dist.min(-1) > 0.5) | (rgb.max(-1) < 0.4)] = 0
-    ids = _components(labels)
+    return labels.reshape(GRID, CELL, GRID, CELL).transpose(0, 2, 1, 3).reshape(GRID * GRID, CELL, CELL)
+
+
+def _read_cell(labels, min_area=8):
+    """(shape, colour, pixels off the nearest template) of one cell's labels, or None if empty."""
+    mask = labels > 0
+    if mask.sum() < min_area:
+        return None
+    color = list(COLORS)[np.bincount(labels[mask], minlength=5)[1:].argmax()]
+    off = {}
+    for name, t in TEMPLATES.items():
+        placed = np.zeros((CELL, CELL), bool)
+        placed[1:7, 1:7] = t
+        off[name] = int((placed != mask).sum() + (mask & (labels != list(COLORS).index(color) + 1)).sum())
+    shape = min(off, key=off.get)
+    return shape, color, off[shape]
+
+
+def detect(image):
+    """Objects in one (3, 32, 32) image in [0, 1]: list of dicts (class, color, box, cell).
+    Each cell with enough bright palette pixels holds one object: its majority colour, and the
+    template nearest (in pixels that differ) to its pixels."""
     objects = []
-    names = list(COLORS)
-    for i in np.unique(ids[ids > 0]):
-        ys, xs = np.nonzero(ids == i)
-        if len(xs) < min_area:
-            continue
-        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        blob = np.zeros((SIZE, SIZE), bool)                 # the top-left 4x4 of the blob's box
-        inside = (xs - x0 < SIZE) & (ys - y0 < SIZE)
-        blob[ys[inside] - y0, xs[inside] - x0] = True
-        shape = min(TEMPLATES, key=lambda k: (TEMPLATES[k] != blob).sum())
-        objects.append({"class": shape, "color": names[labels[ys[0], xs[0]] - 1],
-                        "box": [float(x0), float(y0), float(x1), float(y1)], "area": len(xs)})
+    for cell, labels in enumerate(_cell_pixels(image)):
+        found = _read_cell(labels)
+        if found:
+            objects.append({"class": found[0], "color": found[1], "box": cell_box(cell), "cell": cell})
     return objects
+
+
+def well_formed(image, tolerance=4):
+    """Whether an image is a board of this world: every cell empty (fewer than 3 stray pixels)
+    or one object within `tolerance` pixels of a template in one palette colour."""
+    for labels in _cell_pixels(image):
+        found = _read_cell(labels, min_area=3)
+        if found and found[2] > tolerance:
+            return False
+    return True
 
 
 def judge(objects, meta):
@@ -318,8 +382,9 @@ def build_tokenizer():
                                    unk_token="[UNK]", model_max_length=MAX_TOKENS)
 
 
-def build_pipeline(model):
-    """A fresh, randomly initialised ShapesPipeline for 'tiny-dit' or 'tiny-unet'."""
+def build_pipeline(model, vae):
+    """A fresh, randomly initialised ShapesPipeline for 'tiny-dit' or 'tiny-unet' around a
+    trained autoencoder `vae` (pretrain.py): the denoiser works on its 4x4x4 latents."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     from models import ShapesPipeline
@@ -328,22 +393,22 @@ def build_pipeline(model):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
         pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    side, channels = RES // CELL, vae.config.latent_channels
     if model == "tiny-dit":
-        # flow matching in pixel space: 8x8 patches of 4x4 pixels, 4 joint blocks of width 128
+        # flow matching on latents: patch 1, so each of the 16 tokens is one cell; 4 joint blocks of width 128
         transformer = SD3Transformer2DModel(
-            sample_size=RES, patch_size=4, in_channels=3, out_channels=3, num_layers=4,
+            sample_size=side, patch_size=1, in_channels=channels, out_channels=channels, num_layers=4,
             attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-            caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=RES // 4)
-        # shift 1: at 32x32 pixels no resolution-dependent shift is needed (SD3 uses 3 at 1024px)
+            caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=side)
+        # shift 1: with 16 tokens no resolution-dependent shift is needed (SD3 uses 3 at 1024px)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-        return ShapesPipeline(text_encoder, tokenizer, scheduler, transformer=transformer)
+        return ShapesPipeline(text_encoder, tokenizer, scheduler, vae, transformer=transformer)
     if model == "tiny-unet":
         unet = UNet2DConditionModel(
-            sample_size=RES, in_channels=3, out_channels=3, layers_per_block=1,
-            block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=64,
-            attention_head_dim=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+            sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=1,
+            block_out_channels=(64, 128), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=16,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
         # SD1.5's betas and set_alpha_to_one=False, so the last DDIM step keeps a std (~0.03) large
         # enough for its log-prob to recompute to 1e-5 (a cosine schedule leaves ~0.006, and
         # batch-size-dependent conv numerics then move the ratio by 1e-5); trailing spacing, so
@@ -351,101 +416,8 @@ def build_pipeline(model):
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                   beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
                                   timestep_spacing="trailing")
-        return ShapesPipeline(text_encoder, tokenizer, scheduler, unet=unet)
+        return ShapesPipeline(text_encoder, tokenizer, scheduler, vae, unet=unet)
     raise ValueError(model)
-
-
-def _batch(train, rng, n):
-    """n training prompts, category first (so the large categories do not drown the small)."""
-    by_tag = {}
-    for m in train:
-        by_tag.setdefault(m["tag"], []).append(m)
-    return [rng.choice(by_tag[rng.choice(sorted(by_tag))]) for _ in range(n)]
-
-
-def ddpm_timestep_like(alphas_cumprod, sigma):
-    """The DDPM timestep whose signal-to-noise ratio abar / (1 - abar) is nearest to that of the
-    flow-matching state (1 - sigma) x0 + sigma noise, ((1 - sigma) / sigma)^2. (B,) long."""
-    snr_t = alphas_cumprod / (1 - alphas_cumprod)                                      # (T,)
-    snr = ((1 - sigma) / sigma).pow(2)                                                 # (B,)
-    return (snr_t[None] - snr[:, None]).abs().argmin(1)
-
-
-def pretrain(model, steps, batch, lr, seed, log_every=100, eval_every=0, object_weight=5.0, init=None):
-    """Train a ShapesPipeline from scratch on rendered scenes of training prompts: rectified
-    flow (velocity target, logit-normal sigma, as SD3) for tiny-dit, epsilon-prediction DDPM
-    for tiny-unet. The text encoder is trained jointly; 10% of prompts are dropped to "" so
-    CFG is available."""
-    from tqdm import tqdm
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    if init:                                         # continue from a saved pipeline (stage 2)
-        from models import ShapesPipeline
-        pipe = ShapesPipeline.from_pretrained(init)
-    else:
-        pipe = build_pipeline(model)
-    net = pipe.transformer if model == "tiny-dit" else pipe.unet
-    net.train().requires_grad_(True), pipe.text_encoder.train().requires_grad_(True)
-    params = list(net.parameters()) + list(pipe.text_encoder.parameters())
-    # an exponential moving average of the weights is what gets saved: in a run this short it
-    # gives far cleaner samples than the last iterate (decay warms up from 0 to 0.995)
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / steps)))
-    train = prompts("train")
-    abar = pipe.scheduler.alphas_cumprod if model == "tiny-unet" else None
-    bar = tqdm(range(steps), desc=f"pretrain {model}", dynamic_ncols=True)
-    for i in bar:
-        metas = _batch(train, rng, batch)
-        x0 = render_batch(metas, seed * 1_000_003 + i) * 2 - 1                 # (B, 3, 32, 32) in [-1, 1]
-        texts = [m["prompt"] if rng.random() > 0.1 else "" for m in metas]
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-        enc = pipe.text_encoder(ids)
-        noise = torch.randn_like(x0)
-        if model == "tiny-dit":
-            sigma = torch.sigmoid(torch.randn(batch) + 1.0)                     # logit-normal, mean 1
-            x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-            pred = net(x_t, timestep=sigma * 1000, encoder_hidden_states=enc.last_hidden_state,
-                       pooled_projections=enc.text_embeds, return_dict=False)[0]
-            target = noise - x0
-        else:
-            # the DiT's logit-normal noise levels, carried over by signal-to-noise ratio: uniform t
-            # spends most steps at low noise, where the composition is already decided
-            t = ddpm_timestep_like(abar, torch.sigmoid(torch.randn(batch) + 1.0))
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            pred = net(x_t, timestep=t, encoder_hidden_states=enc.last_hidden_state, return_dict=False)[0]
-            target = noise
-        # objects are 1-5% of the pixels: weighted as they are, a few thousand CPU steps learn the
-        # black background and the shapes but hardly the prompt (the loss with shuffled prompts
-        # was within 3% of the right ones). Stage 1 weighs object pixels object_weight times, and
-        # sigma leans to the noisy end (logit-normal mean 1), where the composition is decided;
-        # the weighting biases the model to too many objects, so a short stage 2 at weight 1
-        # (--init, --object-weight 1) recalibrates it.
-        weight = 1 + (object_weight - 1) * (x0 > 0).any(1, keepdim=True).float()
-        loss = (weight * (pred - target).pow(2)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.995, (1 + i) / (10 + i)))
-        if i % log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if eval_every and (i + 1) % eval_every == 0 or i + 1 == steps:
-            live = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in params], ema)     # evaluate (and save) the EMA
-            if i + 1 == steps:
-                return pipe
-            from models import Backbone
-            acc, score = evaluate(Backbone(pipe, model, "cpu", torch.float32), prompts("heldout"), range(2))
-            bar.write(f"step {i + 1}: held-out strict accuracy {acc:.3f}, partial credit {score:.3f} (EMA)")
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in params], live)
-            net.train().requires_grad_(True)          # Backbone() froze them for sampling
-            pipe.text_encoder.train().requires_grad_(True)
 
 
 def judge_samples(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
@@ -464,46 +436,25 @@ def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The built-in shapes world: pretrain or evaluate its base models.")
+    p = argparse.ArgumentParser(description="The built-in shapes world: evaluate a base model (pretrain.py trains them).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    pt = sub.add_parser("pretrain", help="train tiny-dit or tiny-unet from scratch and save it")
-    pt.add_argument("--model", choices=("tiny-dit", "tiny-unet"), default="tiny-dit", help="which base model")
-    pt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 1500 dit, 600 unet)")
-    pt.add_argument("--batch", type=int, default=64, help="scenes per step")
-    pt.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay, 100 warm-up steps)")
-    pt.add_argument("--seed", type=int, default=0, help="seed of weights, scenes and noise")
-    pt.add_argument("--object-weight", type=float, default=5.0, help="loss weight of object pixels (1 = plain MSE)")
-    pt.add_argument("--init", default=None, help="start from this saved pipeline instead of random weights")
-    pt.add_argument("--eval-every", type=int, default=0, help="print held-out accuracy every N steps (0: only at the end)")
-    pt.add_argument("--out", default=None, help="output directory (default: checkpoints/MODEL); never overwritten")
     ev = sub.add_parser("eval", help="held-out strict accuracy of a base model (deterministic sampler)")
     ev.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")
     ev.add_argument("--steps", type=int, default=10, help="denoising steps")
     ev.add_argument("--seeds", type=int, default=4, help="images per held-out prompt")
     args = p.parse_args(argv)
-    from models import MODELS, BackboneError, load_backbone
-    if args.cmd == "pretrain":
-        out = args.out or MODELS[args.model]
-        if os.path.exists(out):
-            p.exit(2, f"error: {out} exists; it is never overwritten (move it away or pass --out)\n")
-        steps = args.steps or (1500 if args.model == "tiny-dit" else 600)
-        t0 = time.time()
-        pipe = pretrain(args.model, steps, args.batch, args.lr, args.seed, eval_every=args.eval_every,
-                        object_weight=args.object_weight, init=args.init)
-        tmp = out + ".tmp"
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, out)                      # atomic: a crash leaves no half-written checkpoint
-        print(f"saved {out} after {steps} steps in {time.time() - t0:.0f}s")
-        args.model = out
+    for flag in ("steps", "seeds"):
+        if getattr(args, flag) < 1:
+            p.exit(2, f"error: --{flag} {getattr(args, flag)}: must be >= 1\n")
+    from models import BackboneError, load_backbone
     try:
         backbone = load_backbone(args.model)
     except BackboneError as e:
         p.exit(2, f"error: {e}\n")
-    nsteps = getattr(args, "steps", 10) if args.cmd == "eval" else 10
-    seeds = range(getattr(args, "seeds", 4))
-    acc, score = evaluate(backbone, prompts("heldout"), seeds, nsteps)
+    held = prompts("heldout")
+    acc, score = evaluate(backbone, held, range(args.seeds), args.steps)
     print(f"{args.model}: held-out strict accuracy {acc:.3f}, partial credit {score:.3f} "
-          f"({len(prompts('heldout'))} prompts x {len(seeds)} seeds, {nsteps} deterministic steps)")
+          f"({len(held)} prompts x {args.seeds} seeds, {args.steps} deterministic steps, CFG 1)")
 
 
 if __name__ == "__main__":

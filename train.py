@@ -39,7 +39,7 @@ from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_va
     explained_variance_by_noise, lora_config, noise_fraction
 from models import BackboneError, resolve
 
-ALGOS = ("ppo", "grpo")
+ALGOS = ("ppo", "grpo", "raft")
 # flags a resumed run may change; every other one comes from the run's config.json
 RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every")
 
@@ -64,7 +64,9 @@ def build_parser():
                         "copy of tiny-dit drifts into a patch-grid texture under noisy updates, see BENCHMARKS.md)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: 64 at rank 32)")
     g = p.add_argument_group("algorithm")
-    g.add_argument("--algo", default="ppo", help="ppo (critic-guided, the paper) | grpo (the baseline)")
+    g.add_argument("--algo", default="ppo",
+                   help="ppo (critic-guided, the paper) | grpo (the baseline) | raft (rejection-sampling fine-tuning: "
+                        "the pretraining loss on the samples that pass, the supervised reference)")
     g.add_argument("--iters", type=int, default=60, help="iterations (rollout batch + update each)")
     g.add_argument("--batch-size", type=int, default=32, help="images generated per iteration, all ranks together")
     g.add_argument("--group-size", type=int, default=None,
@@ -100,6 +102,8 @@ def build_parser():
     g.add_argument("--head-epochs", type=int, default=1,
                    help="passes of the value head alone over every state per iteration, on the features the "
                         "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off)")
+    g.add_argument("--raft-steps", type=int, default=4,
+                   help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed * world + r)")
     g = rewards.add_reward_args(p)
@@ -184,7 +188,7 @@ def configure(args, argv):
     if args.sde_steps is None:
         args.sde_steps = min(5, args.num_steps) if args.shapes_world else args.num_steps
     for name in ("iters", "batch_size", "group_size", "num_steps", "sde_steps", "eval_num_steps", "epochs", "minibatch_size",
-                 "eval_every", "eval_seeds", "sample_every", "save_every"):
+                 "eval_every", "eval_seeds", "sample_every", "save_every", "raft_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "critic_lr", "critic_head_lr", "clip_range", "adv_clip", "max_grad_norm"):
@@ -428,15 +432,19 @@ def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
 
 
 @torch.no_grad()
-def save_samples(args, backbone, policy_net, grid_prompts, path):
-    from torchvision.utils import save_image
+def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1)):
+    """A labelled grid of the deterministic sampler: one column per prompt (its text above it),
+    one row per seed; in the built-in world each image is framed green (pass) or red (fail)."""
+    import grid
     with adapter(policy_net, POLICY) as net:
-        traj = rollout.sample(backbone, grid_prompts, args.eval_num_steps, 0.0,
-                              generator=torch.Generator(backbone.device).manual_seed(0), net=net)
-    images = traj.images.cpu()
-    if images.shape[-1] < 128:                     # the built-in world's 32 px: enlarge, keep pixels sharp
-        images = torch.nn.functional.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
-    save_image(images, path, nrow=len(grid_prompts), padding=2, pad_value=1.0)
+        images = rollout.sample_seeded(backbone, [m["prompt"] for m in grid_metas], seeds, args.eval_num_steps,
+                                       net=net)
+    marks = None
+    if args.shapes_world:
+        import toy
+        marks = toy.check(images, list(grid_metas) * len(seeds))[0].tolist()
+    grid.save_grid(path, images, len(grid_metas), titles=[m["prompt"] for m in grid_metas], marks=marks,
+                   row_titles=[f"seed {s}" for s in seeds])
 
 
 def plot_rewards(run_dir, rows):
@@ -527,14 +535,14 @@ def train(args, spec, train_prompts, heldout):
     for m in train_prompts:
         by_tag.setdefault(m.get("tag", ""), []).append(m)
     tags = sorted(by_tag)
-    grid_prompts = [m["prompt"] for m in heldout[::max(1, len(heldout) // 8)][:8]]
+    grid_metas = heldout[::max(1, len(heldout) // 8)][:8]
     if master:
         with open(os.path.join(args.run_dir, "samples", "prompts.txt"), "w") as f:
-            f.write("\n".join(grid_prompts) + "\n")
+            f.write("\n".join(m["prompt"] for m in grid_metas) + "\n")
     if master and start == 0:                     # the base model: where every curve starts
         rows.append({"iter": 0, "images": 0, "time/total_train_s": 0.0,
                      **evaluate(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds))})
-        save_samples(args, backbone, policy_net, grid_prompts, os.path.join(args.run_dir, "samples", "iter_0000.png"))
+        save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", "iter_0000.png"))
         with open(os.path.join(args.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps(rows[0]) + "\n")
         log(" | ".join(["base model"] + [f"{k.split('/')[-1]} {v:.3f}" for k, v in rows[0].items() if k.startswith("eval/")]))
@@ -594,17 +602,24 @@ def train(args, spec, train_prompts, heldout):
                 noise = noise_fraction(backbone, traj.levels[:K])                             # (K,)
                 row["critic/explained_variance"] = explained_variance(v_total.flatten(), g_total.flatten())
                 row.update({f"critic/ev_noise_{k}": v for k, v in explained_variance_by_noise(v_total, r_total, noise).items()})
-            else:
+            elif args.algo == "grpo":
                 advantages = ppo.grpo_advantages(normalised @ weights, args.group_size)[:, None].expand(B, K)
-            advantages = advantages.clamp(-args.adv_clip, args.adv_clip)
-            # 4. the update: critic only during value warm-up, then both
+            # 4. the update: critic only during value warm-up, then both (RAFT: fine-tune on what passed)
             warmup = args.algo == "ppo" and it < args.value_warmup
-            if returns is not None:
-                returns, old_values = returns.to(device), old_values.to(device)
-            row.update(ppo.update(backbone, traj, advantages.to(device), returns, old_values, policy_net, ref_net,
-                                  critic, opt_policy, opt_critic, args, shuffle, train_policy=not warmup,
-                                  critic_pairs=None if warmup else args.critic_pairs,
-                                  features=features))
+            if args.algo == "raft":
+                # keep the strict passes where a reward has a verdict (the shapes checker), else the top quarter
+                total = normalised @ weights                                                    # (B,)
+                keep = (strict[next(iter(strict))].to(total.device).bool() if strict else
+                        total >= torch.quantile(out["total"], 0.75))
+                row.update(ppo.raft_update(backbone, traj, keep, policy_net, opt_policy, args, shuffle))
+            else:
+                advantages = advantages.clamp(-args.adv_clip, args.adv_clip)
+                if returns is not None:
+                    returns, old_values = returns.to(device), old_values.to(device)
+                row.update(ppo.update(backbone, traj, advantages.to(device), returns, old_values, policy_net, ref_net,
+                                      critic, opt_policy, opt_critic, args, shuffle, train_policy=not warmup,
+                                      critic_pairs=None if warmup else args.critic_pairs,
+                                      features=features))
             row["warmup"] = warmup
             if row["losses/skipped"]:
                 log(f"warning: iteration {it + 1}: {row['losses/skipped']} minibatch update(s) skipped (non-finite loss or gradient)")
@@ -620,7 +635,7 @@ def train(args, spec, train_prompts, heldout):
         if master and ((it + 1) % args.eval_every == 0 or last):
             row.update(evaluate(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)))
         if master and ((it + 1) % args.sample_every == 0 or last):
-            save_samples(args, backbone, policy_net, grid_prompts, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"))
+            save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"))
         if master:
             rows.append(row)
             with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:

@@ -34,7 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import RESULTS, ROOT, add_run_args, launch, prompt_accuracy, split_train_flags, train_run, write_json, write_section
 
-ALGOS = ("ppo", "grpo")
+ALGOS = ("ppo", "grpo", "raft")
+LABELS = {"ppo": "critic-PPO", "grpo": "GRPO", "raft": "RAFT (supervised reference)"}
+COLORS = {"ppo": "tab:red", "grpo": "tab:blue", "raft": "tab:gray"}
 
 
 def run_one(args, algo, seed, extra):
@@ -82,6 +84,14 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+def se(xs):
+    """Standard error of the mean over seeds."""
+    if len(xs) < 2:
+        return float("nan")
+    m = mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
 def add_prompt_accuracy(args, curves):
     """The base model's and each run's final policy's accuracy on both prompt splits."""
     seeds = range(args.eval_seeds)
@@ -102,6 +112,7 @@ def summarise(curves, seeds, timed=None, accuracy=None):
         images = runs[0]["images"]
         acc = [mean([r["heldout_strict"][i] for r in runs]) for i in range(len(images))]
         out[algo] = {"images": images, "heldout_strict_mean": acc, "base": acc[0], "final": acc[-1],
+                     "final_se": se([r["heldout_strict"][-1] for r in runs]),
                      "final_per_seed": [r["heldout_strict"][-1] for r in runs],
                      "wall_s_per_image": mean([r["wall_s_per_image"] for r in runs]),
                      "steady_ms_per_image_learning_runs": mean([r["steady_ms_per_image"] for r in runs]),
@@ -142,24 +153,24 @@ def plot(curves, summary, seeds, path):
     fig, axes = plt.subplots(1, 3 if splits else 2, figsize=(15 if splits else 11, 4),
                              gridspec_kw={"width_ratios": [3, 1, 1.5] if splits else [3, 1]})
     ax, bx = axes[:2]
-    for algo, color in zip(ALGOS, ("tab:red", "tab:blue")):
+    for algo in ALGOS:
+        color = COLORS[algo]
         for s in seeds:
             c = curves[algo][str(s)]
             ax.plot(c["images"], c["heldout_strict"], color=color, alpha=0.25, lw=1)
         m = summary[algo]
-        label = {"ppo": "critic-PPO (ours)", "grpo": "GRPO"}[algo]
-        ax.plot(m["images"], m["heldout_strict_mean"], color=color, lw=2, marker="o", ms=3, label=f"{label}, mean of {len(seeds)} seeds")
+        ax.plot(m["images"], m["heldout_strict_mean"], color=color, lw=2, marker="o", ms=3,
+                label=f"{LABELS[algo]}, mean of {len(seeds)} seeds")
     ax.set_xlabel("images generated"), ax.set_ylabel("held-out strict accuracy"), ax.grid(alpha=0.3), ax.legend()
     ax.set_title("built-in world, tiny-dit: held-out accuracy vs images")
     per_image = [summary[a]["steady_ms_per_image_alone"] or summary[a]["wall_s_per_image"] * 1000 for a in ALGOS]
-    bx.bar(["critic-PPO", "GRPO"], per_image, color=["tab:red", "tab:blue"])
+    bx.bar([LABELS[a].split(" ")[0] for a in ALGOS], per_image, color=[COLORS[a] for a in ALGOS])
     bx.set_ylabel("training wall time per image (ms, 1 CPU thread)"), bx.grid(alpha=0.3, axis="y")
     if splits:      # sharpening (training prompts) against generalisation (held-out ones)
-        cx, width = axes[2], 0.27
-        for k, (label, color, key) in enumerate((("base", "gray", "base_"), ("critic-PPO", "tab:red", "final_"),
-                                                 ("GRPO", "tab:blue", "final_"))):
-            algo = "grpo" if label == "GRPO" else "ppo"
-            cx.bar([i + (k - 1) * width for i in range(2)],
+        cx, width = axes[2], 0.2
+        bars = [("base", "black", "ppo", "base_")] + [(LABELS[a].split(" ")[0], COLORS[a], a, "final_") for a in ALGOS]
+        for k, (label, color, algo, key) in enumerate(bars):
+            cx.bar([i + (k - 1.5) * width for i in range(2)],
                    [summary[algo][f"{key}{split}_category_mean"] for split in ("train", "heldout")], width, color=color, label=label)
         cx.set_xticks(range(2), ["training prompts", "held-out prompts"]), cx.grid(alpha=0.3, axis="y")
         cx.set_ylabel("strict accuracy (category mean)"), cx.legend(fontsize=8)
@@ -170,41 +181,46 @@ def plot(curves, summary, seeds, path):
 
 def table(summary, train_tags=None):
     """The section's main table; train_tags: the categories RL trained on, when not all of them."""
-    ppo, grpo, c = summary["ppo"], summary["grpo"], summary["comparison"]
-    alone = [f"| training wall time per image, alone, steady state (ms) | {ppo['steady_ms_per_image_alone']:.1f} "
-             f"| {grpo['steady_ms_per_image_alone']:.1f} |"] if ppo["steady_ms_per_image_alone"] else []   # timing runs only
-    lines = ["| | critic-PPO | GRPO |", "|---|---|---|",
-             f"| held-out strict accuracy, base model | {ppo['base']:.3f} | {grpo['base']:.3f} |",
-             f"| held-out strict accuracy after {grpo['images'][-1]} images (mean) | {ppo['final']:.3f} | {grpo['final']:.3f} |",
-             f"| per seed | {', '.join(f'{a:.3f}' for a in ppo['final_per_seed'])} | {', '.join(f'{a:.3f}' for a in grpo['final_per_seed'])} |",
-             f"| training wall time per image, learning runs (ms, total / images) | {ppo['wall_s_per_image'] * 1000:.1f} | {grpo['wall_s_per_image'] * 1000:.1f} |",
-             *alone,
-             f"| time ratio critic-PPO / GRPO ({c['time_ratio_source']}) | {c['time_ratio_ppo_over_grpo']:.2f} | - |",
-             f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final'] or 'not reached'} | - |"]
+    algos, c = [summary[a] for a in ALGOS], summary["comparison"]
+    row = lambda name, f: f"| {name} | " + " | ".join(f(m) for m in algos) + " |"
+    lines = ["| | " + " | ".join(LABELS[a] for a in ALGOS) + " |", "|---|" + "---|" * len(ALGOS),
+             row("held-out strict accuracy, base model", lambda m: f"{m['base']:.3f}"),
+             row(f"held-out strict accuracy after {algos[0]['images'][-1]} images (mean ± s.e. over seeds)",
+                 lambda m: f"{m['final']:.3f} ± {m['final_se']:.3f}"),
+             row("per seed", lambda m: ", ".join(f"{a:.3f}" for a in m["final_per_seed"])),
+             row("training wall time per image, learning runs (ms, total / images)",
+                 lambda m: f"{m['wall_s_per_image'] * 1000:.1f}")]
+    if algos[0]["steady_ms_per_image_alone"]:                                                  # timing runs only
+        lines.append(row("training wall time per image, alone, steady state (ms)",
+                         lambda m: f"{m['steady_ms_per_image_alone']:.1f}"))
+    lines += [f"| time ratio critic-PPO / GRPO ({c['time_ratio_source']}) | {c['time_ratio_ppo_over_grpo']:.2f} |"
+              + " - |" * (len(ALGOS) - 1),
+              f"| images for critic-PPO to reach GRPO's final accuracy | {c['ppo_images_to_reach_grpo_final'] or 'not reached'} |"
+              + " - |" * (len(ALGOS) - 1)]
     seen = f"RL saw the {', '.join(f'`{t}`' for t in train_tags)} ones" if train_tags else "RL saw them"
     for split, name in (("train", f"training prompts ({seen})"), ("heldout", "held-out prompts")):
-        if f"final_{split}_category_mean" in ppo:
+        if f"final_{split}_category_mean" in algos[0]:
             cell = lambda m, k: f"{m[k + '_category_mean']:.3f} ({m[k + '_prompt_mean']:.3f})"
-            lines += [f"| {name}, base model, category mean (prompt mean) | {cell(ppo, 'base_' + split)} | {cell(grpo, 'base_' + split)} |",
-                      f"| {name}, final policies, category mean (prompt mean) | {cell(ppo, 'final_' + split)} | {cell(grpo, 'final_' + split)} |",
-                      f"| {name}, final, category mean per seed | "
-                      + " | ".join(", ".join(f"{a:.3f}" for a in m[f"final_{split}_category_mean_per_seed"]) for m in (ppo, grpo)) + " |"]
+            lines += [row(f"{name}, base model, category mean (prompt mean)", lambda m: cell(m, "base_" + split)),
+                      row(f"{name}, final policies, category mean (prompt mean)", lambda m: cell(m, "final_" + split))]
     if c["critic_ev_by_noise_last5"]:
         lines.append("| critic explained variance by noise fraction (last 5 iterations) | "
-                     + ", ".join(f"{k}: {v:+.2f}" for k, v in c["critic_ev_by_noise_last5"].items()) + " | - |")
+                     + ", ".join(f"{k}: {v:+.2f}" for k, v in c["critic_ev_by_noise_last5"].items()) + " |"
+                     + " - |" * (len(ALGOS) - 1))
     return "\n".join(lines)
 
 
 def category_table(summary):
     """Strict accuracy per category and split: base model, then each algorithm's mean over seeds."""
-    ppo, grpo = summary["ppo"], summary["grpo"]
-    if "final_train_by_category" not in ppo:                         # a JSON from before the per-category figures
+    first = summary[ALGOS[0]]
+    if "final_train_by_category" not in first:                       # a JSON from before the per-category figures
         return ""
-    lines = ["| category | split | base model | critic-PPO (mean of seeds) | GRPO (mean of seeds) |", "|---|---|---|---|---|"]
-    for category in ppo["base_train_by_category"]:
+    lines = ["| category | split | base model | " + " | ".join(LABELS[a] for a in ALGOS) + " |",
+             "|---|---|---|" + "---|" * len(ALGOS)]
+    for category in first["base_train_by_category"]:
         for split, name in (("train", "training"), ("heldout", "held-out")):
-            lines.append(f"| {category} | {name} | {ppo[f'base_{split}_by_category'][category]:.3f} | "
-                         f"{ppo[f'final_{split}_by_category'][category]:.3f} | {grpo[f'final_{split}_by_category'][category]:.3f} |")
+            lines.append(f"| {category} | {name} | {first[f'base_{split}_by_category'][category]:.3f} | "
+                         + " | ".join(f"{summary[a][f'final_{split}_by_category'][category]:.3f}" for a in ALGOS) + " |")
     return "\n".join(lines)
 
 
@@ -212,7 +228,7 @@ def main():
     argv, extra = split_train_flags(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(p, "ppo_vs_grpo", eval_every=10, jobs=1)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, the same for both algorithms")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds, the same for every algorithm")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ppo_vs_grpo"), help="output prefix (.json, .png)")
     p.add_argument("--timing-images", type=int, default=640,
                    help="images per algorithm in separate timing runs, one algorithm at a time (0 = skip)")
@@ -242,7 +258,11 @@ def main():
     config = json.load(open(os.path.join(args.runs, f"ppo-seed{args.seeds[0]}", "config.json")))
     train_tags = config.get("train_tags") and config["train_tags"].split(",")   # the categories RL trained on, if not all
     summary = summarise(curves, args.seeds, timed, accuracy)
-    write_json(args.out, {"command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
+    spec = {"images": summary["ppo"]["images"], "base_heldout_strict": summary["ppo"]["base"],
+            **{a: {"heldout_strict": [curves[a][str(s)]["heldout_strict"] for s in args.seeds],
+                   "time_per_image_ms": [curves[a][str(s)]["wall_s_per_image"] * 1000 for s in args.seeds]}
+               for a in ALGOS}}
+    write_json(args.out, {**spec, "command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
                           "eval_seeds": args.eval_seeds, "label": args.label, "summary": summary, "prompt_accuracy": accuracy,
                           "curves": curves})
     plot(curves, summary, args.seeds, args.out + ".png")
@@ -250,7 +270,7 @@ def main():
         name, targets = os.path.basename(args.out), summary["comparison"]["targets"]
         categories = category_table(summary)
         write_section(name.replace("_", "-"), "\n".join([
-            f"## Critic-PPO vs GRPO on the built-in world ({summary['grpo']['images'][-1]} images per run, equal seeds"
+            f"## Critic-PPO vs GRPO vs RAFT on the built-in world ({summary['grpo']['images'][-1]} images per run, equal seeds"
             + (f"; {args.label}" if args.label else "") + ")", "",
             f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, "
             f"{args.threads} thread per run, {args.jobs} runs at once; held-out prompts x {args.eval_seeds} seeds, "

@@ -123,4 +123,22 @@ def test_cli_saves_the_chain_picture(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     w, h = Image.open(out).size
-    assert (w, h) == (4 * 33 + 1, 2 * 33 + 1)            # 2 rows of K+1 = 4 tiles of 32 px, 1 px padding
+    assert w > 4 * 128 and h > 2 * 128               # 2 rows of K+1 = 4 tiles, enlarged to 128 px, with labels
+
+
+def test_grid_labels_and_marks(tmp_path):
+    """save_grid: titles widen the top margin; a pass is framed green and a fail red; tiles keep
+    their pixels (nearest-neighbour enlargement)."""
+    import numpy as np
+    from PIL import Image
+    import grid
+    images = torch.zeros(4, 3, 32, 32)
+    images[:, 0, 8:16, 8:16] = 1.0                   # a red block in every tile
+    plain = grid.save_grid(tmp_path / "a.png", images, 2)
+    labelled = grid.save_grid(tmp_path / "b.png", images, 2, titles=["two red circles", "a square left of a triangle"],
+                              marks=[True, False, None, True])
+    assert labelled.size[1] > plain.size[1]
+    px = np.asarray(Image.open(tmp_path / "b.png").convert("RGB"))
+    frames = {tuple(px[y, x]) for y, x in zip(*np.nonzero((px != 255).any(-1)))}
+    assert grid.PASS in frames and grid.FAIL in frames
+    assert (px == (255, 0, 0)).all(-1).sum() == 4 * (8 * 4) ** 2          # each red block is 32x32 after x4

@@ -1,0 +1,320 @@
+"""Evaluation, with or without critic steering: one entry point for every model (arXiv 2605.27736,
+its Figs. 7 and 9; METHOD.md section 7; the steering methods are in steer.py).
+
+  python eval.py --steer bon                          # built-in world: shipped tiny-dit + the newest run's critic
+  python eval.py --policy runs/ppo-... --steer smc --n 8 --seeds 8
+  python eval.py --model sd3.5m --policy RUN --critic RUN --steer grad+bon --prompts geneval --rewards hps,clip
+
+Writes a run-style directory (never overwritten): results.json (per prompt and seed: every reward,
+the strict verdict where a reward has one, NFE), summary.json and a line per reward (mean ±
+standard error over images), grid.png (prompt above each column, N candidates of seed 0 below,
+the score under each, the chosen one captioned, pass/fail frames where a reward judges), and for
+GenEval-style prompts geneval/ in GenEval's own layout (NNNNN/metadata.jsonl, NNNNN/samples/SSSS.png)
+so its official scorer runs on it. Bad input: one line, exit code 2, before anything is loaded.
+
+Test: tests/test_steer.py
+"""
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import sys
+
+import torch
+
+import rewards
+import steer
+from models import BackboneError, load_backbone, resolve
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                     # one line, not usage + error
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser():
+    p = Parser(description=__doc__.splitlines()[0])
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="base model: tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers "
+                                                 "directory (default: the --policy run's, else tiny-dit)")
+    g.add_argument("--policy", default=None, metavar="RUN_DIR", help="a train.py run whose final policy to sample "
+                                                                    "(default: the base model)")
+    g.add_argument("--critic", default=None, metavar="RUN_DIR",
+                   help="a train.py critic-PPO run whose critic steers (default: --policy if it has one, else, on "
+                        "the built-in world, the newest run under runs/ with a critic for --model)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g = p.add_argument_group("steering")
+    g.add_argument("--steer", default="none", choices=steer.METHODS, help="how to use the critic (steer.py)")
+    g.add_argument("--n", type=int, default=4, help="samples / particles per prompt N (bon, smc, grad+bon, proxy-smc)")
+    g.add_argument("--select", default="critic", choices=("critic", "reward"),
+                   help="best of N by the critic's value of the last window state, or by the reward")
+    g.add_argument("--guidance", type=float, default=1.0, help="grad: scale s of mu' = mu + s std^2 grad V")
+    g.add_argument("--lam", type=float, default=4.0, help="smc: weights exp(lam (V(x') - V(x))), values in reward-std units")
+    g.add_argument("--resample-every", type=int, default=1, help="smc: resampling opportunity every N window steps")
+    g.add_argument("--steer-weights", default=None,
+                   help="weights of the critic's heads (and of the rewards for --select reward), e.g. hps=1,clip=0.5 "
+                        "(default: the critic run's training weights)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-steps", type=int, default=None, help="denoising steps K (default: the run's --num-steps, else 10)")
+    g.add_argument("--sde-steps", type=int, default=None,
+                   help="stochastic steps S, the first of K: the critic's window (default: the run's, else 5)")
+    g.add_argument("--noise-level", type=float, default=None, help="SDE noise a / DDIM eta (default: the training noise)")
+    g = p.add_argument_group("prompts and rewards")
+    g.add_argument("--prompts", default="heldout", help="heldout | train (the built-in world's split) | geneval | a .txt or .jsonl")
+    g.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    g.add_argument("--rewards", default=None, help="comma list of rewards to report (default: shapes on the built-in "
+                                                 "world, else the critic run's)")
+    g.add_argument("--reward-path", action="append", default=[], metavar="NAME[.PART]=PATH", help="as in train.py")
+    g.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    g.add_argument("--out", default=None, help="output directory (default runs/eval-STEER-MODEL-TIME); never overwritten")
+    return p
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_config(run_dir, flag):
+    path = os.path.join(run_dir or "", "config.json")
+    if not os.path.isfile(path):
+        fail(f"{flag} {run_dir}: not a train.py run directory (no config.json)")
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {run_dir}: unreadable config.json ({e})")
+
+
+def newest_critic(model):
+    """The newest runs/*/ with a critic checkpoint trained on `model`, or None."""
+    found = []
+    for cfg in glob.glob(os.path.join("runs", "*", "config.json")):
+        run = os.path.dirname(cfg)
+        try:
+            same = json.load(open(cfg)).get("model") == model
+        except (OSError, ValueError):
+            continue
+        ckpt = os.path.join(run, "checkpoint", "critic.safetensors")
+        if same and os.path.isfile(ckpt):
+            found.append((os.path.getmtime(ckpt), run))
+    return max(found)[1] if found else None
+
+
+def load_prompts(source, max_prompts):
+    if source in ("heldout", "train"):
+        import toy
+        metas = toy.prompts(source)
+    elif source == "geneval":
+        metas = rewards.geneval_prompts(200, seed=1)
+    elif os.path.isfile(source):
+        try:
+            metas = (rewards.read_geneval_metadata(source) if source.endswith(".jsonl") else
+                     [{"prompt": line.strip()} for line in open(source, encoding="utf-8") if line.strip()])
+        except (UnicodeDecodeError, ValueError, rewards.RewardError) as e:
+            fail(f"--prompts {source}: not a prompt file ({str(e).splitlines()[0]})")
+    else:
+        fail(f"--prompts {source!r}: not heldout, train, geneval or an existing file")
+    metas = metas[:max_prompts] if max_prompts else metas
+    if not metas:
+        fail(f"--prompts {source}: no prompts")
+    return metas
+
+
+def configure(args):
+    """Every check before any model is loaded; fills in the defaults from the runs."""
+    for name in ("n", "seeds", "resample_every", "num_steps", "sde_steps", "max_prompts"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    for name in ("guidance", "lam", "noise_level"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            fail(f"--{name.replace('_', '-')} {v}: must be finite and >= 0")
+    policy_cfg = run_config(args.policy, "--policy") if args.policy else None
+    args.model = args.model or (policy_cfg or {}).get("model") or "tiny-dit"
+    try:
+        _, kind = resolve(args.model)
+    except BackboneError as e:
+        fail(str(e))
+    shapes_world = kind == "ShapesPipeline"
+    if args.policy:
+        if not (os.path.isdir(os.path.join(args.policy, "pipeline")) or os.path.isdir(os.path.join(args.policy, "policy_lora"))):
+            fail(f"--policy {args.policy}: the run has no final policy yet (no pipeline/ or policy_lora/)")
+    wants_critic = args.steer in steer.NEEDS_CRITIC or (args.select == "critic" and args.steer in ("bon", "smc", "grad+bon"))
+    if args.critic is None and wants_critic:
+        if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")):
+            args.critic = args.policy
+        elif shapes_world:
+            args.critic = newest_critic(args.model)
+        if args.critic is None:
+            fail(f"--steer {args.steer} with --select {args.select} needs a critic: pass --critic RUN_DIR (a train.py "
+                 f"--algo ppo run on {args.model}), or --select reward")
+    critic_cfg = run_config(args.critic, "--critic") if args.critic and wants_critic else None
+    if critic_cfg is not None:
+        if not os.path.isfile(os.path.join(args.critic, "checkpoint", "critic.safetensors")):
+            fail(f"--critic {args.critic}: no checkpoint/critic.safetensors (a --algo ppo run has one)")
+        if critic_cfg.get("model") != args.model:
+            fail(f"--critic {args.critic} was trained on {critic_cfg.get('model')}, not {args.model}")
+    else:
+        args.critic = None
+    source = critic_cfg or policy_cfg or {}
+    args.num_steps = args.num_steps or source.get("num_steps") or 10
+    args.sde_steps = min(args.sde_steps or source.get("sde_steps") or min(5, args.num_steps), args.num_steps)
+    args.critic_rewards = [r for r in (critic_cfg or {}).get("rewards", "").split(",") if r]
+    args.rewards = args.rewards or ("shapes" if shapes_world else ",".join(args.critic_rewards) or "clip")
+    names = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    default_w = dict(zip(args.critic_rewards, [float(w) for w in (critic_cfg or {}).get("reward_weights", "").split(",") if w]
+                         or [1.0] * len(args.critic_rewards))) if critic_cfg else {n: 1.0 for n in names[:1]}
+    weights = default_w
+    if args.steer_weights:
+        try:
+            weights = {k.strip(): float(v) for k, v in (kv.split("=") for kv in args.steer_weights.split(","))}
+        except ValueError:
+            fail(f"--steer-weights {args.steer_weights!r}: expected NAME=WEIGHT pairs, e.g. hps=1,clip=0.5")
+        if critic_cfg and not set(weights) <= set(args.critic_rewards):
+            fail(f"--steer-weights names {sorted(set(weights) - set(args.critic_rewards))}: the critic has heads for "
+                 f"{', '.join(args.critic_rewards)} only")
+    args.weights = weights
+    args.reward_names = names + [n for n in weights if n not in names and args.select == "reward"]
+    try:      # names and local weight paths checked here; nothing is loaded yet
+        args.spec = rewards.parse_reward_args(argparse.Namespace(rewards=",".join(args.reward_names),
+                                                                 reward_path=args.reward_path))
+        args.metas = load_prompts(args.prompts, args.max_prompts)
+        rewards.check_metadata(args.reward_names, args.metas, [m["prompt"] for m in args.metas])
+    except rewards.RewardError as e:
+        fail(str(e))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out = args.out or os.path.join("runs", f"eval-{args.steer}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
+    if os.path.exists(args.out):
+        fail(f"--out {args.out} exists; it is never overwritten")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {args.out}: {parent} is not a writable directory")
+    return args
+
+
+def load_policy(args):
+    """The sampling backbone: the run's exported pipeline (built-in world), or the base model with
+    the run's LoRA adapter loaded by diffusers (real models), or the base model."""
+    if args.policy and os.path.isdir(os.path.join(args.policy, "pipeline")):
+        return load_backbone(os.path.join(args.policy, "pipeline"), args.device)
+    backbone = load_backbone(args.model, args.device)
+    if args.policy:
+        backbone.pipe.load_lora_weights(os.path.join(args.policy, "policy_lora"))
+    return backbone
+
+
+def evaluate(args):
+    import critic as critic_module
+    import grid
+    backbone = load_policy(args)
+    noise = args.noise_level if args.noise_level is not None else __import__("rollout").TRAIN_NOISE[backbone.sampler]
+    scorers = args.spec.mixer(args.device).scorers                       # name -> fn(images, prompts, metadata)
+    metas, prompts = args.metas, [m["prompt"] for m in args.metas]
+    value = None
+    if args.critic:
+        critic_backbone = load_backbone(args.model, args.device)          # the base the critic was trained on
+        critic = critic_module.load(critic_backbone, args.critic).eval()
+        w = [args.weights.get(n, 0.0) for n in args.critic_rewards]
+        value = steer.critic_value_fn(critic, critic_backbone, prompts, backbone.schedule(args.num_steps), w)
+
+    def score(images, idx):                                               # the selection / proxy reward
+        total = torch.zeros(len(images))
+        for n, wn in args.weights.items():
+            if n in scorers and wn:
+                total += wn * torch.as_tensor(scorers[n](images, [prompts[i] for i in idx], [metas[i] for i in idx])).float().cpu()
+        return total
+
+    rows, grids = [], []
+    for seed in range(args.seeds):
+        g = torch.Generator(args.device).manual_seed(seed)
+        out = steer.steer(backbone, prompts, args.steer, args.n, args.num_steps, noise, args.sde_steps, value=value,
+                          score=score, select=args.select, guidance=args.guidance, lam=args.lam,
+                          resample_every=args.resample_every, generator=g)
+        per = {}
+        for n, fn in scorers.items():
+            per[n] = torch.as_tensor(fn(out.images, prompts, metas)).float().cpu()
+            per[n + "/strict"] = getattr(fn, "last_strict", None)
+        for i, m in enumerate(metas):
+            row = {"prompt": m["prompt"], "seed": seed, "chosen": int(out.chosen[i]), "nfe": out.nfe}
+            for n in scorers:
+                row[n] = per[n][i].item()
+                if per[n + "/strict"] is not None:
+                    row[n + "/strict"] = bool(per[n + "/strict"][i])
+            rows.append(row)
+        if seed == 0:
+            grids.append(out)
+        if args.prompts == "geneval" or args.prompts.endswith(".jsonl"):
+            write_geneval(args.out, metas, out.images, seed)
+    summary = {}
+    for n in scorers:
+        for key in (n, n + "/strict"):
+            vals = torch.tensor([float(r[key]) for r in rows if key in r])
+            if len(vals):
+                se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+                summary[key] = {"mean": vals.mean().item(), "se": se, "images": len(vals)}
+    summary["nfe_per_image"] = rows[0]["nfe"]
+    config = {k: v for k, v in vars(args).items() if k not in ("metas", "spec")}
+    write_json(os.path.join(args.out, "results.json"), {"config": config, "images": rows})
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    save_candidates(args, grids[0], metas, scorers, grid)
+    return summary
+
+
+def save_candidates(args, out, metas, scorers, grid):
+    """grid.png: up to 8 prompts (columns) x N candidates of seed 0 (rows), the first reward under each."""
+    cols = list(range(min(8, len(metas))))
+    N = out.candidates.shape[1]
+    images = out.candidates[cols].transpose(0, 1).reshape(-1, *out.candidates.shape[2:])     # (N * C, 3, H, W)
+    first = next(iter(scorers))
+    fn = scorers[first]
+    flat_metas = [metas[c] for _ in range(N) for c in cols]
+    vals = torch.as_tensor(fn(images, [m["prompt"] for m in flat_metas], flat_metas)).float()
+    strict = getattr(fn, "last_strict", None)
+    captions = [f"{first} {v:.2f}" + (" <- chosen" if N > 1 and int(out.chosen[c]) == k else "")
+                for k in range(N) for c, v in zip(cols, vals[k * len(cols):(k + 1) * len(cols)].tolist())]
+    marks = [bool(s) for s in strict] if strict is not None else None
+    grid.save_grid(os.path.join(args.out, "grid.png"), images, len(cols), titles=[metas[c]["prompt"] for c in cols],
+                   captions=captions, marks=marks, row_titles=[f"#{k}" for k in range(N)],
+                   heading=f"--steer {args.steer} N={N} select={args.select} ({args.model}); seed 0")
+
+
+def write_geneval(out, metas, images, seed):
+    """GenEval's layout: out/geneval/NNNNN/metadata.jsonl and NNNNN/samples/SSSS.png."""
+    from torchvision.utils import save_image
+    for i, m in enumerate(metas):
+        d = os.path.join(out, "geneval", f"{i:05d}")
+        os.makedirs(os.path.join(d, "samples"), exist_ok=True)
+        with open(os.path.join(d, "metadata.jsonl"), "w") as f:
+            f.write(json.dumps(m) + "\n")
+        save_image(images[i], os.path.join(d, "samples", f"{seed:04d}.png"))
+
+
+def write_json(path, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    args = configure(build_parser().parse_args(argv))
+    os.makedirs(args.out)
+    try:
+        summary = evaluate(args)
+    except (BackboneError, rewards.RewardError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    nfe = summary.pop("nfe_per_image")
+    print(f"{args.out}: --steer {args.steer} (N={args.n if args.steer not in ('none', 'grad') else 1}, select "
+          f"{args.select}) on {args.model}{' + ' + args.policy if args.policy else ''}, {len(args.metas)} prompts x "
+          f"{args.seeds} seeds; per image: {nfe['denoiser']:.0f} denoiser passes, {nfe['critic_forward']:.0f} critic "
+          f"forward, {nfe['critic_backward']:.0f} backward, {nfe['reward']:.0f} reward calls")
+    for key, s in summary.items():
+        print(f"  {key}: {s['mean']:.4f} ± {s['se']:.4f} ({s['images']} images)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Pretraining of the built-in world's models (toy.py): its autoencoder and its two base models.
+
+Nothing here is the paper's method; it makes the situation the method starts from, in miniature:
+a *capable* base model whose CFG-free sampling is *misaligned* with its prompts.
+  1. `vae`: a diffusers AutoencoderKL that downsamples 8x, so a 32x32 board of 4x4 cells becomes a
+     4x4x4 latent (64 numbers, one token per cell), with the scaling and shift factors that make
+     the latents unit-variance, as SD's and SD3's VAEs carry.
+  2. `tiny-dit` (SD3Transformer2DModel, rectified flow) and `tiny-unet` (UNet2DConditionModel,
+     DDPM epsilon): denoisers of those latents, trained from scratch with a tiny CLIP text
+     encoder on every prompt of the world (held-out ones too: a real base model has seen
+     everything; "held-out" means RL never trains on them, as with GenEval).
+  3. Misalignment by noisy captions (`--truthful`), like web alt-text: each pretraining scene is
+     captioned truthfully with that probability, otherwise with a plausible corruption
+     (toy.caption_scene: a count off by one, a colour changed, a relation reversed, an object
+     left out of the caption). The model learns the mixture, so its samples follow the prompt
+     about `truthful` of the time, and RL has a correct mode to sharpen. `--truthful 1` is the
+     supervised gate: how well the world's model learns from correct captions.
+
+Run (the shipped checkpoints' commands and wall times are in BENCHMARKS.md):
+  python pretrain.py --model vae
+  python pretrain.py --model tiny-dit --truthful 0.5
+Test: tests/test_toy.py (VAE round trip, caption corruption rates).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+import toy
+
+VAE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "vae")
+
+
+def build_vae():
+    """A fresh AutoencoderKL: 4 resolutions (3 downsamplings, 32 -> 4), 4 latent channels."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=toy.RES,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+                         mid_block_add_attention=False)
+
+
+def _scenes(batch, rng, board_seed, scene_seed):
+    """Half random boards (every cell independently empty or an object), half prompts' scenes,
+    in [-1, 1]: (batch, 3, 32, 32)."""
+    half = batch // 2
+    return torch.cat([toy.random_scenes(half, board_seed),
+                      toy.render_batch([rng.choice(toy.all_prompts()) for _ in range(batch - half)], scene_seed)]) * 2 - 1
+
+
+def pretrain_vae(steps, batch, lr, seed, kl_weight=1e-4, decoder_steps=0, decoder_noise=0.3, init=None):
+    """Phase 1 (steps): train the autoencoder on random boards and prompts' scenes: pixel MSE
+    (object pixels weighted 5x, they are a fifth of the image) plus a small KL term, so latents
+    stay smooth; then set scaling_factor and shift_factor so encoded boards have mean 0, std 1.
+    Phase 2 (decoder_steps): the encoder (so the latent space) frozen, train the decoder to
+    map latents with added Gaussian noise of std decoder_noise (in scaled units) to the clean
+    board, so a denoiser's small errors decode to a well-formed board instead of a smudge.
+    init: start from this saved autoencoder (its factors are kept when steps is 0)."""
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = (AutoencoderKL.from_pretrained(init) if init else build_vae()).train()
+    for phase, n in (("vae", steps), ("decoder", decoder_steps)):
+        if n == 0:
+            continue
+        params = list(vae.parameters()) if phase == "vae" else list(vae.decoder.parameters())
+        if phase == "decoder":
+            vae.requires_grad_(False).decoder.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / n)))
+        bar = tqdm(range(n), desc=f"pretrain {phase}", dynamic_ncols=True)
+        for i in bar:
+            offset = 0 if phase == "vae" else 10 ** 8
+            x = _scenes(batch, rng, seed * 1_000_003 + i + offset, seed * 7 + i + offset)
+            if phase == "vae":
+                posterior = vae.encode(x).latent_dist
+                z = posterior.sample()
+                kl = posterior.kl().mean() / posterior.mean[0].numel()
+            else:
+                with torch.no_grad():
+                    z = vae.encode(x).latent_dist.mode()          # what the denoisers learn (encode())
+                z = z + decoder_noise / vae.config.scaling_factor * torch.randn_like(z)
+                kl = torch.zeros(())
+            recon = vae.decode(z).sample
+            weight = 1 + 4 * (x > -1).any(1, keepdim=True).float()
+            loss = (weight * (recon - x) ** 2).mean() + kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if i % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        if phase == "vae":
+            vae.eval()
+            with torch.no_grad():
+                z = vae.encode(toy.random_scenes(1024, seed + 1) * 2 - 1).latent_dist.mean
+            vae.register_to_config(shift_factor=round(z.mean().item(), 4), scaling_factor=round(1 / z.std().item(), 4))
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, 4, h, w), as pipelines feed denoisers.
+    The posterior's mean, not a sample: its std here is a quarter of the latents' own, noise the
+    denoiser would have to learn and reproduce (SD's VAE has a far tighter posterior)."""
+    z = vae.encode(images * 2 - 1).latent_dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def vae_round_trip(vae, metas, seed=0):
+    """Strict pass rate of the checker on decode(encode(render(meta))) for each meta (float)."""
+    images = toy.render_batch(metas, seed)
+    with torch.no_grad():
+        z = vae.encode(images * 2 - 1).latent_dist.mode()
+        back = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    return toy.check(back, metas)[0].float().mean().item()
+
+
+def _batch(metas, rng, n):
+    """n prompts, category first (so the large categories do not drown the small)."""
+    by_tag = {}
+    for m in metas:
+        by_tag.setdefault(m["tag"], []).append(m)
+    return [rng.choice(by_tag[rng.choice(sorted(by_tag))]) for _ in range(n)]
+
+
+def pretrain(model, steps, batch, lr, seed, vae_dir=VAE_DIR, truthful=1.0, eval_every=0, snapshot=None, curve=None):
+    """Train a ShapesPipeline from scratch on VAE latents of rendered scenes of every prompt:
+    rectified flow (velocity target, logit-normal sigma, as SD3) for tiny-dit, epsilon-prediction
+    DDPM for tiny-unet. The text encoder is trained jointly; 10% of captions are dropped to "" so
+    CFG is available. Captions are truthful with probability `truthful` (module docstring, 3).
+    Every eval_every steps the EMA weights' held-out accuracy is printed and, if snapshot is a
+    directory, the EMA pipeline is saved there (atomically), so a long run can be stopped early;
+    if curve is a path, the accuracies so far are written there as JSON (the learning curve)."""
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+    from models import Backbone, denoising_loss
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    pipe = toy.build_pipeline(model, AutoencoderKL.from_pretrained(vae_dir).eval())
+    net = pipe.transformer if model == "tiny-dit" else pipe.unet
+    net.train().requires_grad_(True), pipe.text_encoder.train().requires_grad_(True)
+    params = list(net.parameters()) + list(pipe.text_encoder.parameters())
+    # an exponential moving average of the weights is what gets saved (decay warms up to 0.999)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 200) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    every = toy.all_prompts()
+    bar = tqdm(range(steps), desc=f"pretrain {model}", dynamic_ncols=True)
+    t0, points = time.time(), []
+    for i in bar:
+        metas = _batch(every, rng, batch)
+        scenes = [toy.caption_scene(m, truthful, rng)[0] for m in metas]
+        x0 = encode(pipe.vae, toy.render_batch(scenes, seed * 1_000_003 + i))    # (B, 4, 4, 4)
+        texts = [m["prompt"] if rng.random() > 0.1 else "" for m in metas]
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=toy.MAX_TOKENS, return_tensors="pt").input_ids
+        enc = pipe.text_encoder(ids)
+        kw = {"encoder_hidden_states": enc.last_hidden_state}
+        if model == "tiny-dit":
+            kw["pooled_projections"] = enc.text_embeds
+        loss = denoising_loss("flow" if model == "tiny-dit" else "ddim", pipe.scheduler, net, x0, kw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(0.999, (1 + i) / (10 + i)))
+        if i % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        last = i + 1 == steps
+        if last or (eval_every and (i + 1) % eval_every == 0):
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in params], ema)     # evaluate (and save) the EMA
+            if last:
+                return pipe
+            backbone = Backbone(pipe, model, "cpu", torch.float32)
+            held = toy.prompts("heldout")
+            strict, score = toy.judge_samples(backbone, held, range(4))              # (S, P)
+            by_tag = {tag: strict[:, [m["tag"] == tag for m in held]].float().mean().item() for tag in toy.TAGS}
+            points.append({"step": i + 1, "seconds": round(time.time() - t0, 1), "images": (i + 1) * batch,
+                           "heldout_strict": strict.float().mean().item(), "heldout_score": score.mean().item(),
+                           "by_tag": by_tag})
+            bar.write(f"step {i + 1} ({time.time() - t0:.0f}s): held-out strict accuracy {points[-1]['heldout_strict']:.3f}, "
+                      f"partial credit {points[-1]['heldout_score']:.3f} (EMA, CFG 1) | "
+                      + " ".join(f"{k} {v:.2f}" for k, v in by_tag.items()))
+            if curve:
+                with open(curve + ".tmp", "w") as f:
+                    json.dump({"model": model, "truthful": truthful, "batch": batch, "lr": lr, "seed": seed,
+                               "points": points}, f, indent=1)
+                os.replace(curve + ".tmp", curve)
+            if snapshot:
+                save(pipe, snapshot, replace=True)
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in params], live)
+            net.train().requires_grad_(True)          # Backbone() froze them for sampling
+            pipe.text_encoder.train().requires_grad_(True)
+
+
+def save(obj, out, replace=False):
+    """save_pretrained to a temporary directory, then rename: a crash leaves no half-written model."""
+    import shutil
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    obj.save_pretrained(tmp, safe_serialization=True)
+    if replace and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("vae", "tiny-dit", "tiny-unet"), default="tiny-dit", help="what to train")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 2000 vae, 6000 dit/unet)")
+    p.add_argument("--batch", type=int, default=None, help="scenes per step (default: 64 vae, 128 dit/unet)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine decay (default 2e-3 vae, 5e-4 else)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, scenes and noise")
+    p.add_argument("--decoder-steps", type=int, default=1000, help="vae: phase-2 steps hardening the decoder")
+    p.add_argument("--decoder-noise", type=float, default=0.3, help="vae: std of the latent noise in phase 2")
+    p.add_argument("--init", default=None, help="vae: start from this saved autoencoder (e.g. with --steps 0)")
+    p.add_argument("--truthful", type=float, default=0.5,
+                   help="probability that a pretraining caption is truthful (1 = the supervised gate)")
+    p.add_argument("--vae", default=VAE_DIR, help="the autoencoder the denoiser works in (from --model vae)")
+    p.add_argument("--eval-every", type=int, default=0, help="print held-out accuracy every N steps (0: only at the end)")
+    p.add_argument("--out", default=None, help="output directory (default: checkpoints/MODEL); never overwritten")
+    p.add_argument("--curve", default=None, help="write the --eval-every accuracies to this JSON file")
+    args = p.parse_args(argv)
+    for flag, low in (("steps", 0 if args.init else 1), ("batch", 2), ("eval_every", 0), ("decoder_steps", 0)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            p.exit(2, f"error: --{flag.replace('_', '-')} {v}: must be >= {low}\n")
+    if not (math.isfinite(args.decoder_noise) and args.decoder_noise >= 0) or (args.lr is not None and not
+                                                                                (math.isfinite(args.lr) and args.lr > 0)):
+        p.exit(2, "error: --lr must be finite and > 0, --decoder-noise finite and >= 0\n")
+    if not 0 <= args.truthful <= 1:
+        p.exit(2, f"error: --truthful {args.truthful}: must be in [0, 1]\n")
+    out = args.out or os.path.join(os.path.dirname(VAE_DIR), args.model)
+    if os.path.exists(out):
+        p.exit(2, f"error: {out} exists; it is never overwritten (move it away or pass --out)\n")
+    if args.model != "vae" and not os.path.isfile(os.path.join(args.vae, "config.json")):
+        p.exit(2, f"error: --vae {args.vae}: no autoencoder there (run `python pretrain.py --model vae`)\n")
+    args.batch = args.batch or (64 if args.model == "vae" else 128)
+    t0 = time.time()
+    if args.model == "vae":
+        model = pretrain_vae(2000 if args.steps is None else args.steps, args.batch, args.lr or 2e-3, args.seed,
+                             decoder_steps=args.decoder_steps, decoder_noise=args.decoder_noise, init=args.init)
+        print(f"round trip: checker passes {vae_round_trip(model, toy.all_prompts() * 8):.4f} of "
+              f"decode(encode(render(prompt))) over every prompt x 8 scenes")
+    else:
+        model = pretrain(args.model, args.steps or 6000, args.batch, args.lr or 5e-4, args.seed, args.vae,
+                         args.truthful, args.eval_every, snapshot=out + ".partial" if args.eval_every else None,
+                         curve=args.curve)
+    save(model, out)
+    print(f"saved {out} after {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
