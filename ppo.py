@@ -6,6 +6,8 @@ advantage (arXiv 2605.27736; ALGORITHM.md sections 4-5).
   grpo_advantages()  GRPO's baseline: G samples per prompt, (R - group mean) / (group std + 1e-4),
                      the same for every step of a trajectory (section 5, "The baseline")
   normalise()        advantages over the global batch (every rank), then clipped
+  collective()       every all-reduce and all-gather of training, on a device the process
+                     group's backend serves (NCCL: CUDA only), and back
   update()           epochs of shuffled minibatches of (trajectory, step) pairs: the clipped
                      policy loss, the optional KL penalty to the frozen base on step means,
                      the (optionally clipped) value loss; returns the per-update logs
@@ -66,10 +68,44 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def comm_device(device):
+    """Where a tensor on `device` must be for the process group's backend: its own device if the
+    backend serves that device type (gloo: CPU and CUDA), else the backend's own (NCCL serves CUDA
+    only: a CPU tensor fails with "No backend type associated with device type cpu")."""
+    device = torch.device(device)
+    served = [entry.split(":")[0] for entry in dist.get_backend_config().split(",")]   # e.g. "cpu:gloo,cuda:gloo"
+    if device.type in served:
+        return device
+    if served[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(served[0])
+
+
+def collective(op, t):
+    """Every collective of training goes through here: 'sum' (all-reduce, in place and returned) or
+    'gather' ((n, ...) on every rank -> (world * n, ...) in rank order). t is moved to the device the
+    backend serves and the result comes back on t's device, so a CPU tensor (a flag, the advantage
+    statistics, rewards scored on CPU) is safe under NCCL."""
+    if world_size() == 1:
+        return t
+    x = t.to(comm_device(t.device)).contiguous()
+    if op == "sum":
+        dist.all_reduce(x)
+        t.copy_(x)                                  # in place, as dist.all_reduce
+        return t
+    if op == "gather":
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out).to(t.device)
+    raise ValueError(f"unknown collective {op!r}")
+
+
 def all_reduce_sum(t):
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t
+    return collective("sum", t)
 
 
 def normalise(advantages, mask, eps=1e-8):
@@ -120,7 +156,7 @@ def optimiser_step(loss, params, optimiser, max_grad_norm):
     if world > 1:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([0.0 if ok else 1.0], device=grads[0].device)])
-        dist.all_reduce(flat)
+        all_reduce_sum(flat)
         ok = flat[-1].item() == 0
         offset = 0
         for p, g in zip(params, grads):

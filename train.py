@@ -9,11 +9,13 @@ Launch:
   torchrun --standalone --nproc_per_node=8 train.py --model sd3.5m --rewards hps,clip --prompts geneval
   torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
 Defaults are tuned for the built-in world (see --help); each flag's help names the paper's or
-the peers' value for real models where it differs. Rank 0 alone prints, writes and saves.
+the peers' value for real models where it differs. Rank 0 alone prints, writes and saves (but
+each rank saves its own RNG states).
 
 A run directory holds: config.json, metrics.jsonl (one line per iteration), reward.png,
 samples/iter_NNNN.png (fixed held-out prompts, deterministic sampler), checkpoint/ (policy and
-critic weights in safetensors, optimiser and RNG states in state.pt) and, at the end,
+critic weights in safetensors, optimiser states in state.pt, each rank's RNG states in
+rng_rank{r}.pt) and, at the end,
 pipeline/ (tiny models: a diffusers directory loadable as --model, LoRA merged in) and/or
 policy_lora/ (the LoRA adapter, loadable with pipe.load_lora_weights for SD models).
 
@@ -41,7 +43,7 @@ from models import BackboneError, resolve
 
 ALGOS = ("ppo", "grpo", "raft")
 # flags a resumed run may change; every other one comes from the run's config.json
-RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every")
+RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every", "print_config")
 
 
 class ConfigError(ValueError):
@@ -71,20 +73,26 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=32, help="images generated per iteration, all ranks together")
     g.add_argument("--group-size", type=int, default=None,
                    help="samples per prompt G (default: 8 for grpo, whose baseline needs groups; 1 for ppo)")
-    g.add_argument("--num-steps", type=int, default=10, help="denoising steps K in training (paper: 10 SD3.5-M, 50 SD1.5)")
+    g.add_argument("--num-steps", type=int, default=None,
+                   help="denoising steps K in training (default: 10 for the built-in world; for SD models the "
+                        "paper's 10 on SD3.5-M and DDPO's 50 on SD1.5)")
     g.add_argument("--sde-steps", type=int, default=None,
                    help="stochastic (and trained) steps: the first S of the K; the rest run the deterministic "
                         "sampler (Flow-GRPO-Fast's SDE window; default: 5 for the built-in world, all K otherwise)")
-    g.add_argument("--eval-num-steps", type=int, default=10, help="deterministic steps in evaluation (paper: 40)")
+    g.add_argument("--eval-num-steps", type=int, default=None,
+                   help="deterministic steps in evaluation (default: 10 for the built-in world; 40 for SD models, the paper's)")
     g.add_argument("--noise-level", type=float, default=None,
                    help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's)")
     g.add_argument("--cfg", type=float, default=1.0, help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
-    g.add_argument("--lr", type=float, default=1e-4, help="policy AdamW learning rate (peers: 3e-4 for LoRA r=32 on SD3.5-M)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="policy AdamW learning rate (default: 1e-4 for the built-in world; 3e-4 for SD models, the "
+                        "peers' value for LoRA r=32 on SD3.5-M)")
     g.add_argument("--critic-lr", type=float, default=1e-4, help="critic AdamW learning rate (its backbone copy or adapter)")
     g.add_argument("--critic-head-lr", type=float, default=1e-3, help="learning rate of the critic's new value head")
-    g.add_argument("--clip-range", type=float, default=1e-3,
-                   help="PPO clip eps on the ratio (peers: 1e-4 at SD sizes; a per-element-mean log-prob over "
-                        "3,072 elements here moves more per update than over 262,144)")
+    g.add_argument("--clip-range", type=float, default=None,
+                   help="PPO clip eps on the ratio (default: 1e-4 for SD models, the peers' (Flow-GRPO, DDPO); 1e-3 "
+                        "for the built-in world: a per-element-mean log-prob over 3,072 elements moves more per "
+                        "update than over 262,144)")
     g.add_argument("--adv-clip", type=float, default=5.0, help="clip advantages to [-c, c] (Flow-GRPO: 5)")
     g.add_argument("--gamma", type=float, default=1.0, help="discount over denoising steps")
     g.add_argument("--gae-lambda", type=float, default=1.0,
@@ -107,9 +115,10 @@ def build_parser():
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed * world + r)")
     g = rewards.add_reward_args(p)
-    g.add_argument("--prompts", default="shapes",
+    g.add_argument("--prompts", default=None,
                    help="shapes (the built-in world's train/held-out split) | geneval (GenEval-style prompts) | "
-                        "a .txt (one prompt a line) or GenEval .jsonl file (every 10th held out)")
+                        "a .txt (one prompt a line) or GenEval .jsonl file (every 10th held out) (default: shapes "
+                        "for the built-in world; geneval for SD models, the paper's benchmark)")
     g.add_argument("--train-tags", default=None,
                    help="train on the prompts of these metadata tags only, comma-separated (e.g. counting); "
                         "held-out evaluation keeps every tag, so it measures the transfer")
@@ -120,6 +129,8 @@ def build_parser():
     g.add_argument("--eval-seeds", type=int, default=4, help="images per held-out prompt in evaluation")
     g.add_argument("--sample-every", type=int, default=20, help="save a sample grid every N iterations (and at the end)")
     g.add_argument("--save-every", type=int, default=20, help="checkpoint every N iterations (and at the end)")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (every default filled in) as JSON and exit; loads no weights")
     return p
 
 
@@ -165,6 +176,14 @@ def configure(args, argv):
             raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
                               f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
         config = json.load(open(path))
+        # each rank resumes its own random streams (checkpoint/rng_rank{r}.pt): another world size has none to resume
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if config.get("world_size", 1) != world:
+            raise ConfigError(f"--resume {args.resume}: the run trained on {config.get('world_size', 1)} process(es), "
+                              f"not {world}; resume it with the same world size")
+        if world > 1 and not all(os.path.isfile(os.path.join(args.resume, "checkpoint", f"rng_rank{r}.pt"))
+                                 for r in range(world)):
+            raise ConfigError(f"--resume {args.resume}: its checkpoint holds no RNG states of all {world} ranks")
         config.setdefault("sde_steps", config.get("num_steps"))  # runs from before the flag trained every step
         config = {**vars(build_parser().parse_args([])), **config}   # other flags newer than the run: defaults
         for key in RESUMABLE:
@@ -177,6 +196,14 @@ def configure(args, argv):
     _, kind = resolve(args.model)                                  # BackboneError if unknown
     args.shapes_world = kind == "ShapesPipeline"
     spec = rewards.parse_reward_args(args)                          # RewardError if bad
+    # defaults by model: the built-in world's tuned values, or the paper's and peers' for SD models (see --help)
+    defaults = {"prompts": "shapes", "num_steps": 10, "eval_num_steps": 10, "lr": 1e-4, "clip_range": 1e-3}
+    if not args.shapes_world:
+        defaults = {"prompts": "geneval", "num_steps": 10 if kind == "StableDiffusion3Pipeline" else 50,
+                    "eval_num_steps": 40, "lr": 3e-4, "clip_range": 1e-4}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.lora_rank is None:
         args.lora_rank = 16 if args.shapes_world else 32
     if args.lora_alpha is None:
@@ -267,11 +294,7 @@ def setup_distributed(device):
 
 def all_gather(t):
     """(n, ...) on every rank -> (world * n, ...) in rank order, on every rank."""
-    if ppo.world_size() == 1:
-        return t
-    out = [torch.empty_like(t) for _ in range(ppo.world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    return ppo.collective("gather", t)
 
 
 def barrier():
@@ -328,16 +351,26 @@ def load_policy_state(args, policy_net, state):
 
 def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic, mixer, rngs):
     """checkpoint/ is replaced whole: written to checkpoint.tmp/, then swapped in with renames, so a
-    crash at any point leaves the previous checkpoint intact (resume also reads checkpoint.old/)."""
+    crash at any point leaves the previous checkpoint intact (resume also reads checkpoint.old/).
+    Called on every rank: each writes its own RNG states (rng_rank{r}.pt; the ranks draw different
+    prompts and noise, so one rank's states replayed everywhere would make the ranks' batches
+    identical after a resume); rank 0 writes the rest and swaps."""
     from safetensors.torch import save_file
     final, tmp, old = (os.path.join(args.run_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    rank = ppo.rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()                                      # tmp/ exists before any rank writes into it
+    torch.save(rngs(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()                                      # every rank's RNG file is in tmp/ before the swap
+    if rank != 0:
+        return
     save_file({k: v.detach().contiguous().cpu() for k, v in policy_state(args, policy_net).items()},
               os.path.join(tmp, "policy.safetensors"))
     if critic is not None:
         save_file({k: v.cpu() for k, v in critic.state_dict_to_save().items()}, os.path.join(tmp, "critic.safetensors"))
-    state = {"iteration": it, "images": images, "mixer": mixer.state_dict(), "rngs": rngs(),
+    state = {"iteration": it, "images": images, "mixer": mixer.state_dict(),
              "opt_policy": opt_policy.state_dict(), "opt_critic": opt_critic.state_dict() if opt_critic else None}
     torch.save(state, os.path.join(tmp, "state.pt"))
     if os.path.isdir(final):
@@ -360,6 +393,9 @@ def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
     if opt_critic is not None:
         opt_critic.load_state_dict(state["opt_critic"])
     mixer.load_state_dict(state["mixer"])
+    rng_path = os.path.join(path, f"rng_rank{ppo.rank()}.pt")
+    if os.path.isfile(rng_path):                   # this rank's own RNG states (older one-rank runs: in state.pt)
+        state["rngs"] = torch.load(rng_path, weights_only=True)
     return state
 
 
@@ -383,8 +419,12 @@ def export_final(args, backbone, policy_net):
     layers = get_peft_model_state_dict(policy_net, adapter_name=POLICY)
     out = os.path.join(args.run_dir, "policy_lora")
     if hasattr(type(backbone.pipe), "save_lora_weights"):
-        key = "transformer_lora_layers" if backbone.sampler == "flow" else "unet_lora_layers"
-        type(backbone.pipe).save_lora_weights(out, **{key: layers}, safe_serialization=True)
+        # with the adapter's config (r, lora_alpha, targets) as metadata: without it, load_lora_weights
+        # rebuilds the adapter with alpha = r, i.e. at r / alpha of the trained strength (half, at alpha = 2r)
+        key = "transformer" if backbone.sampler == "flow" else "unet"
+        metadata = policy_net.peft_config[POLICY].to_dict()          # r, lora_alpha, target modules
+        type(backbone.pipe).save_lora_weights(out, **{f"{key}_lora_layers": layers, f"{key}_lora_adapter_metadata": metadata},
+                                              safe_serialization=True)
     else:                                          # a ShapesPipeline has no LoRA loader: the raw adapter,
         from safetensors.torch import save_file     # beside pipeline/ with the adapter merged in (above)
         os.makedirs(out, exist_ok=True)
@@ -476,6 +516,9 @@ def main(argv=None):
     except (ConfigError, BackboneError, rewards.RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
+        return 0
     return train(args, spec, train_prompts, heldout)
 
 
@@ -652,8 +695,7 @@ def train(args, spec, train_prompts, heldout):
             if (it + 1) % args.eval_every == 0 or last:
                 plot_rewards(args.run_dir, rows)
         if (it + 1) % args.save_every == 0 or last:
-            if master:
-                save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer, rngs)
+            save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer, rngs)
             barrier()
     if master and args.iters > start:
         log(f"saved {export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")

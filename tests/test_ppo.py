@@ -57,6 +57,11 @@ def test_value_loss_hand_computed():
     assert ppo.value_loss(new, returns, old, vf_clip=0.2).item() == pytest.approx(0.5)
     new = torch.tensor([[0.6], [0.4]])                  # inside the clip: plain squared error
     assert ppo.value_loss(new, returns, old, vf_clip=0.2).item() == pytest.approx(0.5 * (0.36 + 0.36) / 2)
+    # V jumped onto its targets, past V_old +- 0.2: the plain error is 0, the clipped one is not, and
+    # the loss is the worse of the two: V_clipped = (0.2, 0.3), errors (0.2 - 1)^2 = 0.64 and 0.3^2 = 0.09
+    new, returns, old = torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [0.5]])
+    assert ppo.value_loss(new, returns, old).item() == 0.0
+    assert ppo.value_loss(new, returns, old, vf_clip=0.2).item() == pytest.approx(0.5 * (0.64 + 0.09) / 2)
 
 
 def test_grpo_advantages():
@@ -80,6 +85,104 @@ def test_nonfinite_loss_skips_the_step():
     assert skipped and torch.equal(w.detach(), torch.ones(3)) and not opt.state
     grad_norm, skipped = ppo.optimiser_step((w * 2).sum(), [w], opt, 1.0)
     assert not skipped and grad_norm == pytest.approx(2 * math.sqrt(3)) and (w.detach() < 1).all()
+
+
+def test_collectives_go_to_the_device_the_backend_serves(monkeypatch):
+    """NCCL serves CUDA tensors only. A "cuda:gloo" group emulates that on a CPU machine: gloo is
+    registered for CUDA alone, and a CPU tensor fails exactly as under NCCL. ppo.collective sends
+    such a group's tensors to the CUDA device (this machine has none to run them on: the move itself
+    is left to a GPU run), and leaves them where they are under plain gloo. That the training loop
+    makes every collective through ppo.collective is test_train.py's torchrun test."""
+    import torch.distributed as dist
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)      # no CUDA here to ask
+    dist.init_process_group("cuda:gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.ones(1))                            # the crash at iteration 1, emulated
+        assert ppo.comm_device("cpu") == torch.device("cuda", 0)
+        assert ppo.comm_device("cuda:0") == torch.device("cuda", 0)
+    finally:
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        assert ppo.comm_device("cpu") == torch.device("cpu")
+        assert ppo.collective("sum", torch.ones(2)).tolist() == [1.0, 1.0]   # one process: nothing to do
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- update() logs and KL penalty
+
+@pytest.fixture(scope="module")
+def tiny_rollout(tmp_path_factory):
+    """A tiny random SD3 and 2 trajectories of 3 steps whose first 2 are stochastic (the last,
+    deterministic, has no density: every log of update() must leave it out)."""
+    import rollout
+    from models import load_backbone
+    from tiny import make_tiny_sd3
+    backbone = load_backbone(make_tiny_sd3(str(tmp_path_factory.mktemp("sd3"))))
+    traj = rollout.sample(backbone, ["a red circle", "two squares"], 3, 0.7, generator=torch.Generator().manual_seed(0),
+                          sde_steps=2)
+    assert (traj.stds[:2] > 0).all() and traj.stds[2] == 0
+    return backbone, traj
+
+
+def _all_pairs(B, K):
+    return [t.flatten() for t in torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")]   # (B*K,) each
+
+
+def test_update_logs_approx_kl_and_clipfrac_hand_computed(tiny_rollout):
+    """The old log-probs are set to the current ones minus chosen log-ratios d, so rho = exp(d)."""
+    import rollout
+    backbone, traj = tiny_rollout
+    idx, j = _all_pairs(2, 3)
+    with torch.no_grad():
+        log_prob, _, _ = rollout.recompute_log_prob(backbone, traj, idx, j)
+    # stochastic steps: d = 0, 0.097, -0.3, 0.05; the deterministic step's d = 1 must not count
+    d = torch.tensor([[0.0, 0.097, 1.0], [-0.3, 0.05, 1.0]])
+    mine = copy.copy(traj)
+    mine.log_probs = log_prob.view(2, 3) - d
+    args = SimpleNamespace(epochs=1, minibatch_per_rank=6, clip_range=0.1, kl_coef=0.0, vf_clip=0.0, max_grad_norm=1.0)
+    policy = copy.deepcopy(backbone.net).requires_grad_(True)
+    logs = ppo.update(backbone, mine, torch.ones(2, 3), None, None, policy, backbone.net, None,
+                      torch.optim.SGD(policy.parameters(), lr=0.0), None, args, torch.Generator().manual_seed(0))
+    # k3: mean of (e^d - 1) - d = (0 + 0.0049032 + 0.0408182 + 0.0012711) / 4
+    assert logs["losses/approx_kl"] == pytest.approx(0.0117374, rel=1e-3)
+    # |rho - 1| = 0, 0.1019, 0.2592, 0.0513 against eps = 0.1: two of the four left [1 - eps, 1 + eps]
+    # (0.097 itself is inside 0.1: the fraction is of the ratio, not of the log-ratio)
+    assert logs["losses/clipfrac"] == pytest.approx(0.5)
+    assert logs["losses/ratio_dev_first"] == pytest.approx(0.2591818, rel=1e-3)
+
+
+def test_kl_penalty_hand_computed_and_pulls_toward_the_reference(tiny_rollout):
+    """A policy away from the frozen base, zero advantages (the clipped loss has no gradient), so
+    the KL penalty alone moves it: its logged value is the hand-computed one, and one step lowers it."""
+    import rollout
+    backbone, traj = tiny_rollout
+    torch.manual_seed(0)
+    policy = copy.deepcopy(backbone.net).requires_grad_(True)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx, j = _all_pairs(2, 2)                          # the stochastic steps: the deterministic one has no KL
+
+    def kl():
+        """The penalty by hand (the paper's section 5): the mean over steps of the element mean
+        of (mu_theta - mu_ref)^2 / (2 step_std^2)."""
+        with torch.no_grad():
+            _, mu, std = rollout.recompute_log_prob(backbone, traj, idx, j, net=policy)
+            _, mu_ref, _ = rollout.recompute_log_prob(backbone, traj, idx, j, net=backbone.net)
+        return ((mu - mu_ref) ** 2 / (2 * std.view(-1, 1, 1, 1) ** 2)).mean(dim=(1, 2, 3)).mean().item()
+
+    before = kl()
+    assert before > 1e-3
+    args = SimpleNamespace(epochs=1, minibatch_per_rank=6, clip_range=0.1, kl_coef=0.5, vf_clip=0.0, max_grad_norm=1e9)
+    logs = ppo.update(backbone, traj, torch.zeros(2, 3), None, None, policy, backbone.net, None,
+                      torch.optim.SGD(policy.parameters(), lr=1.0), None, args, torch.Generator().manual_seed(0))
+    assert logs["losses/kl_loss"] == pytest.approx(before, rel=1e-4)
+    assert logs["losses/pg_loss"] == 0.0
+    after = kl()
+    assert after < 0.99 * before, (before, after)      # descends the penalty (a flipped sign climbs it)
 
 
 # ----------------------------------------------------------------------------- DDP equivalence

@@ -1,8 +1,10 @@
 """train.py end to end, at tiny sizes: 3-iteration runs of each algorithm on each built-in model
 (run directory contents, first-update ratio 1), 2 iterations on random-weight SD3.5-M and SD1.5
-architectures (LoRA adapters; the saved adapter loads with diffusers' load_lora_weights),
+architectures (LoRA adapters; the saved adapter, loaded with diffusers' load_lora_weights,
+makes the trained policy's images),
 exact resume, every bad input (one line, exit code 2, nothing written), a non-finite reward
-skipping its update, a 2-process torchrun run, and a fast learning check (reward goes up)."""
+skipping its update, 2-process torchrun runs (collectives, per-rank randomness, exact resume),
+and a fast learning check (reward goes up)."""
 import json
 import os
 import subprocess
@@ -91,22 +93,34 @@ def test_sde_window_trains_only_its_steps(tmp_path):
 @pytest.mark.parametrize("arch", ["sd3.5m", "sd1.5"])
 def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     run_dir = str(tmp_path / "run")
-    assert run(["--model", real_arch[arch], "--rewards", "jpeg", "--iters", "2", "--run-dir", run_dir,
-                "--lora-rank", "4", *TINY]) == 0
+    # a large learning rate, so the policy moves far enough from the base for a wrongly scaled adapter to show
+    argv = ["--model", real_arch[arch], "--rewards", "jpeg", "--lora-rank", "4", *TINY, "--lr", "1e-2"]
+    assert run([*argv, "--iters", "2", "--run-dir", run_dir]) == 0
     log = rows(run_dir)
     assert all(r["losses/ratio_dev_first"] < 1e-5 for r in log[2:])
     assert "eval/heldout_jpeg" in log[-1] and "eval/heldout_strict" not in log[-1]
-    # the policy adapter loads into the plain diffusers pipeline with load_lora_weights
+    # the exported adapter is the trained policy: a fresh diffusers pipeline with load_lora_weights
+    # makes the trained policy's images (same seed, same steps), not those of the adapter at another
+    # strength (alpha is 2 x rank here: an export without the adapter's config loads at half strength)
+    from critic import POLICY, adapter
     from models import load_backbone
-    from peft import get_peft_model_state_dict
+
+    def images(pipe):
+        return pipe(["a red circle", "two squares"], num_inference_steps=3, guidance_scale=1.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images                  # (2, 3, H, W)
+
+    ours = load_backbone(real_arch[arch])
+    train_args = train.configure(train.build_parser().parse_args([*argv, "--run-dir", str(tmp_path / "x")]), argv)[0]
+    policy_net, *_ = train.build(train_args, ours, 1)
+    train.load_policy_state(train_args, policy_net, load_file(os.path.join(run_dir, "checkpoint/policy.safetensors")))
+    with adapter(policy_net, POLICY):
+        trained = images(ours.pipe)
     pipe = load_backbone(real_arch[arch]).pipe
+    base = images(pipe)
     pipe.load_lora_weights(os.path.join(run_dir, "policy_lora"))
-    net = pipe.transformer if arch == "sd3.5m" else pipe.unet
-    loaded = get_peft_model_state_dict(net, adapter_name=net.active_adapters()[0])
-    trained = load_file(os.path.join(run_dir, "checkpoint/policy.safetensors"))
-    assert loaded.keys() == trained.keys()
-    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
-    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)   # B starts at 0: it trained
+    exported = images(pipe)
+    assert (trained - base).abs().max() > 1e-3                  # it trained, visibly
+    assert (exported - trained).abs().max() < 1e-5, ((exported - trained).abs().max(), (trained - base).abs().max())
 
 
 def test_resume_is_exact(tmp_path):
@@ -185,17 +199,43 @@ def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
     assert all(torch.equal(policy[k], base[k]) for k in policy)
 
 
-def test_torchrun_two_processes(tmp_path):
-    """The DDP path end to end (gloo on CPU): two ranks, one shared run directory."""
-    run_dir = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--iters", "2", "--run-dir", run_dir, *TINY, "--batch-size", "4", "--minibatch-size", "6"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    log = rows(run_dir)
-    assert [r["iter"] for r in log] == [0, 1, 2] and log[-1]["images"] == 8
+def torchrun(argv, spy_dir):
+    """train.py on 2 processes (gloo on CPU), watched by tests/spy_train.py; each rank's draws."""
+    os.makedirs(spy_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join("tests", "spy_train.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SPY_DIR": spy_dir}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [[json.loads(line) for line in open(os.path.join(spy_dir, f"rank{r}.jsonl"))] for r in range(2)]
+
+
+def test_torchrun_two_processes(tmp_path, capsys):
+    """The DDP path end to end (gloo on CPU): two ranks, one shared run directory. Every tensor
+    collective goes through ppo.collective (spy_train.py raises otherwise); the ranks draw different
+    prompts and noise, before and after a resume; 2 + 2 iterations resumed == 4 straight, per rank's
+    draws and in every metric; resuming on another number of processes is refused."""
+    common = ["--iters", "4", *TINY, "--batch-size", "4", "--minibatch-size", "6", "--save-every", "2",
+              "--eval-every", "2"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    a = torchrun([*common, "--run-dir", straight], str(tmp_path / "spy_straight"))
+    torchrun([*common, "--iters", "2", "--run-dir", resumed], str(tmp_path / "spy_resumed"))
+    for r in range(2):
+        assert os.path.isfile(os.path.join(resumed, "checkpoint", f"rng_rank{r}.pt"))
+    b = torchrun(["--resume", resumed, "--iters", "4"], str(tmp_path / "spy_resumed"))
+    assert len(a[0]) == len(a[1]) == len(b[0]) == len(b[1]) == 4          # one training rollout per iteration
+    for it in range(4):
+        assert a[0][it]["prompts"] != a[1][it]["prompts"] and a[0][it]["noise"] != a[1][it]["noise"], it
+    assert a == b                                  # each rank resumed its own streams
+    log = rows(straight)
+    assert [r["iter"] for r in log] == [0, 1, 2, 3, 4] and log[-1]["images"] == 16
     assert log[-1]["losses/ratio_dev_first"] < 1e-5
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
+    assert [drop(r) for r in log] == [drop(r) for r in rows(resumed)]
+    # one process cannot continue the two ranks' streams
+    assert run(["--resume", resumed, "--iters", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "2 process(es), not 1" in err, err
 
 
 def test_reward_goes_up(tmp_path, monkeypatch):
@@ -230,6 +270,29 @@ def test_real_model_configuration_is_valid(tmp_path):
     assert spec.names == ["hps", "clip"] and args.lora_rank == 32 and args.lora_alpha == 64
     assert args.algo == "ppo" and args.group_size == 1 and args.noise_level == 0.7
     assert len(train_prompts) > len(heldout) > 0 and not os.path.exists(tmp_path / "run")
+
+
+def test_print_config_resolves_the_defaults_by_model(tmp_path, capsys):
+    """--print-config prints the resolved configuration as JSON (no weights loaded, nothing written):
+    SD models get the paper's and peers' defaults, the built-in world keeps its own."""
+    def config(*argv):
+        assert run([*argv, "--print-config", "--run-dir", str(tmp_path / "run")]) == 0
+        return json.loads(capsys.readouterr().out)
+    sd3, sd15, tiny = config("--model", "sd3.5m"), config("--model", "sd1.5"), config()
+    for c in (sd3, sd15):
+        assert (c["prompts"], c["clip_range"], c["lr"], c["lora_rank"], c["lora_alpha"], c["eval_num_steps"]) == \
+            ("geneval", 1e-4, 3e-4, 32, 64, 40)
+    assert sd3["num_steps"] == sd3["sde_steps"] == 10 and sd15["num_steps"] == sd15["sde_steps"] == 50
+    assert (tiny["prompts"], tiny["clip_range"], tiny["lr"], tiny["lora_rank"], tiny["lora_alpha"], tiny["num_steps"],
+            tiny["sde_steps"], tiny["eval_num_steps"]) == ("shapes", 1e-3, 1e-4, 16, 32, 10, 5, 10)
+    given = config("--model", "sd1.5", "--num-steps", "20", "--lr", "1e-5")      # a typed flag still wins
+    assert (given["num_steps"], given["lr"]) == (20, 1e-5)
+    assert not os.path.exists(tmp_path / "run")
+    # each model-dependent default names its source in --help
+    text = " ".join(train.build_parser().format_help().split())
+    for words in ("the paper's 10 on SD3.5-M and DDPO's 50 on SD1.5", "40 for SD models, the paper's",
+                  "3e-4 for SD models, the peers'", "1e-4 for SD models, the peers'", "geneval for SD models"):
+        assert words in text, words
 
 
 def test_lora_on_a_builtin_model(tmp_path):
