@@ -1,5 +1,5 @@
 """The critic V_phi(x_t, t, c): the diffusion model as its own value function on noisy latents
-(arXiv 2605.27736; ALGORITHM.md section 3).
+(arXiv 2605.27736; METHOD.md section 3).
 
   backbone  a copy of the pretrained denoiser (tiny models: a full copy, all weights trained;
             large ones: a LoRA adapter named 'critic' on the same frozen base that carries the
@@ -20,7 +20,6 @@ Run:   python critic.py --model tiny-dit [--reward jpeg]   (fits a critic to rol
        model and prints its explained variance per noise level, from pure noise to clean)
 Test:  tests/test_critic.py
 """
-import argparse
 import contextlib
 import copy
 import itertools
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import rollout
+from cli import Parser
 from models import BackboneError, load_backbone
 
 POLICY, CRITIC = "policy", "critic"           # adapter names on a shared LoRA base
@@ -285,7 +285,7 @@ with --critic-fraction 1 (backbone and head on every state of the batch).
 def main(argv=None):
     """Fit a critic to Monte-Carlo returns of the base model's rollouts on the built-in world and
     report its explained variance per noise level on fresh rollouts (the paper's premise)."""
-    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p = Parser(description=main.__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")
     p.add_argument("--reward", default="shapes", help="a reward of rewards.py: shapes (the world's checker), jpeg, ...")
     p.add_argument("--iters", type=int, default=30, help="rollout batches to fit on")

@@ -26,12 +26,8 @@ import torch
 
 import rewards
 import steer
+from cli import Parser
 from models import BackboneError, load_backbone, resolve
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                     # one line, not usage + error
-        self.exit(2, f"error: {message}\n")
 
 
 def build_parser():
@@ -151,23 +147,25 @@ def configure(args):
         if args.critic is None:
             fail(f"--steer {args.steer} with --select {args.select} needs a critic: pass --critic RUN_DIR (a train.py "
                  f"--algo ppo run on {args.model}), or --select reward")
-    critic_cfg = run_config(args.critic, "--critic") if args.critic and wants_critic else None
+    critic_cfg = run_config(args.critic, "--critic") if args.critic else None
     if critic_cfg is not None:
         if not os.path.isfile(os.path.join(args.critic, "checkpoint", "critic.safetensors")):
             fail(f"--critic {args.critic}: no checkpoint/critic.safetensors (a --algo ppo run has one)")
         if critic_cfg.get("model") != args.model:
             fail(f"--critic {args.critic} was trained on {critic_cfg.get('model')}, not {args.model}")
-    else:
-        args.critic = None
+    if not wants_critic:
+        args.critic = None                        # its run still sets the sampler's defaults below
     source = critic_cfg or policy_cfg or {}
     args.num_steps = args.num_steps or source.get("num_steps") or 10
     args.sde_steps = min(args.sde_steps or source.get("sde_steps") or min(5, args.num_steps), args.num_steps)
     args.critic_rewards = [r for r in (critic_cfg or {}).get("rewards", "").split(",") if r]
     args.rewards = args.rewards or ("shapes" if shapes_world else ",".join(args.critic_rewards) or "clip")
     names = [r.strip() for r in args.rewards.split(",") if r.strip()]
-    default_w = dict(zip(args.critic_rewards, [float(w) for w in (critic_cfg or {}).get("reward_weights", "").split(",") if w]
-                         or [1.0] * len(args.critic_rewards))) if critic_cfg else {n: 1.0 for n in names[:1]}
-    weights = default_w
+    if critic_cfg:                               # the critic run's training weights, one per head
+        trained = [float(w) for w in (critic_cfg.get("reward_weights") or "").split(",") if w.strip()]
+        weights = dict(zip(args.critic_rewards, trained or [1.0] * len(args.critic_rewards)))
+    else:
+        weights = {n: 1.0 for n in names[:1]}
     if args.steer_weights:
         try:
             weights = {k.strip(): float(v) for k, v in (kv.split("=") for kv in args.steer_weights.split(","))}

@@ -1,7 +1,7 @@
 """Backbones by name: one interface over the built-in tiny models and SD1.5 / SD3.5-M.
 
 Every backbone is a diffusers pipeline loaded with `from_pretrained` (a hub name or a local
-directory), wrapped in `Backbone`, which gives the rest of the code what ALGORITHM.md
+directory), wrapped in `Backbone`, which gives the rest of the code what METHOD.md
 sections 1-3 need and nothing more:
   sampler            'flow' (velocity prediction, SD3-style DiT) or 'ddim' (epsilon, UNet)
   encode(prompts)    text conditioning, with the unconditional ("") embedding for CFG
@@ -153,7 +153,7 @@ class Backbone:
         return pred_uncond + cfg_scale * (pred_cond - pred_uncond)
 
     def features(self, x_t, t, cond, net=None):
-        """The critic's inputs (ALGORITHM.md section 3): the backbone's last hidden tokens
+        """The critic's inputs (METHOD.md section 3): the backbone's last hidden tokens
         before the output projection (B, N, D) and its timestep embedding (B, E).
         DiT: the tokens entering norm_out (and the embedding modulating it);
         UNet: the last decoder feature map, entering conv_norm_out, flattened to tokens."""

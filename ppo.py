@@ -1,5 +1,5 @@
 """One update of critic-guided PPO or of GRPO: the same clipped loss, two ways to get the
-advantage (arXiv 2605.27736; ALGORITHM.md sections 4-5).
+advantage (arXiv 2605.27736; METHOD.md sections 4-5).
 
   gae()              advantages and returns over the K denoising steps: sparse terminal
                      reward, V_0 := 0 after the last step, gamma and lambda (section 4)

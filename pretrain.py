@@ -21,7 +21,6 @@ Run (the shipped checkpoints' commands and wall times are in BENCHMARKS.md):
   python pretrain.py --model tiny-dit --truthful 0.5
 Test: tests/test_toy.py (VAE round trip, caption corruption rates).
 """
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import time
 import torch
 
 import toy
+from cli import Parser
 
 VAE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "vae")
 
@@ -45,27 +45,44 @@ def build_vae():
                          mid_block_add_attention=False)
 
 
-def _scenes(batch, rng, board_seed, scene_seed):
-    """Half random boards (every cell independently empty or an object), half prompts' scenes,
-    in [-1, 1]: (batch, 3, 32, 32)."""
-    half = batch // 2
-    return torch.cat([toy.random_scenes(half, board_seed),
-                      toy.render_batch([rng.choice(toy.all_prompts()) for _ in range(batch - half)], scene_seed)]) * 2 - 1
+def cell_codes(num_states=13, dim=4, seed=0, iters=2000):
+    """A fixed code per cell state (13: empty and 12 objects) in R^dim, spread as far apart as
+    they go (pairwise repulsion on the sphere, then centred and scaled to unit variance): the
+    targets the VAE's encoder means are pulled to. A VAE trained on pixel MSE alone codes the
+    colours (most of the pixel error) 8 units apart and the shapes of one colour 0.45 apart, so
+    the denoiser could tell shapes apart only at the lowest noise levels and learned them slowly."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(num_states, dim, generator=g).requires_grad_(True)
+    opt = torch.optim.Adam([c], lr=1e-2)
+    for _ in range(iters):
+        u = c / c.norm(dim=1, keepdim=True)
+        d = torch.cdist(u, u) + torch.eye(num_states) * 1e3
+        loss = (1 / d ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        u = c / c.norm(dim=1, keepdim=True)
+        u = u - u.mean(0)
+        return u / u.std()
 
 
-def pretrain_vae(steps, batch, lr, seed, kl_weight=1e-4, decoder_steps=0, decoder_noise=0.3, init=None):
-    """Phase 1 (steps): train the autoencoder on random boards and prompts' scenes: pixel MSE
-    (object pixels weighted 5x, they are a fifth of the image) plus a small KL term, so latents
-    stay smooth; then set scaling_factor and shift_factor so encoded boards have mean 0, std 1.
-    Phase 2 (decoder_steps): the encoder (so the latent space) frozen, train the decoder to
-    map latents with added Gaussian noise of std decoder_noise (in scaled units) to the clean
-    board, so a denoiser's small errors decode to a well-formed board instead of a smudge.
+def pretrain_vae(steps, batch, lr, seed, kl_weight=1e-4, code_weight=1.0, decoder_steps=0, decoder_noise=0.3,
+                 init=None):
+    """Phase 1 (steps): train the autoencoder on random boards (every cell independently empty
+    or an object): pixel MSE (object pixels weighted 5x, they are a fifth of the image), a small
+    KL term, and code_weight times the squared distance of each cell's posterior mean to its
+    state's fixed code (cell_codes), so that every state is as distinct in the latent as every
+    other; then set scaling_factor and shift_factor so encoded boards have mean 0 and std 1.
+    Phase 2 (decoder_steps): the encoder (so the latent space) frozen, train the decoder to map
+    latents with added Gaussian noise of std decoder_noise (in scaled units) to the clean board,
+    so a denoiser's small errors decode to a well-formed board instead of a smudge.
     init: start from this saved autoencoder (its factors are kept when steps is 0)."""
     from diffusers import AutoencoderKL
     from tqdm import tqdm
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     vae = (AutoencoderKL.from_pretrained(init) if init else build_vae()).train()
+    codes = cell_codes()                                                        # (13, 4)
     for phase, n in (("vae", steps), ("decoder", decoder_steps)):
         if n == 0:
             continue
@@ -76,27 +93,29 @@ def pretrain_vae(steps, batch, lr, seed, kl_weight=1e-4, decoder_steps=0, decode
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / n)))
         bar = tqdm(range(n), desc=f"pretrain {phase}", dynamic_ncols=True)
         for i in bar:
-            offset = 0 if phase == "vae" else 10 ** 8
-            x = _scenes(batch, rng, seed * 1_000_003 + i + offset, seed * 7 + i + offset)
+            images, states = toy.random_scenes(batch, seed * 1_000_003 + i + (0 if phase == "vae" else 10 ** 8), states=True)
+            x = images * 2 - 1
             if phase == "vae":
                 posterior = vae.encode(x).latent_dist
                 z = posterior.sample()
                 kl = posterior.kl().mean() / posterior.mean[0].numel()
+                target = codes[states].view(len(x), toy.GRID, toy.GRID, -1).permute(0, 3, 1, 2)     # (B, 4, 4, 4)
+                code_loss = (posterior.mean - target).pow(2).mean()
             else:
                 with torch.no_grad():
                     z = vae.encode(x).latent_dist.mode()          # what the denoisers learn (encode())
                 z = z + decoder_noise / vae.config.scaling_factor * torch.randn_like(z)
-                kl = torch.zeros(())
+                kl = code_loss = torch.zeros(())
             recon = vae.decode(z).sample
             weight = 1 + 4 * (x > -1).any(1, keepdim=True).float()
-            loss = (weight * (recon - x) ** 2).mean() + kl_weight * kl
+            loss = (weight * (recon - x) ** 2).mean() + kl_weight * kl + code_weight * code_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             if i % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", code=f"{code_loss.item():.4f}")
         if phase == "vae":
             vae.eval()
             with torch.no_grad():
@@ -217,12 +236,14 @@ def save(obj, out, replace=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("vae", "tiny-dit", "tiny-unet"), default="tiny-dit", help="what to train")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 2000 vae, 6000 dit/unet)")
     p.add_argument("--batch", type=int, default=None, help="scenes per step (default: 64 vae, 128 dit/unet)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine decay (default 2e-3 vae, 5e-4 else)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, scenes and noise")
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL term")
+    p.add_argument("--code-weight", type=float, default=1.0, help="vae: weight of the pull of cell means to their codes")
     p.add_argument("--decoder-steps", type=int, default=1000, help="vae: phase-2 steps hardening the decoder")
     p.add_argument("--decoder-noise", type=float, default=0.3, help="vae: std of the latent noise in phase 2")
     p.add_argument("--init", default=None, help="vae: start from this saved autoencoder (e.g. with --steps 0)")
@@ -251,7 +272,7 @@ def main(argv=None):
     t0 = time.time()
     if args.model == "vae":
         model = pretrain_vae(2000 if args.steps is None else args.steps, args.batch, args.lr or 2e-3, args.seed,
-                             decoder_steps=args.decoder_steps, decoder_noise=args.decoder_noise, init=args.init)
+                             kl_weight=args.kl_weight, code_weight=args.code_weight, decoder_steps=args.decoder_steps, decoder_noise=args.decoder_noise, init=args.init)
         print(f"round trip: checker passes {vae_round_trip(model, toy.all_prompts() * 8):.4f} of "
               f"decode(encode(render(prompt))) over every prompt x 8 scenes")
     else:

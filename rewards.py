@@ -1,5 +1,5 @@
 """Rewards: one factory per reward, GenEval's verdict rules, and the mixer that normalises
-several rewards and sums them with weights (arXiv 2605.27736 section 6; ALGORITHM.md section 6).
+several rewards and sums them with weights (arXiv 2605.27736 section 6; METHOD.md section 6).
 
 Every factory returns a batched scorer fn(images, prompts, metadata) -> (B,) float32 on the
 CPU, where images are (B, 3, H, W) in [0, 1] at any size. Heavy imports (open_clip,

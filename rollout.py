@@ -1,4 +1,4 @@
-"""Latent trajectories with exact per-step log-probabilities (ALGORITHM.md sections 1-2).
+"""Latent trajectories with exact per-step log-probabilities (METHOD.md sections 1-2).
 
 One stochastic sampler step is x_next = mu_theta(x, t) + std * z. Two families:
   2a. DDIM with eta > 0 (UNet, epsilon prediction; DDIM paper eqs. 12 and 16, as DDPO)
@@ -11,7 +11,6 @@ exactly 1 before the first update (section 2c).
 Run:  python rollout.py --model tiny-dit --prompt "two red circles"   (saves a chain picture)
 Test: tests/test_rollout.py
 """
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from cli import Parser
 from models import BackboneError, Cond, Schedule, load_backbone
 
 # the training rollouts' noise by sampler: Flow-GRPO's SDE a = 0.7 (flow), DDPO's eta = 1 (DDIM)
@@ -67,7 +67,7 @@ def gaussian_log_prob(x_next, mu, std):
 
 
 def flow_sde_mean_std(x, v, sigma, sigma_next, sigma_max, a):
-    """ALGORITHM.md 2b. x, v: (B, C, H, W); sigma, sigma_next: (B,). Returns mu and the
+    """METHOD.md 2b. x, v: (B, C, H, W); sigma, sigma_next: (B,). Returns mu and the
     step's Gaussian std (B,). At sigma = 1 the std's denominator uses sigma_max, the first
     sigma below 1, as Flow-GRPO does, since 1 - sigma = 0 there."""
     b = lambda s: s.view(-1, 1, 1, 1)
@@ -79,7 +79,7 @@ def flow_sde_mean_std(x, v, sigma, sigma_next, sigma_max, a):
 
 
 def ddim_mean_std(x, eps, abar, abar_prev, eta):
-    """ALGORITHM.md 2a (DDIM eqs. 12, 16). x, eps: (B, C, H, W); abar, abar_prev: (B,)."""
+    """METHOD.md 2a (DDIM eqs. 12, 16). x, eps: (B, C, H, W); abar, abar_prev: (B,)."""
     b = lambda s: s.view(-1, 1, 1, 1)
     x0_hat = (x - b(torch.sqrt(1 - abar)) * eps) / b(torch.sqrt(abar))
     std_t = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
@@ -201,7 +201,7 @@ def chain_picture(backbone, traj, i=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     # model
     p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

@@ -20,7 +20,6 @@ GenEval so that the whole method of arXiv 2605.27736 runs on any laptop):
 Tests: tests/test_toy.py (checker accuracy on correct and deliberately wrong scenes, caption
 corruption rates, the VAE's round trip).
 """
-import argparse
 import random
 import re
 import sys
@@ -28,6 +27,7 @@ import sys
 import numpy as np
 import torch
 
+from cli import Parser
 from rewards import relative_position      # GenEval's rule, one implementation for both checkers
 
 RES = 32                                   # image side, pixels
@@ -196,16 +196,21 @@ def render_batch(metas, seed):
     return torch.from_numpy(np.stack([render(m, rng) for m in metas])).permute(0, 3, 1, 2)
 
 
-def random_scenes(n, seed, p_empty=0.6):
+def random_scenes(n, seed, p_empty=0.6, states=False):
     """(n, 3, 32, 32) boards with each cell independently empty or a random object: what the
-    VAE trains on, so it codes every board, not only the prompts' ones."""
+    VAE trains on, so it codes every board, not only the prompts' ones. With states=True also
+    (n, GRID^2) long: each cell's state, 0 empty, 1 + 4 * shape + colour for an object."""
     rng = np.random.default_rng(seed)
     img = np.zeros((n, RES, RES, 3), np.float32)
+    cell_states = np.zeros((n, GRID * GRID), np.int64)
     shapes, colors = list(TEMPLATES.values()), list(COLORS.values())
     for b, cell in zip(*np.nonzero(rng.random((n, GRID * GRID)) > p_empty)):
         x0, y0 = (int(v) for v in cell_box(int(cell))[:2])
-        img[b, y0:y0 + 6, x0:x0 + 6][shapes[rng.integers(3)]] = colors[rng.integers(4)]
-    return torch.from_numpy(img).permute(0, 3, 1, 2)
+        shape, color = rng.integers(3), rng.integers(4)
+        img[b, y0:y0 + 6, x0:x0 + 6][shapes[shape]] = colors[color]
+        cell_states[b, cell] = 1 + 4 * shape + color
+    images = torch.from_numpy(img).permute(0, 3, 1, 2)
+    return (images, torch.from_numpy(cell_states)) if states else images
 
 
 # ----------------------------------------------------------------------------- noisy captions
@@ -236,13 +241,12 @@ def corrupt(meta, kind, rng):
         r = inc[-1]["position"][0]
         inc[-1]["position"] = [{"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[r], 0]
     elif kind == "omission":
-        if sum(e["count"] for e in inc) >= 4 or "position" in inc[-1]:
+        unasked = [s for s in SHAPES if all(e["class"] != s for e in inc)]   # an extra of an asked shape is a count error
+        if sum(e["count"] for e in inc) >= 4 or "position" in inc[-1] or not unasked:
             return None
-        extra = {"class": rng.choice(SHAPES), "count": 1}
+        extra = {"class": rng.choice(unasked), "count": 1}
         if any(e.get("color") for e in inc):
             extra["color"] = rng.choice(list(COLORS))
-        if any(e["class"] == extra["class"] for e in inc):      # an extra of an asked shape is a count error
-            return None
         inc.append(extra)
     return {"tag": meta["tag"], "include": inc, "prompt": meta["prompt"]}
 
@@ -406,7 +410,7 @@ def build_pipeline(model, vae):
     if model == "tiny-unet":
         unet = UNet2DConditionModel(
             sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=1,
-            block_out_channels=(64, 128), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=16,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
         # SD1.5's betas and set_alpha_to_one=False, so the last DDIM step keeps a std (~0.03) large
@@ -436,7 +440,7 @@ def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The built-in shapes world: evaluate a base model (pretrain.py trains them).")
+    p = Parser(description="The built-in shapes world: evaluate a base model (pretrain.py trains them).")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("eval", help="held-out strict accuracy of a base model (deterministic sampler)")
     ev.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import ppo
+from cli import Parser
 import rewards
 import rollout
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
@@ -48,11 +49,6 @@ RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_ev
 
 class ConfigError(ValueError):
     """Bad flags or paths: printed as one line, exit code 2, before any work."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                     # one line, not usage + error
-        self.exit(2, f"error: {message}\n")
 
 
 def build_parser():

@@ -1,6 +1,6 @@
 """How much of one update's policy gradient is signal, on the built-in world, and how much a
 critic could add: the cosine between policy gradients of independent rollout batches of the base
-model, with the advantage each algorithm would give (ALGORITHM.md sections 4-5).
+model, with the advantage each algorithm would give (METHOD.md sections 4-5).
 
 With g_i = s + n_i (s the true gradient, n_i independent noise of equal size), E cos(g_1, g_2) =
 |s|^2 / (|s|^2 + E|n|^2): the signal share of one batch's squared gradient norm. Averaging m

@@ -1,5 +1,5 @@
 """Critic-PPO against GRPO on the built-in world, side by side at equal images and seeds
-(arXiv 2605.27736's main comparison; ALGORITHM.md section 8).
+(arXiv 2605.27736's main comparison; METHOD.md section 8).
 
 For each algorithm and seed, runs train.py (tiny-dit, shapes reward, CPU, one thread) for the
 same number of generated images, then reads each run's metrics.jsonl and reports:

@@ -1,5 +1,5 @@
 """How predictable is the return from a noisy latent, in principle and in practice? The paper's
-premise (ALGORITHM.md section 3) on the built-in world, state by state along the SDE window.
+premise (METHOD.md section 3) on the built-in world, state by state along the SDE window.
 
 For N base-model trajectories (P training prompts x G samples each) and each state x_j of the
 window (j = 0 is pure noise, j = S the first state after the window, from which the rest of the

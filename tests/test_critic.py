@@ -1,6 +1,6 @@
 """critic.py: V_phi is exactly 0 at initialisation on every backbone (full copy and LoRA), its
 backbone starts as the pretrained one, the LoRA adapters share one base without touching
-each other, and the explained-variance diagnostics (ALGORITHM.md section 3)."""
+each other, and the explained-variance diagnostics (METHOD.md section 3)."""
 import pytest
 import torch
 

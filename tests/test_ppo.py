@@ -1,4 +1,4 @@
-"""ppo.py: GAE and the clipped losses against hand-computed cases (ALGORITHM.md 4-5), GRPO's
+"""ppo.py: GAE and the clipped losses against hand-computed cases (METHOD.md 4-5), GRPO's
 group advantage, skipping non-finite updates, and the DDP guard: one update on 2 processes
 (gloo, CPU) gives the same weights as one process with the full batch."""
 import copy

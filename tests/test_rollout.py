@@ -1,4 +1,4 @@
-"""rollout.py: per-step log-probabilities are exact and recompute exactly (ALGORITHM.md 2, 2c),
+"""rollout.py: per-step log-probabilities are exact and recompute exactly (METHOD.md 2, 2c),
 and at zero noise our sampler is diffusers' own pipeline."""
 import copy
 

@@ -1,4 +1,4 @@
-"""The stochastic steps of rollout.py sample the right distribution (ALGORITHM.md 2a, 2b).
+"""The stochastic steps of rollout.py sample the right distribution (METHOD.md 2a, 2b).
 
 For data x0 ~ N(m, s^2) (per element) the exact denoiser is analytic, so sampling with it
 through our SDE / DDIM-eta step must return the data's mean and variance, up to Monte Carlo

@@ -152,7 +152,8 @@ def test_ddpm_timestep_like_matches_the_flow_noise_level():
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae") / "vae"
-    r = subprocess.run([sys.executable, PRETRAIN, "--model", "vae", "--steps", "2", "--batch", "4", "--out", str(out)],
+    r = subprocess.run([sys.executable, PRETRAIN, "--model", "vae", "--steps", "2", "--decoder-steps", "1", "--batch", "4",
+                        "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "diffusion_pytorch_model.safetensors").exists()

@@ -1,0 +1,119 @@
+"""Steering with the learned critic at equal compute (arXiv 2605.27736, its Figs. 7 and 9; METHOD.md 7).
+
+From the final policy and critic of a train.py critic-PPO run on the built-in world: held-out strict
+accuracy and the `shapes` reward of each steering method at 1x, 2x, 4x and 8x the denoiser passes
+of one unsteered sample (N = 1, 2, 4, 8), over held-out prompts x --seeds seeds (mean ± standard
+error over prompts), with each method's critic and reward passes per image beside it. `none` is
+the unsteered policy on the same sampler (the training sampler: the critic's window stochastic);
+`grad` costs 1x denoiser passes plus the critic's forward and backward passes.
+
+Run:  python bench/steering.py --run runs/ppo-tiny-dit-...
+Writes bench/results/steering.json ({"methods": {METHOD: {MULT: {nfe, critic_passes, strict, strict_se,
+reward}}}}), bench/results/steering.png and the section "steering" of BENCHMARKS.md.
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from common import machine, write_json, write_section
+
+MULTS = (1, 2, 4, 8)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a train.py --algo ppo run on the built-in world (its pipeline/ and critic)")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
+    p.add_argument("--lam", type=float, default=4.0, help="SMC inverse temperature (critic and proxy)")
+    p.add_argument("--guidance", type=float, default=1.0, help="critic-gradient guidance scale s")
+    p.add_argument("--select", default="critic", choices=("critic", "reward"), help="how best-of-N chooses")
+    args = p.parse_args()
+    import critic as critic_module
+    import rollout
+    import steer
+    import toy
+    from models import load_backbone
+    config = json.load(open(os.path.join(args.run, "config.json")))
+    policy = load_backbone(os.path.join(args.run, "pipeline"))
+    base = load_backbone(config["model"])                          # the critic's backbone: the base weights
+    critic = critic_module.load(base, args.run).eval()
+    metas = toy.prompts("heldout")
+    prompts = [m["prompt"] for m in metas]
+    K, S = config["num_steps"], config["sde_steps"]
+    noise = config.get("noise_level") or rollout.TRAIN_NOISE[policy.sampler]
+    value = steer.critic_value_fn(critic, base, prompts, policy.schedule(K), [1.0])
+
+    def score(images, idx):
+        return toy.check(images.cpu(), [metas[i] for i in idx])[1]
+
+    ev = json.loads(open(os.path.join(args.run, "metrics.jsonl")).readlines()[-1]).get("critic/explained_variance")
+    results = {"command": f"python bench/steering.py --run {args.run} --seeds {args.seeds} --lam {args.lam} "
+                          f"--guidance {args.guidance} --select {args.select}",
+               "machine": machine(), "run": args.run, "critic_explained_variance_last": ev, "methods": {}}
+    plan = [("none", 1), ("grad", 1)] + [(m, n) for m in ("bon", "smc", "grad+bon", "proxy-smc") for n in MULTS[1:]]
+    plan.insert(2, ("bon", 1))
+    for method, n in plan:
+        strict, reward, nfe = [], [], None
+        for seed in range(args.seeds):
+            g = torch.Generator().manual_seed(seed)
+            out = steer.steer(policy, prompts, method, n, K, noise, S, value=value, score=score,
+                              select="reward" if method == "proxy-smc" else args.select, guidance=args.guidance,
+                              lam=args.lam, generator=g)
+            s, r = toy.check(out.images, metas)
+            strict.append(s.float()), reward.append(r)
+            nfe = out.nfe
+        strict, reward = torch.stack(strict), torch.stack(reward)             # (seeds, P)
+        per_prompt = strict.mean(0)
+        row = {"nfe": nfe["denoiser"], "critic_passes": nfe["critic_forward"] + nfe["critic_backward"],
+               "reward_calls": nfe["reward"], "strict": strict.mean().item(),
+               "strict_se": per_prompt.std().item() / math.sqrt(len(per_prompt)), "reward": reward.mean().item()}
+        results["methods"].setdefault(method, {})[str(n)] = row
+        print(method, n, json.dumps(row), flush=True)
+    write_json("steering", results)
+    plot(results, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steering.png"))
+    base_strict = results["methods"]["none"]["1"]["strict"]
+    gain = lambda m: results["methods"][m]["4"]["strict"] - base_strict
+    targets = {"smc_gains_1.5x_bon_at_4x": gain("smc") >= 1.5 * gain("bon") and gain("bon") > 0,
+               "grad+bon_gains_1.5x_bon_at_4x": gain("grad+bon") >= 1.5 * gain("bon") and gain("bon") > 0,
+               "critic_smc_beats_proxy_smc_at_4x": results["methods"]["smc"]["4"]["strict"]
+               > results["methods"]["proxy-smc"]["4"]["strict"]}
+    results["targets"] = targets
+    write_json("steering", results)
+    lines = [f"Command: `{results['command']}` ({machine()}). Policy and critic: the run's final ones; critic "
+             f"explained variance at the run's last iteration {ev if ev is None else round(ev, 3)}. Held-out prompts x "
+             f"{args.seeds} seeds, strict accuracy (mean ± s.e. over prompts) and the `shapes` reward; the sampler is the "
+             f"training one ({K} steps, the first {S} stochastic); per final image: denoiser passes (NFE), critic "
+             "forward + backward passes, reward calls.", "",
+             "| method | N | NFE | critic passes | reward calls | strict | shapes reward |", "|---|---|---|---|---|---|---|"]
+    for method, rows in results["methods"].items():
+        for n, r in rows.items():
+            lines.append(f"| {method} | {n} | {r['nfe']:.0f} | {r['critic_passes']:.0f} | {r['reward_calls']:.0f} | "
+                         f"{r['strict']:.3f} ± {r['strict_se']:.3f} | {r['reward']:.3f} |")
+    lines += ["", "![strict accuracy against NFE](bench/results/steering.png)", "",
+              "Targets at 4x NFE: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()) + "."]
+    write_section("steering", "## Steering with the critic at equal NFE (built-in world)\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rows in results["methods"].items():
+        xs = [r["nfe"] for r in rows.values()]
+        ys = [r["strict"] for r in rows.values()]
+        es = [r["strict_se"] for r in rows.values()]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2), ax.set_xlabel("denoiser passes per final image"), ax.set_ylabel("held-out strict accuracy")
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
