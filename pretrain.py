@@ -150,20 +150,26 @@ def _batch(metas, rng, n):
     return [rng.choice(by_tag[rng.choice(sorted(by_tag))]) for _ in range(n)]
 
 
-def pretrain(model, steps, batch, lr, seed, vae_dir=VAE_DIR, truthful=1.0, eval_every=0, snapshot=None, curve=None):
+def pretrain(model, steps, batch, lr, seed, vae_dir=VAE_DIR, truthful=1.0, eval_every=0, snapshot=None, curve=None,
+             init=None):
     """Train a ShapesPipeline from scratch on VAE latents of rendered scenes of every prompt:
     rectified flow (velocity target, logit-normal sigma, as SD3) for tiny-dit, epsilon-prediction
     DDPM for tiny-unet. The text encoder is trained jointly; 10% of captions are dropped to "" so
     CFG is available. Captions are truthful with probability `truthful` (module docstring, 3).
     Every eval_every steps the EMA weights' held-out accuracy is printed and, if snapshot is a
     directory, the EMA pipeline is saved there (atomically), so a long run can be stopped early;
-    if curve is a path, the accuracies so far are written there as JSON (the learning curve)."""
+    if curve is a path, the accuracies so far are written there as JSON (the learning curve).
+    init: continue from this saved pipeline (a fresh optimiser and schedule) instead of random weights."""
     from diffusers import AutoencoderKL
     from tqdm import tqdm
     from models import Backbone, denoising_loss
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    pipe = toy.build_pipeline(model, AutoencoderKL.from_pretrained(vae_dir).eval())
+    if init:                                     # continue from a saved pipeline (its own VAE)
+        from models import ShapesPipeline
+        pipe = ShapesPipeline.from_pretrained(init)
+    else:
+        pipe = toy.build_pipeline(model, AutoencoderKL.from_pretrained(vae_dir).eval())
     net = pipe.transformer if model == "tiny-dit" else pipe.unet
     net.train().requires_grad_(True), pipe.text_encoder.train().requires_grad_(True)
     params = list(net.parameters()) + list(pipe.text_encoder.parameters())
@@ -246,7 +252,9 @@ def main(argv=None):
     p.add_argument("--code-weight", type=float, default=1.0, help="vae: weight of the pull of cell means to their codes")
     p.add_argument("--decoder-steps", type=int, default=1000, help="vae: phase-2 steps hardening the decoder")
     p.add_argument("--decoder-noise", type=float, default=0.3, help="vae: std of the latent noise in phase 2")
-    p.add_argument("--init", default=None, help="vae: start from this saved autoencoder (e.g. with --steps 0)")
+    p.add_argument("--init", default=None,
+                   help="start from this saved autoencoder (vae, e.g. with --steps 0) or pipeline (dit/unet: continue "
+                        "with a fresh optimiser and schedule)")
     p.add_argument("--truthful", type=float, default=0.5,
                    help="probability that a pretraining caption is truthful (1 = the supervised gate)")
     p.add_argument("--vae", default=VAE_DIR, help="the autoencoder the denoiser works in (from --model vae)")
@@ -278,7 +286,7 @@ def main(argv=None):
     else:
         model = pretrain(args.model, args.steps or 6000, args.batch, args.lr or 5e-4, args.seed, args.vae,
                          args.truthful, args.eval_every, snapshot=out + ".partial" if args.eval_every else None,
-                         curve=args.curve)
+                         curve=args.curve, init=args.init)
     save(model, out)
     print(f"saved {out} after {time.time() - t0:.0f}s")
 

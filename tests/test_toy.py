@@ -178,3 +178,12 @@ def test_pretrain_writes_a_loadable_pipeline_and_never_overwrites(tmp_path, tiny
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "never overwritten" in r.stderr and "Traceback" not in r.stderr
     assert (out / "model_index.json").stat().st_mtime_ns == before
+    if model == "tiny-dit":                       # --init continues from a saved pipeline
+        from safetensors.torch import load_file
+        more = tmp_path / "more"
+        r = subprocess.run([sys.executable, PRETRAIN, "--model", model, "--init", str(out), "--steps", "1", "--batch", "4",
+                            "--out", str(more)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        w0, w1 = (load_file(str(d / net / "diffusion_pytorch_model.safetensors")) for d in (out, more))
+        assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+        assert all((w0[k] - w1[k]).abs().max() < 0.05 for k in w0)          # a step away, not a fresh model
