@@ -24,6 +24,7 @@ Test: tests/test_train.py
 import argparse
 import datetime
 import json
+import math
 import os
 import random
 import shutil
@@ -49,6 +50,17 @@ RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_ev
 
 class ConfigError(ValueError):
     """Bad flags or paths: printed as one line, exit code 2, before any work."""
+
+
+class NonFiniteError(RuntimeError):
+    """Weights about to be saved hold NaN or inf: nothing is written, the last good checkpoint stays."""
+
+
+def refuse_non_finite(tensors, what):
+    """Raise NonFiniteError naming the first non-finite tensor of a {name: tensor} state."""
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{what}: {name} holds NaN or inf; not saved (the last good checkpoint is kept)")
 
 
 def build_parser():
@@ -215,8 +227,12 @@ def configure(args, argv):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "critic_lr", "critic_head_lr", "clip_range", "adv_clip", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < math.inf:
+            raise ConfigError(f"--{name.replace('_', '-')} must be finite and > 0, got {getattr(args, name)}")
+    if args.noise_level is not None and not 0 <= args.noise_level < math.inf:
+        raise ConfigError(f"--noise-level must be finite and >= 0, got {args.noise_level}")
+    if not math.isfinite(args.cfg):
+        raise ConfigError(f"--cfg must be finite, got {args.cfg}")
     if args.sde_steps > args.num_steps:
         raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
     if not 0 < args.critic_fraction <= 1 or not 0 <= args.gae_lambda <= 1 or not 0 < args.gamma <= 1:
@@ -353,6 +369,10 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
     identical after a resume); rank 0 writes the rest and swaps."""
     from safetensors.torch import save_file
     final, tmp, old = (os.path.join(args.run_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    policy = policy_state(args, policy_net)
+    refuse_non_finite(policy, f"iteration {it}: the policy")      # the same weights on every rank: all refuse
+    critic_state = critic.state_dict_to_save() if critic is not None else {}
+    refuse_non_finite(critic_state, f"iteration {it}: the critic")
     rank = ppo.rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -362,10 +382,9 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
     barrier()                                      # every rank's RNG file is in tmp/ before the swap
     if rank != 0:
         return
-    save_file({k: v.detach().contiguous().cpu() for k, v in policy_state(args, policy_net).items()},
-              os.path.join(tmp, "policy.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in policy.items()}, os.path.join(tmp, "policy.safetensors"))
     if critic is not None:
-        save_file({k: v.cpu() for k, v in critic.state_dict_to_save().items()}, os.path.join(tmp, "critic.safetensors"))
+        save_file({k: v.cpu() for k, v in critic_state.items()}, os.path.join(tmp, "critic.safetensors"))
     state = {"iteration": it, "images": images, "mixer": mixer.state_dict(),
              "opt_policy": opt_policy.state_dict(), "opt_critic": opt_critic.state_dict() if opt_critic else None}
     torch.save(state, os.path.join(tmp, "state.pt"))
@@ -515,7 +534,11 @@ def main(argv=None):
     if args.print_config:
         print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
         return 0
-    return train(args, spec, train_prompts, heldout)
+    try:
+        return train(args, spec, train_prompts, heldout)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def train(args, spec, train_prompts, heldout):

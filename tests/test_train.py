@@ -95,6 +95,29 @@ def test_raft_fine_tunes_on_the_kept_samples(tmp_path):
     assert row["losses/raft_kept"] == row["reward/train/strict"]
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """A policy that turns non-finite is refused at the save: one line, exit 2, no checkpoint and
+    no export written, and an earlier good checkpoint stays as it was."""
+    run_dir = str(tmp_path / "run")
+    assert run(["--iters", "2", "--save-every", "1", "--run-dir", run_dir, "--lora-rank", "0", *TINY]) == 0
+    before = load_file(os.path.join(run_dir, "checkpoint", "policy.safetensors"))
+    good = train.policy_state
+
+    def poisoned(args, net):
+        state = dict(good(args, net))
+        key = next(iter(state))
+        state[key] = torch.full_like(state[key], float("nan"))
+        return state
+    monkeypatch.setattr(train, "policy_state", poisoned)
+    capsys.readouterr()
+    assert run(["--resume", run_dir, "--iters", "3"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]       # besides the progress bar
+    assert len(lines) == 1 and "NaN or inf" in lines[0] and "not saved" in lines[0] and "Traceback" not in err
+    after = load_file(os.path.join(run_dir, "checkpoint", "policy.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_sde_window_trains_only_its_steps(tmp_path):
     """--sde-steps 2 of 4: only the 2 noisiest steps are stochastic and trained. The critic is
     scored on those states alone (their noise buckets), the ratio tripwire holds, and the pairs
@@ -168,6 +191,11 @@ def test_resume_is_exact(tmp_path):
     (["--num-steps", "4", "--sde-steps", "6"], "--sde-steps 6 exceeds --num-steps 4"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
     (["--train-tags", "counting,spelling"], "no training prompt has the tag 'spelling'"),
+    (["--lr", "inf"], "--lr must be finite and > 0"),
+    (["--clip-range", "nan"], "--clip-range must be finite and > 0"),
+    (["--noise-level", "-1"], "--noise-level must be finite and >= 0"),
+    (["--noise-level", "nan"], "--noise-level must be finite and >= 0"),
+    (["--cfg", "nan"], "--cfg must be finite"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     run_dir = str(tmp_path / "run")
