@@ -12,6 +12,7 @@ Run:  python rollout.py --model tiny-dit --prompt "two red circles"   (saves a c
 Test: tests/test_rollout.py
 """
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -217,6 +218,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.exit(2, "error: --steps must be >= 1\n")
+    if args.noise_level is not None and not 0 <= args.noise_level < math.inf:
+        p.exit(2, f"error: --noise-level must be finite and >= 0, got {args.noise_level}\n")
+    if not math.isfinite(args.cfg):
+        p.exit(2, f"error: --cfg must be finite, got {args.cfg}\n")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not args.out.lower().endswith(".png"):
+        p.exit(2, f"error: --out {args.out}: the chain picture is a PNG; give a path ending in .png\n")
+    try:                                          # a real write probe: os.access says yes for /proc as root
+        import tempfile
+        fd, probe = tempfile.mkstemp(dir=out_dir, suffix=".probe")
+        os.close(fd), os.remove(probe)
+    except OSError:
+        p.exit(2, f"error: --out {args.out}: {out_dir} is not a writable directory\n")
     try:
         backbone = load_backbone(args.model, args.device)
     except BackboneError as e:

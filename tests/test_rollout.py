@@ -142,3 +142,22 @@ def test_grid_labels_and_marks(tmp_path):
     frames = {tuple(px[y, x]) for y, x in zip(*np.nonzero((px != 255).any(-1)))}
     assert grid.PASS in frames and grid.FAIL in frames
     assert (px == (255, 0, 0)).all(-1).sum() == 4 * (8 * 4) ** 2          # each red block is 32x32 after x4
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--noise-level", "-1"], "--noise-level must be finite"),
+    (["--noise-level", "nan"], "--noise-level must be finite"),
+    (["--cfg", "nan"], "--cfg must be finite"),
+    (["--out", "/nonexistent/dir/chain.png"], "not a writable directory"),
+    (["--out", "/proc/chain.png"], "not a writable directory"),
+    (["--out", "chain.txt"], "ending in .png"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, argv, words):
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(rollout.__file__), "rollout.py"), *argv],
+                       capture_output=True, text=True, cwd=tmp_path)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+    assert os.listdir(tmp_path) == []
