@@ -299,8 +299,21 @@ def main(argv=None):
     p.add_argument("--eval-batches", type=int, default=4, help="fresh batches to measure explained variance on")
     p.add_argument("--seed", type=int, default=0, help="seed")
     args = p.parse_args(argv)
+    for flag in ("iters", "batch", "steps", "minibatch", "eval_batches"):
+        if getattr(args, flag) < 1:
+            p.exit(2, f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}\n")
+    for flag in ("lr", "head_lr"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            p.exit(2, f"error: --{flag.replace('_', '-')} must be finite and > 0, got {getattr(args, flag)}\n")
     if args.sde_steps is not None and not 1 <= args.sde_steps <= args.steps:
         p.exit(2, f"error: --sde-steps must be between 1 and --steps ({args.steps})\n")
+    from models import resolve
+    try:
+        if resolve(args.model)[1] != "ShapesPipeline":
+            p.exit(2, f"error: --model {args.model}: critic.py fits on the built-in world only (tiny-dit, tiny-unet or "
+                      "a ShapesPipeline directory); train.py trains critics on real models\n")
+    except BackboneError as e:
+        p.exit(2, f"error: {e}\n")
     import rewards
     import toy
     try:

@@ -121,3 +121,22 @@ def test_explained_variance():
     returns = torch.stack([y, y, y], 1)
     out = explained_variance_by_noise(values, returns, torch.tensor([1.0, 0.5, 0.05]))
     assert out == {"1.0-0.8": pytest.approx(0.0), "0.6-0.4": pytest.approx(1.0), "0.2-0.0": pytest.approx(1.0)}
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--minibatch", "0"], "--minibatch must be >= 1"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--eval-batches", "0"], "--eval-batches must be >= 1"),
+    (["--lr", "nan"], "--lr must be finite"),
+    (["--model", "sd3.5m"], "built-in world only"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, argv, words):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "critic.py"), *argv], capture_output=True, text=True,
+                       cwd=tmp_path)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
