@@ -1,6 +1,8 @@
 """Command-line plumbing shared by every entry point (train.py, eval.py, pretrain.py, toy.py,
 rollout.py, critic.py): bad input gets one line on stderr and exit code 2, before any work."""
 import argparse
+import os
+import tempfile
 
 
 class Parser(argparse.ArgumentParser):
@@ -8,3 +10,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def unwritable(path):
+    """None if a file can be written at path (a file, or a directory still to be created), else the
+    directory in the way: the nearest existing ancestor, probed by creating and removing a temporary
+    file in it (os.access says yes for /proc to root)."""
+    d = os.path.abspath(path)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        return d
+    try:
+        fd, probe = tempfile.mkstemp(dir=d, suffix=".probe")
+        os.close(fd), os.remove(probe)
+    except OSError:
+        return d
+    return None

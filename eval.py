@@ -26,7 +26,7 @@ import torch
 
 import rewards
 import steer
-from cli import Parser
+from cli import Parser, unwritable
 from models import BackboneError, load_backbone, resolve
 
 
@@ -138,7 +138,7 @@ def configure(args):
     if args.policy:
         if not (os.path.isdir(os.path.join(args.policy, "pipeline")) or os.path.isdir(os.path.join(args.policy, "policy_lora"))):
             fail(f"--policy {args.policy}: the run has no final policy yet (no pipeline/ or policy_lora/)")
-    wants_critic = args.steer in steer.NEEDS_CRITIC or (args.select == "critic" and args.steer in ("bon", "smc", "grad+bon"))
+    wants_critic = steer.needs_critic(args.steer, args.select)
     if args.critic is None and wants_critic:
         if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")):
             args.critic = args.policy
@@ -187,11 +187,9 @@ def configure(args):
     args.out = args.out or os.path.join("runs", f"eval-{args.steer}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
     if os.path.exists(args.out):
         fail(f"--out {args.out} exists; it is never overwritten")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--out {args.out}: {parent} is not a writable directory")
+    blocked = unwritable(args.out)
+    if blocked:
+        fail(f"--out {args.out}: {blocked} is not a writable directory")
     return args
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from cli import Parser
+from cli import Parser, unwritable
 from models import BackboneError, Cond, Schedule, load_backbone
 
 # the training rollouts' noise by sampler: Flow-GRPO's SDE a = 0.7 (flow), DDPO's eta = 1 (DDIM)
@@ -225,11 +225,7 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not args.out.lower().endswith(".png"):
         p.exit(2, f"error: --out {args.out}: the chain picture is a PNG; give a path ending in .png\n")
-    try:                                          # a real write probe: os.access says yes for /proc as root
-        import tempfile
-        fd, probe = tempfile.mkstemp(dir=out_dir, suffix=".probe")
-        os.close(fd), os.remove(probe)
-    except OSError:
+    if not os.path.isdir(out_dir) or unwritable(out_dir):
         p.exit(2, f"error: --out {args.out}: {out_dir} is not a writable directory\n")
     try:
         backbone = load_backbone(args.model, args.device)

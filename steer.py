@@ -39,7 +39,12 @@ from diffusers.utils.torch_utils import randn_tensor
 import rollout
 
 METHODS = ("none", "bon", "smc", "grad", "grad+bon", "proxy-smc")
-NEEDS_CRITIC = {"smc", "grad", "grad+bon"}        # and bon / smc with select='critic'
+
+
+def needs_critic(method, select):
+    """Whether a method (with its best-of-N selection) reads the critic: smc and the gradient
+    methods always, best-of-N when it selects by the critic's value."""
+    return method in ("smc", "grad", "grad+bon") or (select == "critic" and method == "bon")
 
 
 @dataclass
@@ -100,7 +105,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
     P, K = len(prompts), num_steps
     S = min(sde_steps or K, K)
     N = 1 if method in ("none", "grad") else n
-    if (method in NEEDS_CRITIC or (select == "critic" and method in ("bon", "smc", "grad+bon"))) and value is None:
+    if needs_critic(method, select) and value is None:
         raise ValueError(f"--steer {method} (select {select}) needs a critic")
     if (method == "proxy-smc" or (select == "reward" and N > 1)) and score is None:
         raise ValueError(f"--steer {method} (select {select}) needs a reward")

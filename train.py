@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import ppo
-from cli import Parser
+from cli import Parser, unwritable
 import rewards
 import rollout
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
@@ -277,11 +277,9 @@ def configure(args, argv):
                               f"(never overwritten){'; continue it with --resume ' + args.run_dir if same else ''}")
         if os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
             raise ConfigError(f"--run-dir {args.run_dir} is not empty and holds no run (never overwritten)")
-    parent = os.path.abspath(args.run_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--run-dir {args.run_dir}: {parent} is not a writable directory")
+    blocked = unwritable(args.run_dir)
+    if blocked:
+        raise ConfigError(f"--run-dir {args.run_dir}: {blocked} is not a writable directory")
     return args, spec, train_prompts, heldout
 
 
