@@ -29,9 +29,9 @@ import warnings
 import torch
 import torch.nn as nn
 
+import cli
 import rollout
-from cli import Parser
-from models import BackboneError, load_backbone
+from models import load_backbone
 
 POLICY, CRITIC = "policy", "critic"           # adapter names on a shared LoRA base
 
@@ -285,42 +285,36 @@ with --critic-fraction 1 (backbone and head on every state of the batch).
 def main(argv=None):
     """Fit a critic to Monte-Carlo returns of the base model's rollouts on the built-in world and
     report its explained variance per noise level on fresh rollouts (the paper's premise)."""
-    p = Parser(description=main.__doc__.split("\n")[0])
+    p = cli.Parser(description=main.__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")
     p.add_argument("--reward", default="shapes", help="a reward of rewards.py: shapes (the world's checker), jpeg, ...")
-    p.add_argument("--iters", type=int, default=30, help="rollout batches to fit on")
-    p.add_argument("--batch", type=int, default=32, help="trajectories per batch")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps K")
-    p.add_argument("--sde-steps", type=int, default=None,
+    p.add_argument("--iters", type=cli.integer(1), default=30, help="rollout batches to fit on")
+    p.add_argument("--batch", type=cli.integer(1), default=32, help="trajectories per batch")
+    p.add_argument("--steps", type=cli.integer(1), default=10, help="denoising steps K")
+    p.add_argument("--sde-steps", type=cli.integer(1), default=None,
                    help="stochastic (and fitted) steps S, the first of K (train.py's --sde-steps; default: all K)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the critic's backbone copy")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of the value head")
-    p.add_argument("--minibatch", type=int, default=32, help="states per optimiser step")
-    p.add_argument("--eval-batches", type=int, default=4, help="fresh batches to measure explained variance on")
+    p.add_argument("--lr", type=cli.finite_float(above=0), default=1e-4,
+                   help="AdamW learning rate of the critic's backbone copy")
+    p.add_argument("--head-lr", type=cli.finite_float(above=0), default=1e-3,
+                   help="AdamW learning rate of the value head")
+    p.add_argument("--minibatch", type=cli.integer(1), default=32, help="states per optimiser step")
+    p.add_argument("--eval-batches", type=cli.integer(1), default=4,
+                   help="fresh batches to measure explained variance on")
     p.add_argument("--seed", type=int, default=0, help="seed")
     args = p.parse_args(argv)
-    for flag in ("iters", "batch", "steps", "minibatch", "eval_batches"):
-        if getattr(args, flag) < 1:
-            p.exit(2, f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}\n")
-    for flag in ("lr", "head_lr"):
-        if not 0 < getattr(args, flag) < float("inf"):
-            p.exit(2, f"error: --{flag.replace('_', '-')} must be finite and > 0, got {getattr(args, flag)}\n")
-    if args.sde_steps is not None and not 1 <= args.sde_steps <= args.steps:
-        p.exit(2, f"error: --sde-steps must be between 1 and --steps ({args.steps})\n")
+    if args.sde_steps is not None and args.sde_steps > args.steps:
+        p.exit(2, f"error: --sde-steps must be between 1 and --steps ({args.steps}), got {args.sde_steps}\n")
+    import rewards
     from models import resolve
     try:
         if resolve(args.model)[1] != "ShapesPipeline":
-            p.exit(2, f"error: --model {args.model}: critic.py fits on the built-in world only (tiny-dit, tiny-unet or "
-                      "a ShapesPipeline directory); train.py trains critics on real models\n")
-    except BackboneError as e:
-        p.exit(2, f"error: {e}\n")
-    import rewards
-    import toy
-    try:
+            raise cli.InputError(f"--model {args.model}: critic.py fits on the built-in world only (tiny-dit, tiny-unet "
+                                 "or a ShapesPipeline directory); train.py trains critics on real models")
+        score = rewards.build_reward(args.reward)             # an unknown name, or weights offline: before the model
         backbone = load_backbone(args.model)
-        score = rewards.build_reward(args.reward)
-    except (BackboneError, rewards.RewardError) as e:
+    except cli.InputError as e:
         p.exit(2, f"error: {e}\n")
+    import toy
     torch.manual_seed(args.seed)
     critic = Critic(backbone, num_rewards=1)
     g = torch.Generator().manual_seed(args.seed)

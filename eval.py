@@ -24,14 +24,15 @@ import sys
 
 import torch
 
+import cli
 import rewards
 import steer
-from cli import Parser, unwritable
-from models import BackboneError, load_backbone, resolve
+from cli import finite_float, integer
+from models import load_backbone, resolve
 
 
 def build_parser():
-    p = Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="base model: tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers "
                                                  "directory (default: the --policy run's, else tiny-dit)")
@@ -40,30 +41,37 @@ def build_parser():
     g.add_argument("--critic", default=None, metavar="RUN_DIR",
                    help="a train.py critic-PPO run whose critic steers (default: --policy if it has one, else, on "
                         "the built-in world, the newest run under runs/ with a critic for --model)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     g = p.add_argument_group("steering")
     g.add_argument("--steer", default="none", choices=steer.METHODS, help="how to use the critic (steer.py)")
-    g.add_argument("--n", type=int, default=4, help="samples / particles per prompt N (bon, smc, grad+bon, proxy-smc)")
+    g.add_argument("--n", type=integer(1), default=4,
+                   help="samples / particles per prompt N (bon, smc, grad+bon, proxy-smc)")
     g.add_argument("--select", default="critic", choices=("critic", "reward"),
                    help="best of N by the critic's value of the last window state, or by the reward")
-    g.add_argument("--guidance", type=float, default=1.0, help="grad: scale s of mu' = mu + s std^2 grad V")
-    g.add_argument("--lam", type=float, default=4.0, help="smc: weights exp(lam (V(x') - V(x))), values in reward-std units")
-    g.add_argument("--resample-every", type=int, default=1, help="smc: resampling opportunity every N window steps")
+    g.add_argument("--guidance", type=finite_float(min=0), default=1.0,
+                   help="grad: scale s of mu' = mu + s std^2 grad V")
+    g.add_argument("--lam", type=finite_float(min=0), default=4.0,
+                   help="smc: weights exp(lam (V(x') - V(x))), values in reward-std units")
+    g.add_argument("--resample-every", type=integer(1), default=1,
+                   help="smc: resampling opportunity every N window steps")
     g.add_argument("--steer-weights", default=None,
                    help="weights of the critic's heads (and of the rewards for --select reward), e.g. hps=1,clip=0.5 "
                         "(default: the critic run's training weights)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-steps", type=int, default=None, help="denoising steps K (default: the run's --num-steps, else 10)")
-    g.add_argument("--sde-steps", type=int, default=None,
+    g.add_argument("--num-steps", type=integer(1), default=None,
+                   help="denoising steps K (default: the run's --num-steps, else 10)")
+    g.add_argument("--sde-steps", type=integer(1), default=None,
                    help="stochastic steps S, the first of K: the critic's window (default: the run's, else 5)")
-    g.add_argument("--noise-level", type=float, default=None, help="SDE noise a / DDIM eta (default: the training noise)")
+    g.add_argument("--noise-level", type=finite_float(min=0), default=None,
+                   help="SDE noise a / DDIM eta (default: the training noise)")
     g = p.add_argument_group("prompts and rewards")
     g.add_argument("--prompts", default="heldout", help="heldout | train (the built-in world's split) | geneval | a .txt or .jsonl")
-    g.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    g.add_argument("--max-prompts", type=integer(1), default=None, help="use only the first N prompts")
     g.add_argument("--rewards", default=None, help="comma list of rewards to report (default: shapes on the built-in "
                                                  "world, else the critic run's)")
     g.add_argument("--reward-path", action="append", default=[], metavar="NAME[.PART]=PATH", help="as in train.py")
-    g.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    g.add_argument("--seeds", type=integer(1), default=4, help="seeds per prompt")
     g.add_argument("--out", default=None, help="output directory (default runs/eval-STEER-MODEL-TIME); never overwritten")
     return p
 
@@ -78,9 +86,9 @@ def run_config(run_dir, flag):
     if not os.path.isfile(path):
         fail(f"{flag} {run_dir}: not a train.py run directory (no config.json)")
     try:
-        return json.load(open(path))
-    except (OSError, ValueError) as e:
-        fail(f"{flag} {run_dir}: unreadable config.json ({e})")
+        return cli.read_json(path)
+    except cli.InputError as e:
+        fail(f"{flag} {run_dir}: {e}")
 
 
 def newest_critic(model):
@@ -106,10 +114,11 @@ def load_prompts(source, max_prompts):
         metas = rewards.geneval_prompts(200, seed=1)
     elif os.path.isfile(source):
         try:
+            text = cli.read_text("--prompts", source)             # a binary file fails here, in one line
             metas = (rewards.read_geneval_metadata(source) if source.endswith(".jsonl") else
-                     [{"prompt": line.strip()} for line in open(source, encoding="utf-8") if line.strip()])
-        except (UnicodeDecodeError, ValueError, rewards.RewardError) as e:
-            fail(f"--prompts {source}: not a prompt file ({str(e).splitlines()[0]})")
+                     [{"prompt": line.strip()} for line in text.splitlines() if line.strip()])
+        except cli.InputError as e:
+            fail(str(e))
     else:
         fail(f"--prompts {source!r}: not heldout, train, geneval or an existing file")
     metas = metas[:max_prompts] if max_prompts else metas
@@ -120,24 +129,24 @@ def load_prompts(source, max_prompts):
 
 def configure(args):
     """Every check before any model is loaded; fills in the defaults from the runs."""
-    for name in ("n", "seeds", "resample_every", "num_steps", "sde_steps", "max_prompts"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            fail(f"--{name.replace('_', '-')} {v}: must be >= 1")
-    for name in ("guidance", "lam", "noise_level"):
-        v = getattr(args, name)
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            fail(f"--{name.replace('_', '-')} {v}: must be finite and >= 0")
     policy_cfg = run_config(args.policy, "--policy") if args.policy else None
     args.model = args.model or (policy_cfg or {}).get("model") or "tiny-dit"
     try:
         _, kind = resolve(args.model)
-    except BackboneError as e:
+    except cli.InputError as e:
         fail(str(e))
     shapes_world = kind == "ShapesPipeline"
     if args.policy:
-        if not (os.path.isdir(os.path.join(args.policy, "pipeline")) or os.path.isdir(os.path.join(args.policy, "policy_lora"))):
+        exported, lora = (os.path.join(args.policy, d) for d in ("pipeline", "policy_lora"))
+        if not (os.path.isdir(exported) or os.path.isdir(lora)):
             fail(f"--policy {args.policy}: the run has no final policy yet (no pipeline/ or policy_lora/)")
+        try:                                       # its configs and weights headers, as --model's
+            if os.path.isdir(exported):
+                resolve(exported, "--policy")
+            for f in glob.glob(os.path.join(lora, "*.safetensors")):
+                cli.safetensors_keys(f)
+        except cli.InputError as e:
+            fail(str(e) if os.path.isdir(exported) else f"--policy {args.policy}: {e}")
     wants_critic = steer.needs_critic(args.steer, args.select)
     if args.critic is None and wants_critic:
         if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")):
@@ -151,6 +160,10 @@ def configure(args):
     if critic_cfg is not None:
         if not os.path.isfile(os.path.join(args.critic, "checkpoint", "critic.safetensors")):
             fail(f"--critic {args.critic}: no checkpoint/critic.safetensors (a --algo ppo run has one)")
+        try:
+            cli.safetensors_keys(os.path.join(args.critic, "checkpoint", "critic.safetensors"))
+        except cli.InputError as e:
+            fail(f"--critic {args.critic}: {e}")
         if critic_cfg.get("model") != args.model:
             fail(f"--critic {args.critic} was trained on {critic_cfg.get('model')}, not {args.model}")
     if not wants_critic:
@@ -187,7 +200,7 @@ def configure(args):
     args.out = args.out or os.path.join("runs", f"eval-{args.steer}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
     if os.path.exists(args.out):
         fail(f"--out {args.out} exists; it is never overwritten")
-    blocked = unwritable(args.out)
+    blocked = cli.unwritable(args.out)
     if blocked:
         fail(f"--out {args.out}: {blocked} is not a writable directory")
     return args
@@ -207,9 +220,10 @@ def load_policy(args):
 def evaluate(args):
     import critic as critic_module
     import grid
+    # name -> fn(images, prompts, metadata); first, so a reward without its weights (offline) fails before any model loads
+    scorers = args.spec.mixer(args.device).scorers
     backbone = load_policy(args)
     noise = args.noise_level if args.noise_level is not None else __import__("rollout").TRAIN_NOISE[backbone.sampler]
-    scorers = args.spec.mixer(args.device).scorers                       # name -> fn(images, prompts, metadata)
     metas, prompts = args.metas, [m["prompt"] for m in args.metas]
     value = None
     if args.critic:
@@ -217,6 +231,7 @@ def evaluate(args):
         critic = critic_module.load(critic_backbone, args.critic).eval()
         w = [args.weights.get(n, 0.0) for n in args.critic_rewards]
         value = steer.critic_value_fn(critic, critic_backbone, prompts, backbone.schedule(args.num_steps), w)
+    os.makedirs(args.out)                        # once everything loaded: a failure above leaves no directory behind
 
     def score(images, idx):                                               # the selection / proxy reward
         total = torch.zeros(len(images))
@@ -298,10 +313,9 @@ def write_json(path, data):
 
 def main(argv=None):
     args = configure(build_parser().parse_args(argv))
-    os.makedirs(args.out)
     try:
         summary = evaluate(args)
-    except (BackboneError, rewards.RewardError, ValueError) as e:
+    except ValueError as e:                      # cli.InputError (models, rewards) and the steering's own checks
         fail(str(e).splitlines()[0])
     nfe = summary.pop("nfe_per_image")
     print(f"{args.out}: --steer {args.steer} (N={args.n if args.steer not in ('none', 'grad') else 1}, select "

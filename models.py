@@ -15,12 +15,14 @@ Names: tiny-dit, tiny-unet (the built-in shapes world, see toy.py; shipped under
 checkpoints/), sd1.5, sd3.5m, or a path to a diffusers directory of one of these kinds.
 Test: tests/test_models.py.
 """
+import functools
 import json
 import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline
+
+from cli import InputError, check_pipeline
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODELS = {
@@ -33,27 +35,43 @@ MODELS = {
 KINDS = {"StableDiffusion3Pipeline": "flow", "StableDiffusionPipeline": "ddim", "ShapesPipeline": None}
 
 
-class BackboneError(ValueError):
+class BackboneError(InputError):
     """Bad model name, path or checkpoint; the CLIs print its one line and exit 2."""
 
 
-class ShapesPipeline(DiffusionPipeline):
-    """The built-in world's pipeline: a latent denoiser (an SD3 transformer or a UNet), the
-    world's AutoencoderKL, a tiny CLIP text encoder and a word-level tokenizer, as SD3 / SD1.5
-    pipelines hold them. Saved and loaded with diffusers' own save_pretrained / from_pretrained."""
-    _optional_components = ["transformer", "unet"]
+def __getattr__(name):
+    """models.ShapesPipeline is defined on first use (shapes_pipeline())."""
+    if name != "ShapesPipeline":
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return shapes_pipeline()
 
-    def __init__(self, text_encoder, tokenizer, scheduler, vae, transformer=None, unet=None):
-        super().__init__()
-        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
-                              transformer=transformer, unet=unet)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts, device):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        out = self.text_encoder(ids)
-        return out.last_hidden_state, out.text_embeds         # (B, L, D), (B, P)
+@functools.cache
+def shapes_pipeline():
+    """The ShapesPipeline class. It subclasses diffusers' DiffusionPipeline, and importing diffusers
+    takes seconds that an entry point refusing a bad flag should not spend: defined on first use."""
+    from diffusers import DiffusionPipeline
+
+    class ShapesPipeline(DiffusionPipeline):
+        """The built-in world's pipeline: a latent denoiser (an SD3 transformer or a UNet), the
+        world's AutoencoderKL, a tiny CLIP text encoder and a word-level tokenizer, as SD3 / SD1.5
+        pipelines hold them. Saved and loaded with diffusers' own save_pretrained / from_pretrained."""
+        _optional_components = ["transformer", "unet"]
+
+        def __init__(self, text_encoder, tokenizer, scheduler, vae, transformer=None, unet=None):
+            super().__init__()
+            self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
+                                  transformer=transformer, unet=unet)
+
+        @torch.no_grad()
+        def encode_prompt(self, prompts, device):
+            ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+            out = self.text_encoder(ids)
+            return out.last_hidden_state, out.text_embeds         # (B, L, D), (B, P)
+
+    ShapesPipeline.__module__, ShapesPipeline.__qualname__ = __name__, "ShapesPipeline"     # as if top-level
+    return ShapesPipeline
 
 
 @dataclass
@@ -113,7 +131,7 @@ class Backbone:
     def _encode(self, prompts):
         """The denoiser's text keywords for prompts, batch first (no CFG branch)."""
         p = self.pipe
-        if isinstance(p, ShapesPipeline):
+        if type(p).__name__ == "ShapesPipeline":
             hidden, pooled = p.encode_prompt(list(prompts), self.device)
             kw = {"encoder_hidden_states": hidden, "pooled_projections": pooled}
             if self.sampler == "ddim":                     # the UNet takes no pooled vector
@@ -236,16 +254,16 @@ def denoising_loss(sampler, scheduler, net, x0, kw, location=0.0):
     return (pred.float() - target).pow(2).mean()
 
 
-def resolve(name_or_path):
-    """Map a name to a hub id or directory; a BackboneError naming the choices otherwise."""
+def resolve(name_or_path, flag="--model"):
+    """Map a name to a hub id or directory, checked (cli.check_pipeline); a BackboneError naming the
+    choices, or the flag, the directory and what is wrong with it, otherwise."""
     path = MODELS.get(name_or_path, name_or_path)
     choices = ", ".join(MODELS) + ", or a local diffusers directory"
     if os.path.isdir(path):
-        index = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index):
-            raise BackboneError(f"{path} is not a diffusers pipeline directory (no model_index.json); "
-                                f"accepted: {choices}")
-        kind = json.load(open(index)).get("_class_name")
+        try:                                      # model_index.json, configs and weights headers
+            kind = check_pipeline(path)
+        except InputError as e:
+            raise BackboneError(f"{flag} {name_or_path}: {e}") from None
         if kind not in KINDS:
             raise BackboneError(f"{path} holds a {kind}; accepted kinds: {', '.join(KINDS)}")
         return path, kind
@@ -262,6 +280,8 @@ def load_backbone(name_or_path, device="cpu", dtype=torch.float32):
     """A Backbone for a name (MODELS) or a diffusers directory, on `device` in `dtype`."""
     path, kind = resolve(name_or_path)
     import diffusers, transformers
+    from diffusers import DiffusionPipeline
+    ShapesPipeline = shapes_pipeline()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     cls = ShapesPipeline if kind == "ShapesPipeline" else DiffusionPipeline

@@ -30,8 +30,8 @@ import time
 
 import torch
 
+import cli
 import toy
-from cli import Parser
 
 VAE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "vae")
 
@@ -242,40 +242,52 @@ def save(obj, out, replace=False):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("vae", "tiny-dit", "tiny-unet"), default="tiny-dit", help="what to train")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 2000 vae, 6000 dit/unet)")
-    p.add_argument("--batch", type=int, default=None, help="scenes per step (default: 64 vae, 128 dit/unet)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine decay (default 2e-3 vae, 5e-4 else)")
+    p.add_argument("--steps", type=cli.integer(0), default=None,
+                   help="optimiser steps (default: 2000 vae, 6000 dit/unet; 0: a vae --init with new factors)")
+    p.add_argument("--batch", type=cli.integer(2), default=None, help="scenes per step (default: 64 vae, 128 dit/unet)")
+    p.add_argument("--lr", type=cli.finite_float(above=0), default=None,
+                   help="AdamW learning rate, cosine decay (default 2e-3 vae, 5e-4 else)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, scenes and noise")
-    p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL term")
-    p.add_argument("--code-weight", type=float, default=1.0, help="vae: weight of the pull of cell means to their codes")
-    p.add_argument("--decoder-steps", type=int, default=1000, help="vae: phase-2 steps hardening the decoder")
-    p.add_argument("--decoder-noise", type=float, default=0.3, help="vae: std of the latent noise in phase 2")
+    p.add_argument("--kl-weight", type=cli.finite_float(min=0), default=1e-4,
+                   help="vae: weight of the per-element KL term")
+    p.add_argument("--code-weight", type=cli.finite_float(min=0), default=1.0,
+                   help="vae: weight of the pull of cell means to their codes")
+    p.add_argument("--decoder-steps", type=cli.integer(0), default=1000, help="vae: phase-2 steps hardening the decoder")
+    p.add_argument("--decoder-noise", type=cli.finite_float(min=0), default=0.3,
+                   help="vae: std of the latent noise in phase 2")
     p.add_argument("--init", default=None,
                    help="start from this saved autoencoder (vae, e.g. with --steps 0) or pipeline (dit/unet: continue "
                         "with a fresh optimiser and schedule)")
-    p.add_argument("--truthful", type=float, default=0.5,
+    p.add_argument("--truthful", type=cli.finite_float(min=0, max=1), default=0.5,
                    help="probability that a pretraining caption is truthful (1 = the supervised gate)")
     p.add_argument("--vae", default=VAE_DIR, help="the autoencoder the denoiser works in (from --model vae)")
-    p.add_argument("--eval-every", type=int, default=0, help="print held-out accuracy every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=cli.integer(0), default=0,
+                   help="print held-out accuracy every N steps (0: only at the end)")
     p.add_argument("--out", default=None, help="output directory (default: checkpoints/MODEL); never overwritten")
-    p.add_argument("--curve", default=None, help="write the --eval-every accuracies to this JSON file")
+    p.add_argument("--curve", type=cli.output_file(".json"), default=None,
+                   help="write the --eval-every accuracies to this JSON file")
     args = p.parse_args(argv)
-    for flag, low in (("steps", 0 if args.init else 1), ("batch", 2), ("eval_every", 0), ("decoder_steps", 0)):
-        v = getattr(args, flag)
-        if v is not None and v < low:
-            p.exit(2, f"error: --{flag.replace('_', '-')} {v}: must be >= {low}\n")
-    if not (math.isfinite(args.decoder_noise) and args.decoder_noise >= 0) or (args.lr is not None and not
-                                                                                (math.isfinite(args.lr) and args.lr > 0)):
-        p.exit(2, "error: --lr must be finite and > 0, --decoder-noise finite and >= 0\n")
-    if not 0 <= args.truthful <= 1:
-        p.exit(2, f"error: --truthful {args.truthful}: must be in [0, 1]\n")
+    if args.steps == 0 and not (args.init and args.model == "vae"):
+        p.exit(2, "error: --steps must be >= 1 (0 only for --model vae with --init), got 0\n")
     out = args.out or os.path.join(os.path.dirname(VAE_DIR), args.model)
     if os.path.exists(out):
         p.exit(2, f"error: {out} exists; it is never overwritten (move it away or pass --out)\n")
+    blocked = cli.unwritable(out)
+    if blocked:
+        p.exit(2, f"error: --out {out}: {blocked} is not a writable directory\n")
     if args.model != "vae" and not os.path.isfile(os.path.join(args.vae, "config.json")):
         p.exit(2, f"error: --vae {args.vae}: no autoencoder there (run `python pretrain.py --model vae`)\n")
+    try:                                          # a damaged or mixed-up copy fails here, not after minutes of work
+        if args.model != "vae":
+            cli.check_component(args.vae, "AutoencoderKL")
+        if args.init and args.model == "vae":
+            cli.check_component(args.init, "AutoencoderKL")
+        elif args.init and cli.check_pipeline(args.init) != "ShapesPipeline":
+            raise cli.InputError(f"--init {args.init}: not a ShapesPipeline (a pretrain.py --model {args.model} output)")
+    except cli.InputError as e:
+        p.exit(2, f"error: {e}\n")
     args.batch = args.batch or (64 if args.model == "vae" else 128)
     t0 = time.time()
     if args.model == "vae":

@@ -28,11 +28,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from cli import InputError
+
 REWARDS = ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes")
 NEEDS_METADATA = ("geneval", "shapes")
 
 
-class RewardError(ValueError):
+class RewardError(InputError):
     """Bad reward configuration or input. The CLI prints the one-line message and exits 2."""
 
 

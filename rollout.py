@@ -12,18 +12,23 @@ Run:  python rollout.py --model tiny-dit --prompt "two red circles"   (saves a c
 Test: tests/test_rollout.py
 """
 import math
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from cli import Parser, unwritable
-from models import BackboneError, Cond, Schedule, load_backbone
+import cli
+from models import Cond, Schedule, load_backbone
 
 # the training rollouts' noise by sampler: Flow-GRPO's SDE a = 0.7 (flow), DDPO's eta = 1 (DDIM)
 TRAIN_NOISE = {"flow": 0.7, "ddim": 1.0}
+
+
+def randn_tensor(*args, **kwargs):
+    """diffusers' randn_tensor (its pipelines' noise, bit for bit), imported on first use: importing
+    diffusers takes seconds that an entry point refusing a bad flag should not spend."""
+    from diffusers.utils.torch_utils import randn_tensor as draw
+    return draw(*args, **kwargs)
 
 
 @dataclass
@@ -202,34 +207,25 @@ def chain_picture(backbone, traj, i=0):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     # model
     p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     # sampling
     p.add_argument("--prompt", default="two red circles", help="the prompt to roll out")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps K")
-    p.add_argument("--noise-level", type=float, default=None,
+    p.add_argument("--steps", type=cli.integer(1), default=10, help="denoising steps K")
+    p.add_argument("--noise-level", type=cli.finite_float(min=0), default=None,
                    help="SDE noise a (flow, default 0.7) or DDIM eta (default 1.0); 0 = deterministic")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=cli.finite_float(), default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the step noise")
     # output
-    p.add_argument("--out", default="trajectory.png", help="where to save the chain picture (PNG)")
+    p.add_argument("--out", type=cli.output_file(".png", ".jpg", ".jpeg"), default="trajectory.png",
+                   help="where to save the chain picture (PNG or JPEG)")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.exit(2, "error: --steps must be >= 1\n")
-    if args.noise_level is not None and not 0 <= args.noise_level < math.inf:
-        p.exit(2, f"error: --noise-level must be finite and >= 0, got {args.noise_level}\n")
-    if not math.isfinite(args.cfg):
-        p.exit(2, f"error: --cfg must be finite, got {args.cfg}\n")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not args.out.lower().endswith(".png"):
-        p.exit(2, f"error: --out {args.out}: the chain picture is a PNG; give a path ending in .png\n")
-    if not os.path.isdir(out_dir) or unwritable(out_dir):
-        p.exit(2, f"error: --out {args.out}: {out_dir} is not a writable directory\n")
     try:
         backbone = load_backbone(args.model, args.device)
-    except BackboneError as e:
+    except cli.InputError as e:
         p.exit(2, f"error: {e}\n")
     noise = args.noise_level if args.noise_level is not None else TRAIN_NOISE[backbone.sampler]
     g = torch.Generator(args.device).manual_seed(args.seed)

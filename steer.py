@@ -34,9 +34,9 @@ Test: tests/test_steer.py
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 import rollout
+from rollout import randn_tensor
 
 METHODS = ("none", "bon", "smc", "grad", "grad+bon", "proxy-smc")
 

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import torch
 
-from cli import Parser
+import cli
 from rewards import relative_position      # GenEval's rule, one implementation for both checkers
 
 RES = 32                                   # image side, pixels
@@ -440,20 +440,17 @@ def evaluate(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
 
 
 def main(argv=None):
-    p = Parser(description="The built-in shapes world: evaluate a base model (pretrain.py trains them).")
+    p = cli.Parser(description="The built-in shapes world: evaluate a base model (pretrain.py trains them).")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("eval", help="held-out strict accuracy of a base model (deterministic sampler)")
     ev.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | a ShapesPipeline directory")
-    ev.add_argument("--steps", type=int, default=10, help="denoising steps")
-    ev.add_argument("--seeds", type=int, default=4, help="images per held-out prompt")
+    ev.add_argument("--steps", type=cli.integer(1), default=10, help="denoising steps")
+    ev.add_argument("--seeds", type=cli.integer(1), default=4, help="images per held-out prompt")
     args = p.parse_args(argv)
-    for flag in ("steps", "seeds"):
-        if getattr(args, flag) < 1:
-            p.exit(2, f"error: --{flag} {getattr(args, flag)}: must be >= 1\n")
-    from models import BackboneError, load_backbone
+    from models import load_backbone
     try:
         backbone = load_backbone(args.model)
-    except BackboneError as e:
+    except cli.InputError as e:
         p.exit(2, f"error: {e}\n")
     held = prompts("heldout")
     acc, score = evaluate(backbone, held, range(args.seeds), args.steps)

@@ -18,16 +18,19 @@ critic weights in safetensors, optimiser states in state.pt, each rank's RNG sta
 rng_rank{r}.pt) and, at the end,
 pipeline/ (tiny models: a diffusers directory loadable as --model, LoRA merged in) and/or
 policy_lora/ (the LoRA adapter, loadable with pipe.load_lora_weights for SD models).
+A checkpoint is saved after iteration 1, every --save-every and at the end. SIGINT / SIGTERM finish
+the iteration, save one and exit 130 / 143. A run stopped before its first checkpoint starts again
+(--resume, or the same command); 3 skipped updates in a row stop a diverging run, unsaved.
 
-Test: tests/test_train.py
+Test: tests/test_train.py, tests/test_inputs.py (bad input, stopped and diverging runs)
 """
 import argparse
 import datetime
 import json
-import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -35,20 +38,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import ppo
-from cli import Parser, unwritable
 import rewards
 import rollout
+from cli import finite_float, integer
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
     explained_variance_by_noise, lora_config, noise_fraction
-from models import BackboneError, resolve
+from models import resolve
 
 ALGOS = ("ppo", "grpo", "raft")
 # flags a resumed run may change; every other one comes from the run's config.json
 RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every", "print_config")
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.InputError):
     """Bad flags or paths: printed as one line, exit code 2, before any work."""
 
 
@@ -64,63 +68,73 @@ def refuse_non_finite(tensors, what):
 
 
 def build_parser():
-    p = Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--lora-rank", type=int, default=None,
+    g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    g.add_argument("--lora-rank", type=integer(0), default=None,
                    help="LoRA rank of the policy and critic adapters on the shared frozen base; 0 = train full "
                         "copies (default: 16 for the built-in tiny models, 32 otherwise, the peers' value; a full "
                         "copy of tiny-dit drifts into a patch-grid texture under noisy updates, see BENCHMARKS.md)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank: 64 at rank 32)")
+    g.add_argument("--lora-alpha", type=finite_float(min=0), default=None,
+                   help="LoRA alpha (default 2 x rank: 64 at rank 32)")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", default="ppo",
                    help="ppo (critic-guided, the paper) | grpo (the baseline) | raft (rejection-sampling fine-tuning: "
                         "the pretraining loss on the samples that pass, the supervised reference)")
-    g.add_argument("--iters", type=int, default=60, help="iterations (rollout batch + update each)")
-    g.add_argument("--batch-size", type=int, default=32, help="images generated per iteration, all ranks together")
-    g.add_argument("--group-size", type=int, default=None,
+    g.add_argument("--iters", type=integer(1), default=60, help="iterations (rollout batch + update each)")
+    g.add_argument("--batch-size", type=integer(1), default=32,
+                   help="images generated per iteration, all ranks together")
+    g.add_argument("--group-size", type=integer(1), default=None,
                    help="samples per prompt G (default: 8 for grpo, whose baseline needs groups; 1 for ppo)")
-    g.add_argument("--num-steps", type=int, default=None,
+    g.add_argument("--num-steps", type=integer(1), default=None,
                    help="denoising steps K in training (default: 10 for the built-in world; for SD models the "
                         "paper's 10 on SD3.5-M and DDPO's 50 on SD1.5)")
-    g.add_argument("--sde-steps", type=int, default=None,
+    g.add_argument("--sde-steps", type=integer(1), default=None,
                    help="stochastic (and trained) steps: the first S of the K; the rest run the deterministic "
                         "sampler (Flow-GRPO-Fast's SDE window; default: 5 for the built-in world, all K otherwise)")
-    g.add_argument("--eval-num-steps", type=int, default=None,
+    g.add_argument("--eval-num-steps", type=integer(1), default=None,
                    help="deterministic steps in evaluation (default: 10 for the built-in world; 40 for SD models, the paper's)")
-    g.add_argument("--noise-level", type=float, default=None,
+    g.add_argument("--noise-level", type=finite_float(min=0), default=None,
                    help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's)")
-    g.add_argument("--cfg", type=float, default=1.0, help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--cfg", type=finite_float(), default=1.0,
+                   help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
+    g.add_argument("--lr", type=finite_float(above=0), default=None,
                    help="policy AdamW learning rate (default: 1e-4 for the built-in world; 3e-4 for SD models, the "
                         "peers' value for LoRA r=32 on SD3.5-M)")
-    g.add_argument("--critic-lr", type=float, default=1e-4, help="critic AdamW learning rate (its backbone copy or adapter)")
-    g.add_argument("--critic-head-lr", type=float, default=1e-3, help="learning rate of the critic's new value head")
-    g.add_argument("--clip-range", type=float, default=None,
+    g.add_argument("--critic-lr", type=finite_float(above=0), default=1e-4,
+                   help="critic AdamW learning rate (its backbone copy or adapter)")
+    g.add_argument("--critic-head-lr", type=finite_float(above=0), default=1e-3,
+                   help="learning rate of the critic's new value head")
+    g.add_argument("--clip-range", type=finite_float(above=0), default=None,
                    help="PPO clip eps on the ratio (default: 1e-4 for SD models, the peers' (Flow-GRPO, DDPO); 1e-3 "
                         "for the built-in world: a per-element-mean log-prob over 3,072 elements moves more per "
                         "update than over 262,144)")
-    g.add_argument("--adv-clip", type=float, default=5.0, help="clip advantages to [-c, c] (Flow-GRPO: 5)")
-    g.add_argument("--gamma", type=float, default=1.0, help="discount over denoising steps")
-    g.add_argument("--gae-lambda", type=float, default=1.0,
+    g.add_argument("--adv-clip", type=finite_float(above=0), default=5.0,
+                   help="clip advantages to [-c, c] (Flow-GRPO: 5)")
+    g.add_argument("--gamma", type=finite_float(above=0, max=1), default=1.0, help="discount over denoising steps")
+    g.add_argument("--gae-lambda", type=finite_float(min=0, max=1), default=1.0,
                    help="GAE lambda (1 = Monte Carlo with the critic as baseline: A = R - V, unbiased; < 1 lowers "
                         "variance only once the critic predicts well, see the benchmark's explained variance)")
-    g.add_argument("--vf-clip", type=float, default=0.0, help="clip the value update around V_old (0 = off)")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL penalty to the frozen base on step means")
-    g.add_argument("--value-warmup", type=int, default=2, help="iterations W of critic-only training before policy updates")
-    g.add_argument("--epochs", type=int, default=1, help="passes over each batch")
-    g.add_argument("--minibatch-size", type=int, default=80,
+    g.add_argument("--vf-clip", type=finite_float(min=0), default=0.0,
+                   help="clip the value update around V_old (0 = off)")
+    g.add_argument("--kl-coef", type=finite_float(min=0), default=0.0,
+                   help="beta of the KL penalty to the frozen base on step means")
+    g.add_argument("--value-warmup", type=integer(0), default=2,
+                   help="iterations W of critic-only training before policy updates")
+    g.add_argument("--epochs", type=integer(1), default=1, help="passes over each batch")
+    g.add_argument("--minibatch-size", type=integer(1), default=80,
                    help="(trajectory, step) pairs per optimiser step, all ranks together")
-    g.add_argument("--critic-fraction", type=float, default=0.1,
+    g.add_argument("--critic-fraction", type=finite_float(above=0, max=1), default=0.1,
                    help="share of the (trajectory, step) pairs the critic's backbone trains on each iteration (its "
                         "cost per image; the head sees them all, --head-epochs); 1 during value warm-up")
-    g.add_argument("--head-epochs", type=int, default=1,
+    g.add_argument("--head-epochs", type=integer(0), default=1,
                    help="passes of the value head alone over every state per iteration, on the features the "
                         "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off)")
-    g.add_argument("--raft-steps", type=int, default=4,
+    g.add_argument("--raft-steps", type=integer(1), default=4,
                    help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--max-grad-norm", type=finite_float(above=0), default=1.0, help="gradient clipping")
     g.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed * world + r)")
     g = rewards.add_reward_args(p)
     g.add_argument("--prompts", default=None,
@@ -133,10 +147,12 @@ def build_parser():
     g = p.add_argument_group("logging")
     g.add_argument("--run-dir", default=None, help="output directory (default runs/ALGO-MODEL-TIME); never overwritten")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
-    g.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N iterations (and at the end)")
-    g.add_argument("--eval-seeds", type=int, default=4, help="images per held-out prompt in evaluation")
-    g.add_argument("--sample-every", type=int, default=20, help="save a sample grid every N iterations (and at the end)")
-    g.add_argument("--save-every", type=int, default=20, help="checkpoint every N iterations (and at the end)")
+    g.add_argument("--eval-every", type=integer(1), default=10,
+                   help="held-out evaluation every N iterations (and at the end)")
+    g.add_argument("--eval-seeds", type=integer(1), default=4, help="images per held-out prompt in evaluation")
+    g.add_argument("--sample-every", type=integer(1), default=20,
+                   help="save a sample grid every N iterations (and at the end)")
+    g.add_argument("--save-every", type=integer(1), default=20, help="checkpoint every N iterations (and at the end)")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (every default filled in) as JSON and exit; loads no weights")
     return p
@@ -153,10 +169,11 @@ def load_prompts(source, seed=0):
         return rewards.geneval_prompts(2000, seed=seed), rewards.geneval_prompts(200, seed=seed + 1)
     if not os.path.isfile(source):
         raise ConfigError(f"--prompts {source!r}: not shapes, geneval or an existing file")
+    text = cli.read_text("--prompts", source)                    # a binary file fails here, in one line
     if source.endswith(".jsonl"):
         metas = rewards.read_geneval_metadata(source)
     else:
-        metas = [{"prompt": line.strip()} for line in open(source) if line.strip()]
+        metas = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     if len(metas) < 2:
         raise ConfigError(f"--prompts {source}: needs at least 2 prompts")
     held = {i for i in range(len(metas)) if i % 10 == 9} or {len(metas) - 1}
@@ -175,22 +192,22 @@ def configure(args, argv):
     final args (a resumed run's config), the reward spec, and the prompt lists."""
     if args.resume:
         path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path) or not os.path.isdir(os.path.join(args.resume, "checkpoint")):
-            raise ConfigError(f"--resume {args.resume}: no run to resume there (needs config.json and checkpoint/)")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume {args.resume}: no run to resume there (no config.json)")
         given = explicit_flags(build_parser(), argv)
         changed = given - set(RESUMABLE)
         if changed:
             allowed = ", ".join("--" + f.replace("_", "-") for f in RESUMABLE if f != "resume")
             raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
                               f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
-        config = json.load(open(path))
+        config = cli.read_json(path)
         # each rank resumes its own random streams (checkpoint/rng_rank{r}.pt): another world size has none to resume
         world = int(os.environ.get("WORLD_SIZE", 1))
         if config.get("world_size", 1) != world:
             raise ConfigError(f"--resume {args.resume}: the run trained on {config.get('world_size', 1)} process(es), "
                               f"not {world}; resume it with the same world size")
-        if world > 1 and not all(os.path.isfile(os.path.join(args.resume, "checkpoint", f"rng_rank{r}.pt"))
-                                 for r in range(world)):
+        ckpt = find_checkpoint(args.resume)
+        if world > 1 and ckpt and not all(os.path.isfile(os.path.join(ckpt, f"rng_rank{r}.pt")) for r in range(world)):
             raise ConfigError(f"--resume {args.resume}: its checkpoint holds no RNG states of all {world} ranks")
         config.setdefault("sde_steps", config.get("num_steps"))  # runs from before the flag trained every step
         config = {**vars(build_parser().parse_args([])), **config}   # other flags newer than the run: defaults
@@ -198,6 +215,7 @@ def configure(args, argv):
             if key in given or key not in config:
                 config[key] = getattr(args, key)
         config["run_dir"] = args.resume
+        build_parser().check_values(config, path)                    # a hand edit gets the flags' own checks
         args = argparse.Namespace(**config)
     if args.algo not in ALGOS:
         raise ConfigError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGOS)}")
@@ -222,23 +240,9 @@ def configure(args, argv):
         args.noise_level = None if kind == "ShapesPipeline" else (0.7 if kind == "StableDiffusion3Pipeline" else 1.0)
     if args.sde_steps is None:
         args.sde_steps = min(5, args.num_steps) if args.shapes_world else args.num_steps
-    for name in ("iters", "batch_size", "group_size", "num_steps", "sde_steps", "eval_num_steps", "epochs", "minibatch_size",
-                 "eval_every", "eval_seeds", "sample_every", "save_every", "raft_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "critic_lr", "critic_head_lr", "clip_range", "adv_clip", "max_grad_norm"):
-        if not 0 < getattr(args, name) < math.inf:
-            raise ConfigError(f"--{name.replace('_', '-')} must be finite and > 0, got {getattr(args, name)}")
-    if args.noise_level is not None and not 0 <= args.noise_level < math.inf:
-        raise ConfigError(f"--noise-level must be finite and >= 0, got {args.noise_level}")
-    if not math.isfinite(args.cfg):
-        raise ConfigError(f"--cfg must be finite, got {args.cfg}")
+    # each flag's own range is its type= check (build_parser); what is left relates flags to each other
     if args.sde_steps > args.num_steps:
         raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
-    if not 0 < args.critic_fraction <= 1 or not 0 <= args.gae_lambda <= 1 or not 0 < args.gamma <= 1:
-        raise ConfigError("--critic-fraction must be in (0, 1], --gae-lambda in [0, 1], --gamma in (0, 1]")
-    if min(args.value_warmup, args.kl_coef, args.vf_clip, args.lora_rank, args.head_epochs) < 0:
-        raise ConfigError("--value-warmup, --kl-coef, --vf-clip, --lora-rank and --head-epochs must be >= 0")
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError(f"--algo grpo needs --group-size >= 2 (its baseline is the group mean), got {args.group_size}")
     # derived sizes: asserted to divide evenly, as DDPO does
@@ -272,15 +276,56 @@ def configure(args, argv):
         args.run_dir = args.run_dir or os.path.join("runs", f"{args.algo}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
         cfg_path = os.path.join(args.run_dir, "config.json")
         if os.path.isfile(cfg_path):
-            same = strip(json.load(open(cfg_path))) == strip(vars(args))
-            raise ConfigError(f"--run-dir {args.run_dir} already holds {'this' if same else 'a different'} run "
-                              f"(never overwritten){'; continue it with --resume ' + args.run_dir if same else ''}")
-        if os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
+            same = strip(cli.read_json(cfg_path)) == strip(vars(args))
+            if not same or find_checkpoint(args.run_dir):
+                raise ConfigError(f"--run-dir {args.run_dir} already holds {'this' if same else 'a different'} run "
+                                  f"(never overwritten){'; continue it with --resume ' + args.run_dir if same else ''}")
+            args.resume = args.run_dir            # this run, stopped before its first checkpoint: start it again
+        elif os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
             raise ConfigError(f"--run-dir {args.run_dir} is not empty and holds no run (never overwritten)")
-    blocked = unwritable(args.run_dir)
+    blocked = cli.unwritable(args.run_dir)
     if blocked:
         raise ConfigError(f"--run-dir {args.run_dir}: {blocked} is not a writable directory")
+    if args.resume:
+        done = checkpoint_iteration(args.run_dir, critic=args.algo == "ppo")
+        if done >= args.iters:
+            raise ConfigError(f"--resume {args.run_dir}: the run is already at iteration {done}, "
+                              f"{'its last' if done == args.iters else 'past'} --iters {args.iters}: nothing to do; "
+                              f"pass --iters N with N > {done} to continue it")
     return args, spec, train_prompts, heldout
+
+
+def find_checkpoint(run_dir):
+    """A run's checkpoint directory: checkpoint/, or checkpoint.old/ when a save was cut off between
+    its two renames (save_checkpoint); None before the first save."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if os.path.isdir(os.path.join(run_dir, name)):
+            return os.path.join(run_dir, name)
+    return None
+
+
+def checkpoint_iteration(run_dir, critic):
+    """The iteration a run's checkpoint holds (0 before the first save: --resume starts the run from
+    its config.json), once each of its files reads back (safetensors headers, state.pt); a damaged
+    one is a ConfigError naming the file and whether an older checkpoint is there to fall back on."""
+    path = find_checkpoint(run_dir)
+    if path is None:
+        return 0
+    try:
+        for name in ["policy.safetensors"] + (["critic.safetensors"] if critic else []):
+            cli.safetensors_keys(os.path.join(path, name))
+        state = os.path.join(path, "state.pt")
+        try:
+            return int(torch.load(state, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+        except Exception as e:                    # missing, truncated (a zip without its directory), no iteration
+            raise cli.InputError(f"{state}: not a loadable checkpoint state "
+                                 f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    except cli.InputError as e:
+        older = os.path.join(run_dir, "checkpoint.old")
+        fallback = (f"{older} holds the checkpoint before it: move it to {os.path.join(run_dir, 'checkpoint')} to "
+                    "resume from there" if path != older and os.path.isdir(older) else
+                    "no older checkpoint is kept (each save replaces the last): start a new run")
+        raise ConfigError(f"--resume {run_dir}: {e}; {fallback}") from None
 
 
 def strip(config):
@@ -395,9 +440,7 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
 
 def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
     from safetensors.torch import load_file
-    path = os.path.join(args.run_dir, "checkpoint")
-    if not os.path.isdir(path):
-        path += ".old"
+    path = find_checkpoint(args.run_dir)
     load_policy_state(args, policy_net, load_file(os.path.join(path, "policy.safetensors")))
     if critic is not None:
         critic.load_saved(load_file(os.path.join(path, "critic.safetensors")))
@@ -526,17 +569,52 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args, spec, train_prompts, heldout = configure(args, argv)
-    except (ConfigError, BackboneError, rewards.RewardError) as e:
+        if args.print_config:
+            print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
+            return 0
+        STOP.clear()
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return train(args, spec, train_prompts, heldout)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+    except (cli.InputError, NonFiniteError) as e:      # bad input (the reward models load first), or a diverged run
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
-        return 0
-    try:
-        return train(args, spec, train_prompts, heldout)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Interrupted as e:
+        return stopped(args, e.signum, "mid-iteration (its last checkpoint stands)")
+
+
+# SIGINT / SIGTERM while training: the first lets the iteration finish, then a checkpoint is saved and
+# the run exits 130 / 143 saying how to resume; a second stops at once (Interrupted), and a save cut
+# off by it never replaces the last checkpoint (save_checkpoint swaps whole directories)
+STOP = []                                             # the signal that asked to stop, once one has
+
+
+class Interrupted(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def on_signal(signum, frame):
+    if STOP:
+        raise Interrupted(signum)
+    STOP.append(signum)
+    if ppo.rank() == 0:
+        from tqdm import tqdm
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this iteration, with a checkpoint "
+                   "(again to stop at once)")
+
+
+def stopped(args, signum, when):
+    """The one line a stopped run prints: how to continue it. Exit code 128 + signal (130, 143)."""
+    if ppo.rank() == 0:
+        from tqdm import tqdm                     # tqdm.write: on its own line, not after the progress bar's
+        tqdm.write(f"stopped by {signal.Signals(signum).name} {when}; continue with: python train.py --resume "
+                   f"{args.run_dir}", file=sys.stderr)
+    return 128 + signum
 
 
 def train(args, spec, train_prompts, heldout):
@@ -546,11 +624,13 @@ def train(args, spec, train_prompts, heldout):
     log = print if master else (lambda *a, **k: None)
     seed = args.seed * world + rank                               # DiT: a different stream per rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    mixer = spec.mixer(device)              # reward models first: one without its weights fails before the run exists
     if master:
         os.makedirs(os.path.join(args.run_dir, "samples"), exist_ok=True)
-        if not args.resume:
-            with open(os.path.join(args.run_dir, "config.json"), "w") as f:
+        if not args.resume:                 # whole or absent: --resume and a rerun read it
+            with open(os.path.join(args.run_dir, "config.json.tmp"), "w") as f:
                 json.dump(vars(args), f, indent=2)
+            os.replace(os.path.join(args.run_dir, "config.json.tmp"), os.path.join(args.run_dir, "config.json"))
     log(f"run {args.run_dir}: {args.algo} on {args.model}, rewards {','.join(spec.names)} "
         f"(weights {','.join(f'{w:g}' for w in spec.weights)})")
     log(f"batch: {args.batch_size} images/iter = {world} rank(s) x {args.prompts_per_rank} prompts x {args.group_size} "
@@ -562,7 +642,6 @@ def train(args, spec, train_prompts, heldout):
 
     backbone = load_backbone(args.model, device)
     noise_level = args.noise_level if args.noise_level is not None else rollout.TRAIN_NOISE[backbone.sampler]
-    mixer = spec.mixer(device)
     weights = mixer.weights                                       # (R,)
     policy_net, ref_net, critic, opt_policy, opt_critic = build(args, backbone, len(spec.names))
     prompt_rng = random.Random(seed)
@@ -576,7 +655,9 @@ def train(args, spec, train_prompts, heldout):
                 "shuffle": shuffle.get_state()}
 
     start, images_seen, rows = 0, 0, []
-    if args.resume:
+    if args.resume and find_checkpoint(args.run_dir) is None:
+        log(f"{args.run_dir} stopped before its first checkpoint: starting it again from its config.json")
+    elif args.resume:
         state = load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer)
         start, images_seen, r = state["iteration"], state["images"], state["rngs"]
         random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
@@ -609,6 +690,7 @@ def train(args, spec, train_prompts, heldout):
     from tqdm import tqdm
     bar = tqdm(range(start, args.iters), desc=args.algo, disable=not master, dynamic_ncols=True,
                initial=start, total=args.iters)
+    skipped_in_a_row = 0
     for it in bar:
         t0 = time.perf_counter()
         # 1. prompts (category first, so small categories are not drowned) and rollouts
@@ -626,9 +708,12 @@ def train(args, spec, train_prompts, heldout):
             monitor, _ = mixer.score(traj.images, prompts, metas, mixer.monitor)
         except rewards.RewardError as e:
             skip, raw, strict, monitor = str(e), torch.full((B, len(spec.names)), float("nan")), {}, None
-        bad = torch.tensor([float(skip is not None or not torch.isfinite(traj.log_probs).all())])
-        if ppo.all_reduce_sum(bad).item() > 0:
-            skip = skip or "non-finite log-probabilities"
+        bad = ppo.all_reduce_sum(torch.tensor([float(not torch.isfinite(traj.log_probs).all()),
+                                               float(skip is not None)]))
+        if bad[0] > 0:                            # the policy itself is broken, whatever the rewards made of its images
+            skip = "non-finite log-probabilities"
+        elif bad[1] > 0:
+            skip = skip or "a reward failed on another rank"
         row = {"iter": it + 1, "images": images_seen + args.batch_size}
         if skip is None:
             raw_all = all_gather(raw.to(device)).cpu()                                         # (world*B, R)
@@ -686,6 +771,14 @@ def train(args, spec, train_prompts, heldout):
         else:
             log(f"warning: iteration {it + 1}: update skipped ({skip})")
             row["skipped"] = skip
+        # the same on every rank (the skips are agreed collectively); nothing more is saved from here
+        skipped_in_a_row = skipped_in_a_row + 1 if skip or row["losses/skipped"] else 0
+        if skipped_in_a_row == 3:
+            cause = (f"a reward fails: {skip}" if skip and skip != "non-finite log-probabilities" else
+                     f"{skip or 'non-finite losses or gradients'}: the weights have likely diverged, the learning rate "
+                     f"is probably too high (--lr {args.lr:g}, --critic-lr {args.critic_lr:g})")
+            raise NonFiniteError(f"iterations {it - 1}-{it + 1}: the update was skipped 3 times in a row ({cause}); "
+                                 "stopped without saving (the last good checkpoint is kept)")
         images_seen += args.batch_size
         train_time = time.perf_counter() - t0
         row.update({"time/iter_s": train_time, "time/per_image_s": train_time / args.batch_size})
@@ -711,9 +804,15 @@ def train(args, spec, train_prompts, heldout):
             bar.write(" | ".join(parts + [f"{train_time:.1f}s"] + (["warm-up"] if row.get("warmup") else [])))
             if (it + 1) % args.eval_every == 0 or last:
                 plot_rewards(args.run_dir, rows)
-        if (it + 1) % args.save_every == 0 or last:
+        # the first checkpoint early (a run killed soon after it starts resumes, not restarts), then every
+        # --save-every, at the end, and when a signal asked to stop (every rank stops at the same iteration)
+        stopping = ppo.all_reduce_sum(torch.tensor([float(bool(STOP))])).item() > 0
+        if it == 0 or (it + 1) % args.save_every == 0 or last or stopping:
             save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer, rngs)
             barrier()
+        if stopping and not last:
+            return stopped(args, STOP[0] if STOP else signal.SIGTERM, f"after iteration {it + 1} of {args.iters}, "
+                           "checkpoint saved")
     if master and args.iters > start:
         log(f"saved {export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")
     if ppo.world_size() > 1:

@@ -175,9 +175,9 @@ def test_eval_on_the_sd15_architecture_without_a_critic(dirs, tmp_path):
 
 @pytest.mark.parametrize("argv,words", [
     (["--steer", "smc", "--critic", "/nonexistent"], "not a train.py run"),
-    (["--n", "0"], "--n 0"),
-    (["--seeds", "-1"], "--seeds -1"),
-    (["--guidance", "nan"], "--guidance nan"),
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--seeds", "-1"], "--seeds must be >= 1, got -1"),
+    (["--guidance", "nan"], "--guidance must be finite and >= 0, got nan"),
     (["--policy", "/tmp"], "not a train.py run"),
     (["--prompts", "nonexistent.txt"], "--prompts"),
     (["--rewards", "nope"], "unknown reward"),
