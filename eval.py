@@ -28,7 +28,7 @@ import cli
 import rewards
 import steer
 from cli import finite_float, integer
-from models import load_backbone, resolve
+from models import PRECISIONS, check_resolution, default_precision, default_resolution, load_backbone, resolve
 
 
 def build_parser():
@@ -43,6 +43,12 @@ def build_parser():
                         "the built-in world, the newest run under runs/ with a critic for --model)")
     g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
+    g.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default=None,
+                   help="dtype of the model and reward weights: bf16 | fp16 | no (fp32) (default: bf16 on CUDA, no on CPU)")
+    g.add_argument("--resolution", type=integer(8), default=None,
+                   help="image side in pixels (default: the run's training size, else 512 for SD3.5-M, else native)")
+    g.add_argument("--no-t5", action="store_true", default=None,
+                   help="SD3: without the T5 encoder (default: as the run trained)")
     g = p.add_argument_group("steering")
     g.add_argument("--steer", default="none", choices=steer.METHODS, help="how to use the critic (steer.py)")
     g.add_argument("--n", type=integer(1), default=4,
@@ -72,6 +78,8 @@ def build_parser():
                                                  "world, else the critic run's)")
     g.add_argument("--reward-path", action="append", default=[], metavar="NAME[.PART]=PATH", help="as in train.py")
     g.add_argument("--seeds", type=integer(1), default=4, help="seeds per prompt")
+    g.add_argument("--eval-batch", type=integer(1), default=64,
+                   help="prompts sampled (each with its N candidates) per call, per seed")
     g.add_argument("--out", default=None, help="output directory (default runs/eval-STEER-MODEL-TIME); never overwritten")
     return p
 
@@ -169,6 +177,13 @@ def configure(args):
     if not wants_critic:
         args.critic = None                        # its run still sets the sampler's defaults below
     source = critic_cfg or policy_cfg or {}
+    args.mixed_precision = args.mixed_precision or default_precision(args.device)
+    args.resolution = args.resolution or source.get("resolution") or default_resolution(args.model)
+    if check_resolution(args.model, args.resolution):
+        fail(check_resolution(args.model, args.resolution))
+    args.no_t5 = bool(source.get("no_t5")) if args.no_t5 is None else args.no_t5
+    if args.no_t5 and kind != "StableDiffusion3Pipeline":
+        fail(f"--no-t5: {args.model} is not an SD3 pipeline (only SD3 has a T5 encoder)")
     args.num_steps = args.num_steps or source.get("num_steps") or 10
     args.sde_steps = min(args.sde_steps or source.get("sde_steps") or min(5, args.num_steps), args.num_steps)
     args.critic_rewards = [r for r in (critic_cfg or {}).get("rewards", "").split(",") if r]
@@ -210,27 +225,30 @@ def load_policy(args):
     """The sampling backbone: the run's exported pipeline (built-in world), or the base model with
     the run's LoRA adapter loaded by diffusers (real models), or the base model."""
     if args.policy and os.path.isdir(os.path.join(args.policy, "pipeline")):
-        return load_backbone(os.path.join(args.policy, "pipeline"), args.device)
-    backbone = load_backbone(args.model, args.device)
+        return load_backbone(os.path.join(args.policy, "pipeline"), args.device, **model_kwargs(args))
+    backbone = load_backbone(args.model, args.device, **model_kwargs(args))
     if args.policy:
         backbone.pipe.load_lora_weights(os.path.join(args.policy, "policy_lora"))
     return backbone
+
+
+def model_kwargs(args):
+    return {"dtype": PRECISIONS[args.mixed_precision], "no_t5": args.no_t5, "resolution": args.resolution}
 
 
 def evaluate(args):
     import critic as critic_module
     import grid
     # name -> fn(images, prompts, metadata); first, so a reward without its weights (offline) fails before any model loads
-    scorers = args.spec.mixer(args.device).scorers
+    scorers = args.spec.mixer(args.device, PRECISIONS[args.mixed_precision]).scorers
     backbone = load_policy(args)
     noise = args.noise_level if args.noise_level is not None else __import__("rollout").TRAIN_NOISE[backbone.sampler]
     metas, prompts = args.metas, [m["prompt"] for m in args.metas]
     value = None
     if args.critic:
-        critic_backbone = load_backbone(args.model, args.device)          # the base the critic was trained on
+        critic_backbone = load_backbone(args.model, args.device, **model_kwargs(args))   # the base it was trained on
         critic = critic_module.load(critic_backbone, args.critic).eval()
         w = [args.weights.get(n, 0.0) for n in args.critic_rewards]
-        value = steer.critic_value_fn(critic, critic_backbone, prompts, backbone.schedule(args.num_steps), w)
     os.makedirs(args.out)                        # once everything loaded: a failure above leaves no directory behind
 
     def score(images, idx):                                               # the selection / proxy reward
@@ -243,9 +261,18 @@ def evaluate(args):
     rows, grids = [], []
     for seed in range(args.seeds):
         g = torch.Generator(args.device).manual_seed(seed)
-        out = steer.steer(backbone, prompts, args.steer, args.n, args.num_steps, noise, args.sde_steps, value=value,
-                          score=score, select=args.select, guidance=args.guidance, lam=args.lam,
-                          resample_every=args.resample_every, generator=g)
+        chunks = []
+        for c in range(0, len(prompts), args.eval_batch):               # --eval-batch prompts at a time
+            part = prompts[c:c + args.eval_batch]
+            if args.critic:
+                value = steer.critic_value_fn(critic, critic_backbone, part, backbone.schedule(args.num_steps), w)
+            chunks.append(steer.steer(backbone, part, args.steer, args.n, args.num_steps, noise, args.sde_steps,
+                                      value=value, score=lambda images, idx, c=c: score(images, idx + c),
+                                      select=args.select, guidance=args.guidance, lam=args.lam,
+                                      resample_every=args.resample_every, generator=g))
+        out = steer.Steered(**{f: torch.cat([getattr(o, f) for o in chunks]) for f in
+                               ("images", "latents", "candidates", "chosen", "scores")},
+                            nfe={k: sum(o.nfe[k] * len(o.chosen) for o in chunks) / len(prompts) for k in chunks[0].nfe})
         per = {}
         for n, fn in scorers.items():
             per[n] = torch.as_tensor(fn(out.images, prompts, metas)).float().cpu()

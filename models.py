@@ -13,7 +13,10 @@ sections 1-3 need and nothing more:
 
 Names: tiny-dit, tiny-unet (the built-in shapes world, see toy.py; shipped under
 checkpoints/), sd1.5, sd3.5m, or a path to a diffusers directory of one of these kinds.
-Test: tests/test_models.py.
+Precision (PRECISIONS): the frozen weights in bf16 / fp16 / fp32; whatever trains is kept in fp32
+by train.py, and every net is fed in its own dtype (Backbone._call). Prompt embeddings are cached
+per prompt (Backbone.encode), so the text encoders can leave the accelerator (offload_text_encoders).
+Test: tests/test_models.py, tests/test_gpu_paths.py.
 """
 import functools
 import json
@@ -33,6 +36,46 @@ MODELS = {
 }
 # pipeline class in model_index.json -> sampler family
 KINDS = {"StableDiffusion3Pipeline": "flow", "StableDiffusionPipeline": "ddim", "ShapesPipeline": None}
+# --mixed-precision -> the dtype of the frozen weights (denoiser base, text encoders, VAE, reward models)
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+# the hub models' geometry, for flag checks that load nothing: native pixels, the pixel step a size
+# must be a multiple of (VAE factor 8 x patch 2 / x the UNet's 8x downsampling), the largest size
+GEOMETRY = {"sd3.5m": (1024, 16, 384 * 2 * 8), "sd1.5": (512, 64, None)}
+
+
+def default_precision(device):
+    """bf16 on CUDA (the peers' choice), fp32 elsewhere (CPU bf16 is slow and gains no memory that matters)."""
+    return "bf16" if torch.device(device).type == "cuda" else "no"
+
+
+def geometry(name_or_path):
+    """(native pixels, pixel step, largest pixels or None) of a model, from its configs alone."""
+    if name_or_path in GEOMETRY:
+        return GEOMETRY[name_or_path]
+    path, _ = resolve(name_or_path)
+    read = lambda sub: json.load(open(os.path.join(path, sub, "config.json")))
+    net = read("transformer") if os.path.isdir(os.path.join(path, "transformer")) else read("unet")
+    factor = 2 ** (len(read("vae")["block_out_channels"]) - 1)
+    if "patch_size" in net:                   # SD3 transformer: whole patches, inside its position table
+        return net["sample_size"] * factor, factor * net["patch_size"], net["pos_embed_max_size"] * net["patch_size"] * factor
+    return net["sample_size"] * factor, factor * 2 ** (len(net["block_out_channels"]) - 1), None
+
+
+def default_resolution(name_or_path):
+    """The training size: 512 px for SD3-kind models whose native size is 1024 (SD3.5-M; the peers
+    train it at 512), the native size otherwise."""
+    native = geometry(name_or_path)[0]
+    return 512 if native == 1024 and resolve(name_or_path)[1] == "StableDiffusion3Pipeline" else native
+
+
+def check_resolution(name_or_path, pixels):
+    """None if the model can sample pixels x pixels, else why not (one line)."""
+    _, step, largest = geometry(name_or_path)
+    if pixels % step:
+        return f"--resolution {pixels}: must be a multiple of {step} for {name_or_path}"
+    if largest and pixels > largest:
+        return f"--resolution {pixels}: {name_or_path}'s position table reaches {largest} px"
+    return None
 
 
 class BackboneError(InputError):
@@ -101,8 +144,9 @@ class Schedule:
 
 
 class Backbone:
-    def __init__(self, pipe, name, device, dtype):
+    def __init__(self, pipe, name, device, dtype, resolution=None):
         self.pipe, self.name, self.device, self.dtype = pipe, name, torch.device(device), dtype
+        self._cache = {}                          # prompt -> its text keywords (one row each, on the CPU)
         kind = type(pipe).__name__
         self.net = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         self.sampler = KINDS[kind] or ("flow" if getattr(pipe, "transformer", None) is not None else "ddim")
@@ -118,6 +162,9 @@ class Backbone:
         # the pipelines' default size: latent side = the denoiser's sample_size (x8 pixels with a VAE)
         cfg = self.net.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if resolution is not None:                # another size: latent side = pixels / the VAE's factor
+            side = resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.latent_shape = (cfg.in_channels, side, side)
         for m in (self.net, self.vae, *self.text_encoders()):
             if m is not None:
                 m.requires_grad_(False).eval()    # eval: no dropout, so log-probs recompute exactly
@@ -129,35 +176,56 @@ class Backbone:
     # --------------------------------------------------------------- conditioning
     @torch.no_grad()
     def _encode(self, prompts):
-        """The denoiser's text keywords for prompts, batch first (no CFG branch)."""
+        """The denoiser's text keywords for prompts, batch first (no CFG branch), computed on the
+        device the text encoders are on (the accelerator, or the CPU once offloaded)."""
         p = self.pipe
+        device = self.text_encoders()[0].device
         if type(p).__name__ == "ShapesPipeline":
-            hidden, pooled = p.encode_prompt(list(prompts), self.device)
+            hidden, pooled = p.encode_prompt(list(prompts), device)
             kw = {"encoder_hidden_states": hidden, "pooled_projections": pooled}
             if self.sampler == "ddim":                     # the UNet takes no pooled vector
                 kw.pop("pooled_projections")
         elif self.sampler == "flow":
-            e, _, pe, _ = p.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            e, _, pe, _ = p.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=device,
                                           do_classifier_free_guidance=False,
                                           max_sequence_length=self.max_sequence_length)
             kw = {"encoder_hidden_states": e, "pooled_projections": pe}
         else:
-            kw = {"encoder_hidden_states": p.encode_prompt(list(prompts), self.device, 1, False)[0]}
+            kw = {"encoder_hidden_states": p.encode_prompt(list(prompts), device, 1, False)[0]}
         return {k: v.to(self.device, self.dtype) for k, v in kw.items()}
 
+    def cache_prompts(self, prompts, batch=64):
+        """Encode every prompt not cached yet, batch at a time (and the empty prompt, CFG's branch)."""
+        todo = list(dict.fromkeys(q for q in [""] + list(prompts) if q not in self._cache))
+        for i in range(0, len(todo), batch):
+            kw = self._encode(todo[i:i + batch])
+            for r, q in enumerate(todo[i:i + batch]):       # on the CPU: a prompt set can outgrow the GPU
+                self._cache[q] = {k: v[r].cpu() for k, v in kw.items()}
+
+    def offload_text_encoders(self):
+        """Move the text encoders to the CPU (every prompt a run uses is cached by then; one that is
+        not still encodes, on the CPU). Frees the accelerator memory they held (T5-XXL: 9.5 GB in bf16)."""
+        for m in self.text_encoders():
+            m.to("cpu")
+
     def encode(self, prompts):
-        """Cond for a list of prompts. The unconditional branch is the empty prompt "", as the
-        pipelines encode it; it is the same for every row, so it is encoded once and cached
-        (the pipelines encode it once per row)."""
-        if getattr(self, "_uncond", None) is None:
-            self._uncond = self._encode([""])
+        """Cond for a list of prompts, from the cache (encoded once per prompt, on first use). The
+        unconditional branch is the empty prompt "", as the pipelines encode it, the same row for
+        every prompt (the pipelines encode it once per row)."""
+        self.cache_prompts(prompts)
+        stack = lambda rows: {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+        uncond = self._cache[""]
         n = len(prompts)
-        return Cond(self._encode(prompts), {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()})
+        return Cond(stack([self._cache[q] for q in prompts]),
+                    {k: v.to(self.device).expand(n, *v.shape) for k, v in uncond.items()})
 
     # --------------------------------------------------------------- the denoiser
     def _call(self, net, x_t, t, kw):
+        """net on x_t and keywords kw, each fed in net's own dtype (the frozen base's under mixed
+        precision; a trained full copy is fp32), the same at rollout and at recompute."""
         t = t.to(self.device).expand(x_t.shape[0]) if t.dim() == 0 else t.to(self.device)
-        return net(x_t.to(self.dtype), timestep=t, **kw, return_dict=False)[0]
+        dtype = net.dtype
+        return net(x_t.to(dtype), timestep=t, **{k: v.to(dtype) for k, v in kw.items()}, return_dict=False)[0]
 
     def predict(self, x_t, t, cond, cfg_scale=1.0, net=None):
         """Velocity ('flow') or epsilon ('ddim') for x_t (B, C, H, W) at timesteps t (B,) or ().
@@ -250,7 +318,7 @@ def denoising_loss(sampler, scheduler, net, x0, kw, location=0.0):
         a = b(abar[t])
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-    pred = net(x_t, timestep=t, **kw, return_dict=False)[0]
+    pred = net(x_t.to(net.dtype), timestep=t, **{k: v.to(net.dtype) for k, v in kw.items()}, return_dict=False)[0]
     return (pred.float() - target).pow(2).mean()
 
 
@@ -276,8 +344,10 @@ def resolve(name_or_path, flag="--model"):
     raise BackboneError(f"unknown model {name_or_path!r}; accepted: {choices}")
 
 
-def load_backbone(name_or_path, device="cpu", dtype=torch.float32):
-    """A Backbone for a name (MODELS) or a diffusers directory, on `device` in `dtype`."""
+def load_backbone(name_or_path, device="cpu", dtype=torch.float32, no_t5=False, resolution=None):
+    """A Backbone for a name (MODELS) or a diffusers directory, on `device` in `dtype`. no_t5: an SD3
+    pipeline without its T5 encoder (text_encoder_3=None, as diffusers allows; its tokens are zeros).
+    resolution: the pixel size to sample at (None: the model's native size); check_resolution first."""
     path, kind = resolve(name_or_path)
     import diffusers, transformers
     from diffusers import DiffusionPipeline
@@ -289,6 +359,8 @@ def load_backbone(name_or_path, device="cpu", dtype=torch.float32):
     if os.path.isdir(path):    # components saved as absent (e.g. SD3 without T5) load as None
         index = json.load(open(os.path.join(path, "model_index.json")))
         extra.update({k: None for k, v in index.items() if isinstance(v, list) and v[0] is None})
+    if no_t5 and kind == "StableDiffusion3Pipeline":
+        extra.update(text_encoder_3=None, tokenizer_3=None)
     try:
         pipe = cls.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
@@ -297,4 +369,4 @@ def load_backbone(name_or_path, device="cpu", dtype=torch.float32):
     if type(pipe).__name__ != kind:
         raise BackboneError(f"{name_or_path} loaded as {type(pipe).__name__}, expected {kind}")
     pipe.set_progress_bar_config(disable=True)
-    return Backbone(pipe.to(device), name_or_path, device, dtype)
+    return Backbone(pipe.to(device), name_or_path, device, dtype, resolution)

@@ -20,6 +20,8 @@ Logs (the names CleanRL uses, under losses/):
                   not the rollout's (precision, CFG, dropout, a stale net)
   grad_norm/*     gradient norms before clipping, mean over minibatches
   skipped         minibatch updates skipped because a loss or a gradient was not finite
+  overflows       fp16 only: steps skipped because a scaled gradient overflowed (LossScale); the
+                  scale halves, as torch.amp.GradScaler's does, and these are not counted as skipped
 
 References
   1. CleanRL, ppo_continuous_action.py: GAE as a reversed loop, the clipped losses, the logs.
@@ -143,15 +145,44 @@ def value_loss(new_values, returns, old_values, vf_clip=0.0):
     return 0.5 * v_loss.mean()
 
 
+class LossScale:
+    """fp16's dynamic loss scale, as torch.amp.GradScaler keeps it: the loss is multiplied by `value`
+    before backward, so that small log-prob gradients (a mean over every latent element) do not
+    underflow in the fp16 activations' gradients, and the gradients are divided by it after; a
+    gradient that overflowed halves it (that step is skipped), growth_interval clean steps double it.
+    The trained parameters themselves are fp32 (train.build), so only the backward pass is scaled."""
+
+    def __init__(self, value=2.0 ** 16, growth_interval=2000):
+        self.value, self.growth_interval, self.clean, self.overflows = value, growth_interval, 0, 0
+
+    def update(self, overflowed):
+        if overflowed:
+            self.value, self.clean, self.overflows = self.value / 2, 0, self.overflows + 1
+        else:
+            self.clean += 1
+            if self.clean == self.growth_interval:
+                self.value, self.clean = self.value * 2, 0
+
+    def state_dict(self):
+        return {"value": self.value, "clean": self.clean}
+
+    def load_state_dict(self, state):
+        self.value, self.clean = float(state["value"]), int(state["clean"])
+
+
 def optimiser_step(loss, params, optimiser, max_grad_norm):
     """backward, average the gradients over ranks (DDP by hand: the batch is each rank's share
     and every loss is a mean, so the average over ranks is the gradient of the global mean),
     clip, step. Skips the step on every rank if any rank's loss or gradient is not finite, so
-    weights are never corrupted and the ranks never diverge. Returns (grad norm, skipped)."""
+    weights are never corrupted and the ranks never diverge. Returns (grad norm, skipped).
+    An optimiser with a loss_scale (a LossScale: fp16) backpropagates the scaled loss; an overflow
+    of its gradients (the loss finite) halves the scale and skips the step, not counted as skipped."""
     optimiser.zero_grad(set_to_none=True)      # None, not 0: Adam must not move params this loss does not touch
+    scaler = getattr(optimiser, "loss_scale", None)
+    scale = scaler.value if scaler is not None else 1.0
     ok = torch.isfinite(loss).item()
     if ok:
-        loss.backward()
+        (loss * scale).backward()
     world = world_size()
     if world > 1:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -162,10 +193,19 @@ def optimiser_step(loss, params, optimiser, max_grad_norm):
         for p, g in zip(params, grads):
             p.grad = (flat[offset:offset + g.numel()] / world).view_as(p)
             offset += g.numel()
+    if ok and scale != 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if ok else float("nan")
     if not (ok and math.isfinite(grad_norm)):
         optimiser.zero_grad(set_to_none=True)
+        if ok and scaler is not None:              # a finite loss whose scaled gradient overflowed
+            scaler.update(overflowed=True)
+            return grad_norm, False
         return grad_norm, True
+    if scaler is not None:
+        scaler.update(overflowed=False)
     optimiser.step()
     return grad_norm, False
 
@@ -239,6 +279,12 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                 logs["value_loss"].append(v_loss.item()), logs["grad_norm/critic"].append(grad_norm)
     out = {f"losses/{k}": sum(v) / len(v) for k, v in logs.items() if v}
     out["losses/skipped"] = skipped
+    scalers = [getattr(o, "loss_scale", None) for o in (opt_policy, opt_critic)]
+    if any(scalers):                               # fp16: this update's overflows, then the count starts again
+        out["losses/overflows"] = sum(s.overflows for s in scalers if s)
+        out["losses/loss_scale"] = scalers[0].value
+        for s in filter(None, scalers):
+            s.overflows = 0
     if ratio_dev_first is not None:
         out["losses/ratio_dev_first"] = ratio_dev_first
     return out

@@ -6,10 +6,12 @@ One stochastic sampler step is x_next = mu_theta(x, t) + std * z. Two families:
 noise_level is eta for DDIM and `a` for the flow SDE; 0 gives the deterministic sampler
 (DDIM / Euler ODE) used for evaluation. `step()` both samples a step (rollout) and, given
 x_next, recomputes its log-probability (training): one function, so the PPO ratio is
-exactly 1 before the first update (section 2c).
+exactly 1 before the first update (section 2c). Under mixed precision the denoiser runs in bf16 / fp16,
+but its output is taken to fp32 before the step's mean, std and log-prob (Backbone.predict): the
+ratio's every term is fp32 and computed by the same code at rollout and at recompute.
 
 Run:  python rollout.py --model tiny-dit --prompt "two red circles"   (saves a chain picture)
-Test: tests/test_rollout.py
+Test: tests/test_rollout.py, tests/test_gpu_paths.py (bf16)
 """
 import math
 import sys
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import cli
-from models import Cond, Schedule, load_backbone
+from models import PRECISIONS, Cond, Schedule, default_precision, load_backbone
 
 # the training rollouts' noise by sampler: Flow-GRPO's SDE a = 0.7 (flow), DDPO's eta = 1 (DDIM)
 TRAIN_NOISE = {"flow": 0.7, "ddim": 1.0}
@@ -212,6 +214,9 @@ def main(argv=None):
     p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
+    p.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default=None,
+                   help="dtype of the weights: bf16 | fp16 | no (fp32); log-probs are fp32 either way (default: bf16 "
+                        "on CUDA, no on CPU)")
     # sampling
     p.add_argument("--prompt", default="two red circles", help="the prompt to roll out")
     p.add_argument("--steps", type=cli.integer(1), default=10, help="denoising steps K")
@@ -224,7 +229,7 @@ def main(argv=None):
                    help="where to save the chain picture (PNG or JPEG)")
     args = p.parse_args(argv)
     try:
-        backbone = load_backbone(args.model, args.device)
+        backbone = load_backbone(args.model, args.device, PRECISIONS[args.mixed_precision or default_precision(args.device)])
     except cli.InputError as e:
         p.exit(2, f"error: {e}\n")
     noise = args.noise_level if args.noise_level is not None else TRAIN_NOISE[backbone.sampler]

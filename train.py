@@ -9,7 +9,10 @@ Launch:
   torchrun --standalone --nproc_per_node=8 train.py --model sd3.5m --rewards hps,clip --prompts geneval
   torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
 Defaults are tuned for the built-in world (see --help); each flag's help names the paper's or
-the peers' value for real models where it differs. Rank 0 alone prints, writes and saves (but
+the peers' value for real models where it differs. On GPUs (README, "Runbook"): --mixed-precision
+(bf16 on CUDA: frozen weights in bf16, what trains in fp32), --gradient-checkpointing, --resolution,
+--no-t5, --eval-batch, --report-to; every prompt is encoded once and cached, then the text encoders
+leave the GPU. Rank 0 alone prints, writes and saves (but
 each rank saves its own RNG states).
 
 A run directory holds: config.json, metrics.jsonl (one line per iteration), reward.png,
@@ -45,11 +48,13 @@ import rollout
 from cli import finite_float, integer
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
     explained_variance_by_noise, lora_config, noise_fraction
-from models import resolve
+from models import PRECISIONS, check_resolution, default_precision, default_resolution, geometry, resolve
 
 ALGOS = ("ppo", "grpo", "raft")
+REPORTERS = ("none", "tensorboard", "wandb")
 # flags a resumed run may change; every other one comes from the run's config.json
-RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every", "print_config")
+RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every", "print_config", "report_to",
+             "eval_batch", "gradient_checkpointing")
 
 
 class ConfigError(cli.InputError):
@@ -79,6 +84,20 @@ def build_parser():
                         "copy of tiny-dit drifts into a patch-grid texture under noisy updates, see BENCHMARKS.md)")
     g.add_argument("--lora-alpha", type=finite_float(min=0), default=None,
                    help="LoRA alpha (default 2 x rank: 64 at rank 32)")
+    g.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default=None,
+                   help="dtype of the frozen weights (denoiser base, text encoders, VAE, reward models): bf16 | fp16 "
+                        "| no (fp32). What trains (LoRA adapters or full copies, the value head) and the optimiser "
+                        "states stay fp32, as diffusers' LoRA training scripts keep them; log-probs are computed in "
+                        "fp32 from the model's output (default: bf16 on CUDA, no on CPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each transformer / UNet block in the backward pass instead of keeping its "
+                        "activations (diffusers' enable_gradient_checkpointing): less memory, ~30%% more compute")
+    g.add_argument("--no-t5", action="store_true",
+                   help="SD3: load no T5-XXL text encoder (its tokens are zeros, as diffusers' pipeline does "
+                        "without it): 4.8B parameters less to load and encode with")
+    g.add_argument("--resolution", type=integer(8), default=None,
+                   help="image side in pixels for training and evaluation (default: 512 for SD3.5-M, as the peers "
+                        "train it; the model's native size otherwise)")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", default="ppo",
                    help="ppo (critic-guided, the paper) | grpo (the baseline) | raft (rejection-sampling fine-tuning: "
@@ -150,9 +169,14 @@ def build_parser():
     g.add_argument("--eval-every", type=integer(1), default=10,
                    help="held-out evaluation every N iterations (and at the end)")
     g.add_argument("--eval-seeds", type=integer(1), default=4, help="images per held-out prompt in evaluation")
+    g.add_argument("--eval-batch", type=integer(1), default=64,
+                   help="images sampled (and scored) at once in evaluation and sample grids, per chunk")
     g.add_argument("--sample-every", type=integer(1), default=20,
                    help="save a sample grid every N iterations (and at the end)")
     g.add_argument("--save-every", type=integer(1), default=20, help="checkpoint every N iterations (and at the end)")
+    g.add_argument("--report-to", choices=REPORTERS, default="none",
+                   help="also send each iteration's metrics to tensorboard (RUN_DIR/tensorboard) or wandb (its package "
+                        "must be installed; offline: WANDB_MODE=offline); metrics.jsonl is always written")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (every default filled in) as JSON and exit; loads no weights")
     return p
@@ -210,6 +234,8 @@ def configure(args, argv):
         if world > 1 and ckpt and not all(os.path.isfile(os.path.join(ckpt, f"rng_rank{r}.pt")) for r in range(world)):
             raise ConfigError(f"--resume {args.resume}: its checkpoint holds no RNG states of all {world} ranks")
         config.setdefault("sde_steps", config.get("num_steps"))  # runs from before the flag trained every step
+        config.setdefault("mixed_precision", "no")               # ... and before these, in fp32 at the native size
+        config.setdefault("resolution", geometry(config.get("model", "tiny-dit"))[0])
         config = {**vars(build_parser().parse_args([])), **config}   # other flags newer than the run: defaults
         for key in RESUMABLE:
             if key in given or key not in config:
@@ -240,6 +266,20 @@ def configure(args, argv):
         args.noise_level = None if kind == "ShapesPipeline" else (0.7 if kind == "StableDiffusion3Pipeline" else 1.0)
     if args.sde_steps is None:
         args.sde_steps = min(5, args.num_steps) if args.shapes_world else args.num_steps
+    if args.mixed_precision is None:
+        args.mixed_precision = default_precision(args.device)
+    if args.resolution is None:
+        args.resolution = default_resolution(args.model)
+    bad_size = check_resolution(args.model, args.resolution)
+    if bad_size:
+        raise ConfigError(bad_size)
+    if args.no_t5 and kind != "StableDiffusion3Pipeline":
+        raise ConfigError(f"--no-t5: {args.model} is not an SD3 pipeline (only SD3 has a T5 encoder)")
+    if args.report_to != "none":
+        import importlib.util
+        if importlib.util.find_spec(args.report_to) is None:
+            raise ConfigError(f"--report-to {args.report_to}: the {args.report_to} package is not installed "
+                              f"(pip install {args.report_to})")
     # each flag's own range is its type= check (build_parser); what is left relates flags to each other
     if args.sde_steps > args.num_steps:
         raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
@@ -381,9 +421,25 @@ def build(args, backbone, num_rewards):
         backbone.net.set_adapter(POLICY)          # what an unwrapped forward of the base runs
         for p in adapter_params(backbone.net, POLICY) + adapter_params(backbone.net, CRITIC):
             p.requires_grad_(True)
+    # what trains is fp32 under any --mixed-precision, as in diffusers' LoRA scripts (bf16 weights would round
+    # away updates of lr x grad and hold Adam's states coarsely): the adapters on the low-precision base (its
+    # cast_training_params), or whole full copies, which Backbone._call then feeds in fp32
+    if args.lora_rank:
+        from diffusers.training_utils import cast_training_params
+        cast_training_params(backbone.net)        # its trainable parameters: the policy and critic adapters
+    else:
+        policy_net.float()
+        if critic is not None:
+            critic.float()
+    if args.gradient_checkpointing:
+        for net in filter(None, (policy_net, critic.backbone_net if critic is not None else None)):
+            net.enable_gradient_checkpointing()
     # weight decay 1e-4 as Flow-GRPO; Adam's eps 1e-8 (the log-prob gradients are small)
     opt_policy = torch.optim.AdamW(policy_params, lr=args.lr, weight_decay=1e-4)
     opt_critic = torch.optim.AdamW(critic.param_groups(args.critic_lr, args.critic_head_lr), weight_decay=0.0) if critic else None
+    if args.mixed_precision == "fp16":            # fp16 gradients underflow without a loss scale
+        for opt in filter(None, (opt_policy, opt_critic)):
+            opt.loss_scale = ppo.LossScale()
     return policy_net, ref_net, critic, opt_policy, opt_critic
 
 
@@ -429,7 +485,9 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
     if critic is not None:
         save_file({k: v.cpu() for k, v in critic_state.items()}, os.path.join(tmp, "critic.safetensors"))
     state = {"iteration": it, "images": images, "mixer": mixer.state_dict(),
-             "opt_policy": opt_policy.state_dict(), "opt_critic": opt_critic.state_dict() if opt_critic else None}
+             "opt_policy": opt_policy.state_dict(), "opt_critic": opt_critic.state_dict() if opt_critic else None,
+             "loss_scale": {k: o.loss_scale.state_dict() for k, o in (("policy", opt_policy), ("critic", opt_critic))
+                            if hasattr(o, "loss_scale")}}                   # fp16's loss scales
     torch.save(state, os.path.join(tmp, "state.pt"))
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
@@ -448,6 +506,9 @@ def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
     opt_policy.load_state_dict(state["opt_policy"])
     if opt_critic is not None:
         opt_critic.load_state_dict(state["opt_critic"])
+    for key, opt in (("policy", opt_policy), ("critic", opt_critic)):
+        if key in state.get("loss_scale", {}):
+            opt.loss_scale.load_state_dict(state["loss_scale"][key])
     mixer.load_state_dict(state["mixer"])
     rng_path = os.path.join(path, f"rng_rank{ppo.rank()}.pt")
     if os.path.isfile(rng_path):                   # this rank's own RNG states (older one-rank runs: in state.pt)
@@ -512,7 +573,8 @@ def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
     partial credit of the built-in world's checker, and the raw mean of every reward and monitor."""
     import toy
     with adapter(policy_net, POLICY) as net:
-        images = rollout.sample_seeded(backbone, [m["prompt"] for m in heldout], seeds, args.eval_num_steps, net=net)
+        images = rollout.sample_seeded(backbone, [m["prompt"] for m in heldout], seeds, args.eval_num_steps,
+                                       batch=args.eval_batch, net=net)
     metas = list(heldout) * len(seeds)                            # seed-major, as the images
     out = {}
     if args.shapes_world:
@@ -520,7 +582,9 @@ def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
         out.update({"eval/heldout_strict": strict.float().mean().item(), "eval/heldout_score": score.mean().item()})
     try:
         names = mixer.names + mixer.monitor                        # monitors too: reward hacking shows here
-        raw, _ = mixer.score(images, [m["prompt"] for m in metas], metas, names)
+        n = args.eval_batch                                        # scored a chunk at a time, as sampled
+        raw = torch.cat([mixer.score(images[i:i + n], [m["prompt"] for m in metas[i:i + n]], metas[i:i + n], names)[0]
+                         for i in range(0, len(images), n)])
         out.update({f"eval/heldout_{n}": raw[:, i].mean().item() for i, n in enumerate(names)})
     except rewards.RewardError as e:
         print(f"warning: held-out reward skipped: {e}", file=sys.stderr)
@@ -534,13 +598,43 @@ def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1)):
     import grid
     with adapter(policy_net, POLICY) as net:
         images = rollout.sample_seeded(backbone, [m["prompt"] for m in grid_metas], seeds, args.eval_num_steps,
-                                       net=net)
+                                       batch=args.eval_batch, net=net)
     marks = None
     if args.shapes_world:
         import toy
         marks = toy.check(images, list(grid_metas) * len(seeds))[0].tolist()
     grid.save_grid(path, images, len(grid_metas), titles=[m["prompt"] for m in grid_metas], marks=marks,
                    row_titles=[f"seed {s}" for s in seeds])
+
+
+class Reporter:
+    """--report-to: each metrics row also to tensorboard (RUN_DIR/tensorboard) or wandb, imported here,
+    on use (neither is a dependency; configure() checks the package is there). Rank 0 only."""
+
+    def __init__(self, args, start):
+        self.kind, self.writer = args.report_to, None
+        if self.kind == "tensorboard":            # purge_step: a resumed run drops the events logged after its checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(args.run_dir, "tensorboard"), purge_step=start + 1 if start else None)
+        elif self.kind == "wandb":                # one wandb run per run directory, continued on resume
+            import wandb
+            name = os.path.basename(os.path.abspath(args.run_dir))
+            self.writer = wandb.init(project="critic-guided-diffusion", name=name, id=name, resume="allow",
+                                     dir=args.run_dir, config=vars(args))
+
+    def log(self, row):
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "iter"}
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, global_step=row["iter"])
+            self.writer.flush()
+        elif self.kind == "wandb":
+            self.writer.log(scalars, step=row["iter"])
+
+    def close(self):
+        if self.writer is not None:
+            (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
 
 
 def plot_rewards(run_dir, rows):
@@ -624,7 +718,8 @@ def train(args, spec, train_prompts, heldout):
     log = print if master else (lambda *a, **k: None)
     seed = args.seed * world + rank                               # DiT: a different stream per rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    mixer = spec.mixer(device)              # reward models first: one without its weights fails before the run exists
+    dtype = PRECISIONS[args.mixed_precision]
+    mixer = spec.mixer(device, dtype)       # reward models first: one without its weights fails before the run exists
     if master:
         os.makedirs(os.path.join(args.run_dir, "samples"), exist_ok=True)
         if not args.resume:                 # whole or absent: --resume and a rerun read it
@@ -640,7 +735,10 @@ def train(args, spec, train_prompts, heldout):
     assert args.batch_per_rank * world == args.batch_size and args.prompts_per_rank * args.group_size == args.batch_per_rank
     assert args.minibatches * args.minibatch_per_rank == args.batch_per_rank * args.sde_steps
 
-    backbone = load_backbone(args.model, device)
+    backbone = load_backbone(args.model, device, dtype, no_t5=args.no_t5, resolution=args.resolution)
+    # every prompt of the run encoded once, then the text encoders leave the accelerator
+    backbone.cache_prompts([m["prompt"] for m in train_prompts + heldout])
+    backbone.offload_text_encoders()
     noise_level = args.noise_level if args.noise_level is not None else rollout.TRAIN_NOISE[backbone.sampler]
     weights = mixer.weights                                       # (R,)
     policy_net, ref_net, critic, opt_policy, opt_critic = build(args, backbone, len(spec.names))
@@ -672,6 +770,7 @@ def train(args, spec, train_prompts, heldout):
                 with open(metrics, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
         log(f"resumed from iteration {start} ({images_seen} images)")
+    report = Reporter(args, start) if master else None
     by_tag = {}
     for m in train_prompts:
         by_tag.setdefault(m.get("tag", ""), []).append(m)
@@ -686,6 +785,7 @@ def train(args, spec, train_prompts, heldout):
         save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", "iter_0000.png"))
         with open(os.path.join(args.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps(rows[0]) + "\n")
+        report.log(rows[0])
         log(" | ".join(["base model"] + [f"{k.split('/')[-1]} {v:.3f}" for k, v in rows[0].items() if k.startswith("eval/")]))
     from tqdm import tqdm
     bar = tqdm(range(start, args.iters), desc=args.algo, disable=not master, dynamic_ncols=True,
@@ -793,6 +893,7 @@ def train(args, spec, train_prompts, heldout):
             rows.append(row)
             with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
+            report.log(row)
             parts = [f"it {it + 1}/{args.iters}", f"img {row['images']}"]
             if "reward/train/total_raw" in row:
                 parts.append(f"reward {row['reward/train/total_raw']:.3f}")
@@ -815,6 +916,8 @@ def train(args, spec, train_prompts, heldout):
                            "checkpoint saved")
     if master and args.iters > start:
         log(f"saved {export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")
+    if master:
+        report.close()
     if ppo.world_size() > 1:
         dist.destroy_process_group()
     return 0

@@ -38,8 +38,24 @@ def _clip_text(cls, vocab_size, hidden, proj, seed):
     return cls(config).eval()
 
 
-def make_tiny_sd3(path, seed=0, sample_size=8):
-    """A StableDiffusion3Pipeline with random weights (no T5), saved to `path`."""
+def t5_parts(seed, width=32):
+    """A tiny T5 encoder (d_model = the transformer's joint_attention_dim) and a word-level tokenizer
+    (tokenizers' WordLevel; words it does not know are <unk>): SD3's third text encoder in miniature."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    words = "a an the one two three four red green blue yellow circle circles square squares triangle cat dog of left right".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=512)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval(), tok
+
+
+def make_tiny_sd3(path, seed=0, sample_size=8, t5=False):
+    """A StableDiffusion3Pipeline with random weights (with a tiny T5 encoder if t5, else none), saved to `path`."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
     tok = write_clip_tokenizer(os.path.join(path, "_tok"))
@@ -54,9 +70,10 @@ def make_tiny_sd3(path, seed=0, sample_size=8):
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     te1 = _clip_text(CLIPTextModelWithProjection, len(tok), 16, 16, seed + 1)
     te2 = _clip_text(CLIPTextModelWithProjection, len(tok), 16, 16, seed + 2)
+    te3, tok3 = t5_parts(seed + 3) if t5 else (None, None)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae.eval(), text_encoder=te1, tokenizer=tok, text_encoder_2=te2,
-                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+                                    tokenizer_2=tok, text_encoder_3=te3, tokenizer_3=tok3)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 
