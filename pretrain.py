@@ -142,12 +142,18 @@ def vae_round_trip(vae, metas, seed=0):
     return toy.check(back, metas)[0].float().mean().item()
 
 
+# Sampling weight of each category in pretraining batches: counting and position are the slow
+# ones to learn (BENCHMARKS.md, pretraining curves), so they get twice the others' share.
+TAG_WEIGHTS = {"single_object": 1, "two_object": 1, "counting": 2, "colors": 1, "position": 2, "color_attr": 1}
+
+
 def _batch(metas, rng, n):
-    """n prompts, category first (so the large categories do not drown the small)."""
+    """n prompts, category first (so the large categories do not drown the small), by TAG_WEIGHTS."""
     by_tag = {}
     for m in metas:
         by_tag.setdefault(m["tag"], []).append(m)
-    return [rng.choice(by_tag[rng.choice(sorted(by_tag))]) for _ in range(n)]
+    tags = sorted(by_tag)
+    return [rng.choice(by_tag[t]) for t in rng.choices(tags, weights=[TAG_WEIGHTS[t] for t in tags], k=n)]
 
 
 def pretrain(model, steps, batch, lr, seed, vae_dir=VAE_DIR, truthful=1.0, eval_every=0, snapshot=None, curve=None,

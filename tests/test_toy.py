@@ -40,6 +40,30 @@ def test_checker_passes_ground_truth_scenes():
     assert score[strict].min() == 1.0
 
 
+def test_scenes_place_objects_by_prompt_and_cell():
+    """The world's position prompts ask "left of" only; every scene drawn for one, and
+    for its reversed corruption, has the subject in the asked half and the reference in the other;
+    a counted group fills the board in reading order."""
+    position = [m for m in toy.all_prompts() if m["tag"] == "position"]
+    assert {m["include"][1]["position"][0] for m in position} == set(toy.ASKED_RELATIONS)
+    assert len(position) == 6 * len(toy.ASKED_RELATIONS)
+    rng = random.Random(2)
+    metas = [rng.choice(position) for _ in range(100)]
+    metas += [toy.corrupt(m, "relation", rng) for m in metas]            # "right of" scenes
+    for meta, image in zip(metas, toy.render_batch(metas, seed=3)):
+        objects = {o["class"]: o["box"] for o in toy.detect(image)}
+        cell = lambda box: int(box[1]) // toy.CELL * toy.GRID + int(box[0]) // toy.CELL
+        relation = meta["include"][1]["position"][0]
+        subject, reference = objects[meta["include"][1]["class"]], objects[meta["include"][0]["class"]]
+        assert toy.in_halves(relation, cell(subject), cell(reference)), meta
+    assert toy.in_halves("left of", 4, 6) and not toy.in_halves("left of", 6, 7)   # columns 0-1 | 2-3
+    assert toy.in_halves("below", 12, 0) and not toy.in_halves("below", 4, 0)      # rows 2-3 | 0-1
+    counting = [m for m in toy.all_prompts() if m["tag"] == "counting"]
+    for meta, image in zip(counting, toy.render_batch(counting, seed=4)):
+        boxes = sorted((o["box"][1], o["box"][0]) for o in toy.detect(image))
+        assert boxes == sorted(tuple(toy.cell_box(c)[1::-1]) for c in range(meta["include"][0]["count"])), meta
+
+
 @pytest.mark.parametrize("wrong", ["missing", "color", "swap"])
 def test_checker_fails_wrong_scenes(wrong):
     rng = random.Random(1)
