@@ -25,6 +25,7 @@ import sys
 import torch
 
 import cli
+import geneval
 import rewards
 import steer
 from cli import finite_float, integer
@@ -119,11 +120,11 @@ def load_prompts(source, max_prompts):
         import toy
         metas = toy.prompts(source)
     elif source == "geneval":
-        metas = rewards.geneval_prompts(200, seed=1)
+        metas = geneval.prompts(200, seed=1)
     elif os.path.isfile(source):
         try:
             text = cli.read_text("--prompts", source)             # a binary file fails here, in one line
-            metas = (rewards.read_geneval_metadata(source) if source.endswith(".jsonl") else
+            metas = (geneval.read_metadata(source) if source.endswith(".jsonl") else
                      [{"prompt": line.strip()} for line in text.splitlines() if line.strip()])
         except cli.InputError as e:
             fail(str(e))

@@ -28,6 +28,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import geneval
 from cli import InputError
 
 REWARDS = ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes")
@@ -391,108 +392,6 @@ def shapes_score(device=None, dtype=None):
 
 # ----------------------------------------------------------------------------- GenEval
 
-COCO_CLASSES = (   # GenEval's object_names.txt: COCO's 80 things, three renamed
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-POSITIONS = ("left of", "right of", "above", "below")
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
-POSITION_THRESHOLD = 0.1
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-
-
-def _article(name):
-    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
-
-
-def _plural(name):   # GenEval's rule, kept as is ("skises", "sheeps") so prompts match its suite
-    return f"{name}es" if name.endswith("s") else f"{name}s"
-
-
-def _geneval_sample(tag, rng):
-    """One prompt of GenEval's template for `tag` (prompts/create_prompts.py), as metadata."""
-    pick = lambda k: [COCO_CLASSES[i] for i in rng.choice(len(COCO_CLASSES), size=k, replace=False)]
-    no_person = lambda k: [COCO_CLASSES[i + 1] for i in rng.choice(len(COCO_CLASSES) - 1, size=k, replace=False)]
-    if tag == "single_object":
-        (a,) = pick(1)
-        return dict(tag=tag, include=[{"class": a, "count": 1}], prompt=f"a photo of {_article(a)}")
-    if tag == "two_object":
-        a, b = pick(2)
-        return dict(tag=tag, include=[{"class": a, "count": 1}, {"class": b, "count": 1}],
-                    prompt=f"a photo of {_article(a)} and {_article(b)}")
-    if tag == "counting":   # the exclude clause is what makes the count exact
-        (a,), n = pick(1), int(rng.integers(2, 4, endpoint=True))
-        return dict(tag=tag, include=[{"class": a, "count": n}], exclude=[{"class": a, "count": n + 1}],
-                    prompt=f"a photo of {NUMBER_WORDS[n]} {_plural(a)}")
-    if tag == "colors":     # GenEval never colours a person
-        (a,), c = no_person(1), COLORS[rng.integers(len(COLORS))]
-        return dict(tag=tag, include=[{"class": a, "count": 1, "color": c}], prompt=f"a photo of {_article(c)} {a}")
-    if tag == "position":   # "A left of B": B is clause 0, A carries ["left of", 0]
-        (a, b), r = pick(2), POSITIONS[rng.integers(len(POSITIONS))]
-        return dict(tag=tag, include=[{"class": b, "count": 1}, {"class": a, "count": 1, "position": [r, 0]}],
-                    prompt=f"a photo of {_article(a)} {r} {_article(b)}")
-    if tag == "color_attr":
-        (a, b), (ca, cb) = no_person(2), [COLORS[i] for i in rng.choice(len(COLORS), size=2, replace=False)]
-        return dict(tag=tag, include=[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
-                    prompt=f"a photo of {_article(ca)} {a} and {_article(cb)} {b}")
-    raise RewardError(f"unknown GenEval tag {tag!r}; choose from {', '.join(GENEVAL_TAGS)}")
-
-
-def geneval_prompts(n, seed=0, tags=GENEVAL_TAGS):
-    """n GenEval-style prompts with metadata; each prompt's task type drawn uniformly from tags."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    return [_geneval_sample(tags[rng.integers(len(tags))], rng) for _ in range(n)]
-
-
-def read_geneval_metadata(path, reward="geneval"):
-    """A GenEval metadata file: one JSON object a line with tag, include, exclude (optional), prompt.
-    Checked as `reward` needs it (the shapes world uses the same format with its own classes)."""
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                md = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RewardError(f"{path}:{i}: not JSON ({e.msg})") from None
-            problem = _metadata_problem(reward, md)
-            if problem:
-                raise RewardError(f"{path}:{i}: {problem}")
-            out.append(md)
-    return out
-
-
-def _metadata_problem(name, md):
-    """What is wrong with one prompt's metadata for reward `name`, or None."""
-    if not isinstance(md, dict) or not isinstance(md.get("include"), list) or not md["include"]:
-        return "no GenEval-style metadata (a non-empty 'include' list)"
-    if name == "geneval" and md.get("tag") not in GENEVAL_TAGS:
-        return f"tag {md.get('tag')!r} is not one of {', '.join(GENEVAL_TAGS)}"
-    for k, clause in enumerate(md["include"] + list(md.get("exclude", []))):
-        if not isinstance(clause, dict) or "class" not in clause or not isinstance(clause.get("count"), int) \
-                or clause["count"] < 1:
-            return f"clause {clause!r} needs a 'class' and a positive integer 'count'"
-        if name == "geneval" and clause["class"] not in COCO_CLASSES:
-            return f"class {clause['class']!r} is not one of GenEval's 80 COCO classes"
-        if name == "geneval" and clause.get("color", COLORS[0]) not in COLORS:
-            return f"colour {clause['color']!r} is not one of {', '.join(COLORS)}"
-        if "position" in clause:
-            rel, target = (list(clause["position"]) + [None, None])[:2]
-            if rel not in POSITIONS or not isinstance(target, int) or not 0 <= target < min(k, len(md["include"])):
-                return f"position {clause['position']!r} needs a relation and the index of an earlier include clause"
-    return None
-
-
 def check_metadata(names, metadata_list, prompts=None):
     """RewardError naming the prompt if a reward in `names` that needs metadata lacks it."""
     for name in names:
@@ -500,71 +399,14 @@ def check_metadata(names, metadata_list, prompts=None):
             continue
         mds = metadata_list if metadata_list is not None else [None] * max(1, len(prompts or []))
         for i, md in enumerate(mds):
-            problem = _metadata_problem(name, md)
+            problem = geneval.metadata_problem(md, coco=name == "geneval")
             if problem:
                 prompt = prompts[i] if prompts and i < len(prompts) else (md or {}).get("prompt", f"#{i}")
                 raise RewardError(f"reward '{name}' needs prompt metadata; prompt {prompt!r}: {problem}")
 
 
-def relative_position(box_a, box_b, threshold=POSITION_THRESHOLD):
-    """GenEval's relations of box A to box B (x0, y0, x1, y1; y down): the centre offset, shrunk
-    on each axis by threshold * (both boxes' sizes), must point mostly along a direction."""
-    offset = [(box_a[i] + box_a[i + 2]) / 2 - (box_b[i] + box_b[i + 2]) / 2 for i in (0, 1)]
-    sizes = [abs(box_a[i + 2] - box_a[i]) + abs(box_b[i + 2] - box_b[i]) for i in (0, 1)]
-    revised = [math.copysign(max(abs(o) - threshold * s, 0.0), o) for o, s in zip(offset, sizes)]
-    if all(abs(r) < 1e-3 for r in revised):
-        return set()
-    dx, dy = (r / math.hypot(*offset) for r in revised)
-    return {rel for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5),
-                                   ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
-
-
-def geneval_verdict(detections, metadata, threshold=0.3, counting_threshold=0.9, max_objects=16,
-                    position_threshold=POSITION_THRESHOLD):
-    """GenEval's verdict on one image from its detections -> (strict pass, partial credit in [0, 1]).
-
-    detections: [{"class", "box": [x0, y0, x1, y1], "score", "color"}] ("color" is needed only for
-    classes with a colour clause). Thresholds default to GenEval's (for its Mask2Former).
-    Strict is GenEval's rule: include clauses are ANDed; for each, the `count` most confident
-    boxes of the class must exist, all in the asked colour, each in the asked relation to every
-    box of the target clause (which must itself have passed); an exclude clause fails when
-    `count` or more boxes are found, which is what makes counting exact.
-    Partial credit (not GenEval's; in the spirit of Flow-GRPO's) averages one credit per check:
-    found / count, right colour / count, share of (box, target box) pairs in the relation, and
-    for an exclude clause 1 - excess / allowed. It equals 1 exactly when strict passes."""
-    cut = counting_threshold if metadata.get("tag") == "counting" else threshold
-    objects = {}
-    for d in sorted(detections, key=lambda d: -d["score"]):
-        if d["score"] > cut and len(objects.setdefault(d["class"], [])) < max_objects:
-            objects[d["class"]].append(d)
-    strict, credits, passed, found_by_clause = True, [], [], []
-    for req in metadata["include"]:
-        n = req["count"]
-        found = objects.get(req["class"], [])[:n]
-        ok = len(found) == n
-        credits.append(len(found) / n)
-        if "color" in req:
-            right = sum(d.get("color") == req["color"] for d in found)
-            credits.append(right / n)
-            ok = ok and right == n
-        if "position" in req:
-            relation, target = req["position"]
-            pairs = [relation in relative_position(d["box"], t["box"], position_threshold)
-                     for d in found for t in found_by_clause[target]]
-            credits.append(sum(pairs) / len(pairs) if pairs else 0.0)
-            ok = ok and passed[target] and all(pairs)
-        strict = strict and ok
-        passed.append(ok)
-        found_by_clause.append(found)
-    for req in metadata.get("exclude", []):
-        m, allowed = len(objects.get(req["class"], [])), req["count"] - 1
-        strict = strict and m <= allowed
-        credits.append(max(0.0, 1.0 - max(m - allowed, 0) / max(allowed, 1)))
-    return bool(strict), float(sum(credits) / len(credits))
-
-
 def geneval_score(device, dtype, path=None, clip_path=None, threshold=0.2, counting_threshold=0.3, nms_iou=0.5,
-                  max_objects=16, position_threshold=POSITION_THRESHOLD, classes=COCO_CLASSES,
+                  max_objects=16, position_threshold=geneval.POSITION_THRESHOLD, classes=geneval.COCO_CLASSES,
                   detector=None, detector_tokenizer=None, clip=None, clip_tokenizer=None):
     """GenEval in-process: OWLv2 boxes, CLIP zero-shot colour of each box crop, GenEval's rules.
     Returns the partial credit; fn.last_strict holds GenEval's strict pass/fail.
@@ -585,7 +427,7 @@ def geneval_score(device, dtype, path=None, clip_path=None, threshold=0.2, count
     # All classes are asked at once and each box keeps its best class, as a closed-set detector
     # would, so a cat is not also counted as a dog. The queries are encoded once, here.
     with torch.no_grad():
-        queries = detector_tokenizer([f"a photo of {_article(c)}" for c in classes], padding="max_length",
+        queries = detector_tokenizer([f"a photo of {geneval.article(c)}" for c in classes], padding="max_length",
                                      max_length=detector.config.text_config.max_position_embeddings,
                                      truncation=True, return_tensors="pt").to(device)
         query_embeds = _pooled(detector.owlv2.get_text_features(**queries))      # (Q, D)
@@ -596,9 +438,9 @@ def geneval_score(device, dtype, path=None, clip_path=None, threshold=0.2, count
 
     def colour_classifier(name):   # GenEval's zero-shot classifier: templates averaged per colour
         if name not in colour_classifiers:
-            texts = [t.format(c=c, cls=name) for c in COLORS for t in COLOR_TEMPLATES]
+            texts = [t.format(c=c, cls=name) for c in geneval.COLORS for t in geneval.COLOR_TEMPLATES]
             tokens = clip_tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-            embeds = _unit(_pooled(clip.get_text_features(**tokens))).view(len(COLORS), len(COLOR_TEMPLATES), -1)
+            embeds = _unit(_pooled(clip.get_text_features(**tokens))).view(len(geneval.COLORS), len(geneval.COLOR_TEMPLATES), -1)
             colour_classifiers[name] = _unit(embeds.mean(1))                   # (10, D)
         return colour_classifiers[name]
 
@@ -638,8 +480,8 @@ def geneval_score(device, dtype, path=None, clip_path=None, threshold=0.2, count
                                             OPENAI_STD, device, dtype))
                 crop_embeds = _unit(_pooled(clip.get_image_features(pixel_values=torch.cat(crops))))  # (N, D)
                 for d, e in zip(to_colour, crop_embeds):
-                    d["color"] = COLORS[(colour_classifier(d["class"]) @ e).argmax().item()]
-            s, p = geneval_verdict(detections, md, threshold, counting_threshold, max_objects, position_threshold)
+                    d["color"] = geneval.COLORS[(colour_classifier(d["class"]) @ e).argmax().item()]
+            s, p = geneval.verdict(detections, md, threshold, counting_threshold, max_objects, position_threshold)
             strict.append(s)
             partial.append(p)
         fn.last_strict = torch.tensor(strict, dtype=torch.bool)
@@ -781,7 +623,7 @@ def main(argv=None):
     try:
         spec = parse_reward_args(args)
         reader = next((n for n in spec.names + spec.monitor if n in NEEDS_METADATA), "geneval")
-        metadata = read_geneval_metadata(args.metadata, reader) if args.metadata else None
+        metadata = geneval.read_metadata(args.metadata, coco=reader == "geneval") if args.metadata else None
         prompts = args.prompts or [m["prompt"] for m in metadata or []]
         if len(prompts) != len(args.images):
             raise RewardError(f"{len(args.images)} images but {len(prompts)} prompts")
@@ -797,7 +639,7 @@ def main(argv=None):
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255   # (B, 3, H, W)
         mixer = spec.mixer(args.device)
         out = mixer(images, prompts, metadata, update_stats=False)
-    except RewardError as e:
+    except InputError as e:                      # RewardError, geneval.MetadataError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for b, prompt in enumerate(prompts):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import cli
-from rewards import relative_position      # GenEval's rule, one implementation for both checkers
+import geneval
 
 RES = 32                                   # image side, pixels
 CELL = 8                                   # cell side, pixels: one latent token after the VAE's 8x downsampling
@@ -40,7 +40,7 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
           "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
-RELATIONS = ("left of", "right of", "above", "below")   # GenEval's; the parser and checker know all four
+RELATIONS = geneval.POSITIONS            # GenEval's four; the parser and checker know them all
 # The world's own position prompts ask one: with several, which half the first-named shape goes to
 # depends on the relation word *and* the word order *and* the cell, a three-way interaction the tiny
 # DiT did not learn (four relations: 0.29 after 600 position-only steps; two, in full pretraining:
@@ -49,7 +49,6 @@ RELATIONS = ("left of", "right of", "above", "below")   # GenEval's; the parser 
 ASKED_RELATIONS = ("left of",)
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 HELDOUT_FRACTION = 0.2
-POSITION_THRESHOLD = 0.1                  # GenEval's relative_position threshold
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -191,7 +190,7 @@ def _cells(meta, n, rng, swap=False):
         if not pos or n < 2:
             return cells
         subject, reference = (cells[0], cells[1]) if swap else (cells[1], cells[0])
-        if (pos[0] in relative_position(cell_box(subject), cell_box(reference), POSITION_THRESHOLD)
+        if (pos[0] in geneval.relative_position(cell_box(subject), cell_box(reference))
                 and in_halves(pos[0], subject, reference)):
             return cells
 
@@ -345,34 +344,33 @@ def well_formed(image, tolerance=4):
 def judge(objects, meta):
     """(strict pass, partial credit in [0, 1]) of detected objects against metadata.
 
-    Strict: every described group has exactly its count (in its colour, if named), nothing
-    else is in the scene, and the relation holds. Partial credit averages, per group,
-    1 - |count error| / count (a quarter of it from the shape alone, so a wrong colour
-    still earns something), and the relation (1 if it holds); objects of a shape no group
-    asks for scale it down. Each object is charged once: one too many of a requested shape
-    costs its group's count credit exactly what one too few does. (Until session 8 it was
-    also charged as an extra object, so it cost about twice as much, and the credit itself
-    pushed counting prompts towards too few objects: bench/count_bias.py.)"""
-    parts, strict = [], True
-    matched = []
+    Strict is GenEval's rule (geneval.verdict) on the world made closed (geneval.closed): every
+    described group has exactly its count (in its colour, if named), nothing else is in the scene,
+    and the relation holds. Every object read from pixels is certain (score 1), so the objects are
+    judged in reading order. Partial credit (the `shapes` reward; not GenEval's) averages, per
+    group, 1 - |count error| / count (a quarter of it from the shape alone, so a wrong colour
+    still earns something), and the relation (1 if it holds); objects of a shape no group asks
+    for scale it down. Each object is charged once: one too many of a requested shape costs its
+    group's count credit exactly what one too few does (charged twice until session 8, it pushed
+    counting prompts towards too few objects: bench/count_bias.py)."""
+    seen = [{**o, "score": 1.0} for o in objects]
+    strict, _ = geneval.verdict(seen, geneval.closed(meta, SHAPES), threshold=0.0, counting_threshold=0.0,
+                                max_objects=GRID * GRID)
+    parts, matched = [], []
     for e in meta["include"]:
         n = e["count"]
         same_shape = [o for o in objects if o["class"] == e["class"]]
         exact = [o for o in same_shape if o["color"] == e.get("color", o["color"])]
-        strict &= len(exact) == n
         credit = lambda m: max(0.0, 1.0 - abs(m - n) / n)
         parts.append(0.75 * credit(len(exact)) + 0.25 * credit(len(same_shape)))
         matched.append(exact)
-    strict &= len(objects) == sum(e["count"] for e in meta["include"])   # nothing else in the scene
     asked = {e["class"] for e in meta["include"]}
     n_unasked = sum(o["class"] not in asked for o in objects)
     pos = meta["include"][-1].get("position")
     if pos:
         subject, reference = matched[-1], matched[pos[1]]
-        holds = bool(subject and reference and
-                     pos[0] in relative_position(subject[0]["box"], reference[0]["box"], POSITION_THRESHOLD))
-        strict &= holds
-        parts.append(float(holds))
+        parts.append(float(bool(subject and reference and
+                                pos[0] in geneval.relative_position(subject[0]["box"], reference[0]["box"]))))
     score = sum(parts) / len(parts) / (1.0 + 0.5 * n_unasked)
     return bool(strict), float(score)
 

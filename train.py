@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+import geneval
 import ppo
 import rewards
 import rollout
@@ -190,12 +191,12 @@ def load_prompts(source, seed=0):
         import toy
         return toy.prompts("train"), toy.prompts("heldout")
     if source == "geneval":
-        return rewards.geneval_prompts(2000, seed=seed), rewards.geneval_prompts(200, seed=seed + 1)
+        return geneval.prompts(2000, seed=seed), geneval.prompts(200, seed=seed + 1)
     if not os.path.isfile(source):
         raise ConfigError(f"--prompts {source!r}: not shapes, geneval or an existing file")
     text = cli.read_text("--prompts", source)                    # a binary file fails here, in one line
     if source.endswith(".jsonl"):
-        metas = rewards.read_geneval_metadata(source)
+        metas = geneval.read_metadata(source)
     else:
         metas = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     if len(metas) < 2:

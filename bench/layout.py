@@ -57,6 +57,7 @@ def draw(task, pair, rng):
 def run(task, steps, batch, seed):
     """Train the world's DiT from scratch on the task; (strict pass rate of 64 samples, seconds)."""
     from diffusers import AutoencoderKL
+    import geneval
     import pretrain
     import toy
     from models import Backbone, denoising_loss
@@ -93,7 +94,7 @@ def run(task, steps, batch, seed):
         a = [o for o in objects if o["class"] == a_shape]
         b = [o for o in objects if o["class"] == b_shape]
         passed.append(len(objects) == 2 and len(a) == 1 and len(b) == 1 and
-                      relation in toy.relative_position(a[0]["box"], b[0]["box"], toy.POSITION_THRESHOLD))
+                      relation in geneval.relative_position(a[0]["box"], b[0]["box"]))
     return sum(passed) / len(passed), len(passed), seconds
 
 

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import geneval  # noqa: E402
 import rewards  # noqa: E402
 
 # Published architectures (config.json of each hub repo), so the random models have the real size.
@@ -98,7 +99,7 @@ def build(name, batch, side, tmp):
         modules = [detector, clip]
         fn = rewards.build_reward(name, detector=detector, detector_tokenizer=clip_tokenizer(pad="!"),
                                   clip=clip, clip_tokenizer=clip_tokenizer())
-        metadata = rewards.geneval_prompts(batch, seed=0, tags=("color_attr",))   # the costliest: two colour crops
+        metadata = geneval.prompts(batch, seed=0, tags=("color_attr",))   # the costliest: two colour crops
         prompts = [m["prompt"] for m in metadata]
     elif name == "shapes":
         import toy

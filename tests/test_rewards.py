@@ -1,7 +1,7 @@
 """Tests of rewards.py, offline: every model-based reward runs its real loader and scorer on a
 tiny random-weight version of its architecture built from a config (open_clip config
 registered here; transformers CLIPConfig / Owlv2Config shrunk), GenEval's verdict rules on
-hand-made detections for each task type, JPEG against PIL, and the reward mixer.
+JPEG against PIL, and the reward mixer.
 Run: HF_HUB_OFFLINE=1 python -m pytest -q tests/test_rewards.py   (add -m slow for real-size timing)
 """
 import gzip
@@ -9,7 +9,6 @@ import importlib.util
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import geneval  # noqa: E402
 import rewards  # noqa: E402
 from rewards import RewardError  # noqa: E402
 
@@ -350,7 +350,7 @@ def test_aesthetic_tiny(clip_dir, aesthetic_head):
 
 
 def test_geneval_tiny(owlv2_dir, clip_dir, monkeypatch):
-    md = rewards.geneval_prompts(4, seed=3)
+    md = geneval.prompts(4, seed=3)
     images = images_like(4, 48, 40)
     fn = rewards.build_reward("geneval", path=owlv2_dir, clip_path=clip_dir)
     s = fn(images, [m["prompt"] for m in md], md)
@@ -363,8 +363,8 @@ def test_geneval_tiny(owlv2_dir, clip_dir, monkeypatch):
     assert_batch_invariant(fn, images, [m["prompt"] for m in md], md)
     # plumbing: what reaches the verdict are boxes inside the image, coloured where asked
     seen = []
-    verdict = rewards.geneval_verdict
-    monkeypatch.setattr(rewards, "geneval_verdict", lambda d, m, *a: seen.append((d, m)) or verdict(d, m, *a))
+    verdict = geneval.verdict
+    monkeypatch.setattr(geneval, "verdict", lambda d, m, *a: seen.append((d, m)) or verdict(d, m, *a))
     two = rewards.build_reward("geneval", path=owlv2_dir, clip_path=clip_dir, classes=("cat", "dog"), threshold=0.0)
     md = [{"tag": "color_attr", "prompt": "a photo of a red cat and a blue dog",
            "include": [{"class": "cat", "count": 1, "color": "red"}, {"class": "dog", "count": 1, "color": "blue"}]}]
@@ -373,7 +373,7 @@ def test_geneval_tiny(owlv2_dir, clip_dir, monkeypatch):
     assert detections and all(d["class"] in ("cat", "dog") for d in detections)
     for cls in ("cat", "dog"):   # only the most confident box of each coloured class is judged, so coloured
         ranked = sorted((d for d in detections if d["class"] == cls), key=lambda d: -d["score"])
-        assert ranked and ranked[0]["color"] in rewards.COLORS and all("color" not in d for d in ranked[1:])
+        assert ranked and ranked[0]["color"] in geneval.COLORS and all("color" not in d for d in ranked[1:])
     for d in detections:
         x0, y0, x1, y1 = d["box"]
         assert 0 <= x0 <= x1 <= 40 and 0 <= y0 <= y1 <= 48
@@ -399,105 +399,7 @@ def test_shapes_reward():
     assert torch.equal(s, score) and torch.equal(fn.last_strict, strict)
 
 
-# ----------------------------------------------------------------------------- GenEval rules
-
-def det(cls, box, score=0.95, color=None):
-    return {"class": cls, "box": box, "score": score, "color": color}
-
-
-LEFT, RIGHT, TOP, BOTTOM = [0, 40, 20, 60], [60, 40, 80, 60], [40, 0, 60, 20], [40, 80, 60, 100]
-
-
-def test_relative_position():
-    rp = rewards.relative_position
-    assert rp(LEFT, RIGHT) == {"left of"} and rp(RIGHT, LEFT) == {"right of"}
-    assert rp(TOP, BOTTOM) == {"above"} and rp(BOTTOM, TOP) == {"below"}
-    assert rp([0, 0, 20, 20], [80, 80, 100, 100]) == {"left of", "above"}
-    assert rp([0, 0, 50, 50], [5, 0, 55, 50]) == set()     # offset under the 0.1 * sizes threshold
-
-
-CASES = [   # (metadata, detections, strict, partial)
-    ({"tag": "single_object", "include": [{"class": "dog", "count": 1}]}, [det("dog", LEFT)], True, 1.0),
-    ({"tag": "single_object", "include": [{"class": "dog", "count": 1}]}, [det("cat", LEFT)], False, 0.0),
-    ({"tag": "single_object", "include": [{"class": "dog", "count": 1}]}, [det("dog", LEFT, 0.2)], False, 0.0),
-    ({"tag": "single_object", "include": [{"class": "dog", "count": 1}]},   # extra dogs are fine here
-     [det("dog", LEFT), det("dog", RIGHT)], True, 1.0),
-    ({"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]},
-     [det("dog", LEFT), det("cat", RIGHT)], True, 1.0),
-    ({"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}]},
-     [det("dog", LEFT)], False, 0.5),
-    ({"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
-     [det("cat", LEFT), det("cat", RIGHT)], True, 1.0),
-    ({"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
-     [det("cat", LEFT), det("cat", RIGHT), det("cat", TOP)], False, 0.75),    # one too many: 1 - 1/2
-    ({"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
-     [det("cat", LEFT)], False, 0.75),                                        # one too few: 1/2 found
-    ({"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
-     [det("cat", LEFT), det("cat", RIGHT), det("cat", TOP, 0.5)], True, 1.0),  # 0.5 is under the counting threshold
-    ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
-     [det("car", LEFT, color="red")], True, 1.0),
-    ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
-     [det("car", LEFT, color="blue")], False, 0.5),
-    ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},   # only the most confident counts
-     [det("car", LEFT, 0.6, color="blue"), det("car", RIGHT, 0.9, color="red")], True, 1.0),
-    ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
-     [det("car", LEFT, 0.9, color="blue"), det("car", RIGHT, 0.6, color="red")], False, 0.5),
-    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}]},
-     [det("dog", RIGHT), det("cat", LEFT)], True, 1.0),
-    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}]},
-     [det("dog", LEFT), det("cat", RIGHT)], False, 2 / 3),
-    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["above", 0]}]},
-     [det("dog", BOTTOM), det("cat", TOP)], True, 1.0),
-    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}]},
-     [det("cat", LEFT)], False, 1 / 3),                                       # no target: relation gets nothing
-    ({"tag": "color_attr", "include": [{"class": "cup", "count": 1, "color": "red"}, {"class": "vase", "count": 1, "color": "blue"}]},
-     [det("cup", LEFT, color="red"), det("vase", RIGHT, color="blue")], True, 1.0),
-    ({"tag": "color_attr", "include": [{"class": "cup", "count": 1, "color": "red"}, {"class": "vase", "count": 1, "color": "blue"}]},
-     [det("cup", LEFT, color="blue"), det("vase", RIGHT, color="red")], False, 0.5),   # colours swapped
-]
-
-
-@pytest.mark.parametrize("metadata, detections, strict, partial", CASES)
-def test_geneval_verdict(metadata, detections, strict, partial):
-    got = rewards.geneval_verdict(detections, metadata)
-    assert got[0] is strict and got[1] == pytest.approx(partial)
-
-
-def test_geneval_partial_is_one_exactly_when_strict():
-    rng = random.Random(0)
-    md_rng = rewards.geneval_prompts(300, seed=1)
-    for md in md_rng:
-        classes = [c["class"] for c in md["include"]]
-        detections = [det(rng.choice(classes), [x := rng.uniform(0, 80), y := rng.uniform(0, 80),
-                                                 x + rng.uniform(5, 20), y + rng.uniform(5, 20)],
-                          rng.uniform(0.2, 1.0), rng.choice(rewards.COLORS[:3]))
-                      for _ in range(rng.randint(0, 5))]
-        strict, partial = rewards.geneval_verdict(detections, md)
-        assert 0.0 <= partial <= 1.0 and (partial == 1.0) == strict
-
-
-def test_geneval_prompts_and_metadata_file(tmp_path):
-    md = rewards.geneval_prompts(200, seed=7)
-    assert md == rewards.geneval_prompts(200, seed=7) and md != rewards.geneval_prompts(200, seed=8)
-    assert {m["tag"] for m in md} == set(rewards.GENEVAL_TAGS)
-    rewards.check_metadata(["geneval"], md, [m["prompt"] for m in md])
-    by_tag = {m["tag"]: m for m in md}
-    assert by_tag["counting"]["exclude"][0]["count"] == by_tag["counting"]["include"][0]["count"] + 1
-    pos = by_tag["position"]
-    a, b = pos["include"][1]["class"], pos["include"][0]["class"]
-    assert pos["prompt"].startswith(f"a photo of {rewards._article(a)} {pos['include'][1]['position'][0]}")
-    assert pos["prompt"].endswith(rewards._article(b))
-    assert all(c.get("class") != "person" for m in md if m["tag"] in ("colors", "color_attr") for c in m["include"])
-    path = tmp_path / "evaluation_metadata.jsonl"
-    path.write_text("\n".join(json.dumps(m) for m in md) + "\n")
-    assert rewards.read_geneval_metadata(path) == md
-    path.write_text(json.dumps(md[0]) + "\n{not json\n")
-    with pytest.raises(RewardError, match=":2: not JSON"):
-        rewards.read_geneval_metadata(path)
-    path.write_text(json.dumps({"tag": "single_object", "include": [{"class": "unicorn", "count": 1}], "prompt": "x"}))
-    with pytest.raises(RewardError, match="unicorn"):
-        rewards.read_geneval_metadata(path)
-
+# ----------------------------------------------------------------------------- metadata
 
 def test_check_metadata_names_the_prompt():
     with pytest.raises(RewardError, match="'a dog'"):
