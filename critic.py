@@ -12,6 +12,13 @@
             so V = 0 exactly at initialisation
 Value pretraining (the second stabiliser, `train.py --value-warmup W`) lives in train.py.
 
+| paper (METHOD.md 3, 5) | here |
+|---|---|
+| V_phi(x_t, t, c) | Critic.forward(backbone, x_t, t, cond) -> (B, R), one column per reward (section 6) |
+| AdaLN noise-level conditioning | ValueHead.adaLN_modulation, modulate() |
+| L_value = mean (V_phi(s) - G)^2 | value_loss(), regress(): the one fitting loss of ppo.update and fit() |
+| explained variance, by noise level (8) | explained_variance(), explained_variance_by_noise() |
+
 References
   1. DiT (facebookresearch/DiT, models.py): adaLN modulation, zero-initialised new layers.
   2. CleanRL (ppo_continuous_action.py): explained variance as the critic's health metric.
@@ -257,29 +264,46 @@ def rollouts(backbone, pool, score, batch=32, steps=10, sde_steps=None, generato
         yield traj, score(traj.images, prompts, metas)
 
 
+def value_loss(new_values, returns, old_values=None, vf_clip=0.0):
+    """L_value = 0.5 mean (V - G)^2, all (N, R) (METHOD.md 5); with vf_clip > 0, PPO's clipped version:
+    the worse of the plain error and that of V_old + clip(V - V_old, -c, c), so V stays near V_old."""
+    v_loss = (new_values - returns) ** 2
+    if vf_clip > 0:
+        v_clipped = old_values + torch.clamp(new_values - old_values, -vf_clip, vf_clip)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    return 0.5 * v_loss.mean()
+
+
+def regress(critic, backbone, traj, idx, j, returns, old_values=None, vf_clip=0.0):
+    """The one critic-fitting loss: value_loss of V_phi(x_{t_j}, t_j, c) at the states (idx, j) of traj
+    against their targets G (N, R), in the units of rewards.RunningNorm. ppo.update's minibatches and
+    fit() both regress through it."""
+    values = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))     # (N, R)
+    return value_loss(values, returns, old_values, vf_clip)
+
+
 def fit(backbone, critic, rollouts, lr=1e-4, head_lr=1e-3, minibatch=32, generator=None, progress=None):
     """Regress V_phi on Monte-Carlo returns (gamma = lambda = 1: every state's target is its
-    trajectory's final reward R), one rollout batch at a time, each seen once, as train.py does
-with --critic-fraction 1 (backbone and head on every state of the batch).
+    trajectory's final reward R, G = R), one rollout batch at a time, each seen once: what train.py
+    does with --critic-fraction 1 (backbone and head on every state of the batch), through the same
+    loss (regress) on targets scaled the same way (rewards.RunningNorm, the mixer's statistics).
     rollouts: an iterable of (Trajectory, returns (B,)); only the states of the SDE window (the
     trained ones) are fitted. Returns the (mean, std) that standardised the targets: V_phi is in
     those units, R ~ V * std + mean."""
+    from rewards import RunningNorm
     opt = torch.optim.AdamW(critic.param_groups(lr, head_lr), weight_decay=0.0)
-    seen = []
+    stats = RunningNorm(1)
     for traj, R in (progress or (lambda x: x))(rollouts):
-        seen.append(R)
-        all_returns = torch.cat(seen)
-        mean, std = all_returns.mean(), all_returns.std().clamp(min=1e-4)            # targets ~ N(0, 1), as in train.py
+        G = stats.normalise(R.float()[:, None])                                       # (B, 1), after adding R
         B, K = len(R), traj.sde_steps or traj.log_probs.shape[1]
         for mb in torch.randperm(B * K, generator=generator).split(minibatch):
             idx, j = mb // K, mb % K
-            v = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))[:, 0]
-            loss = (v - (R[idx] - mean) / std).pow(2).mean()
+            loss = regress(critic, backbone, traj, idx, j, G[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(critic.trainable_parameters(), 1.0)
             opt.step()
-    return mean, std
+    return stats.mean[0].float(), stats.std()[0].float()
 
 
 def main(argv=None):

@@ -12,6 +12,10 @@ the score under each, the chosen one captioned, pass/fail frames where a reward 
 GenEval-style prompts geneval/ in GenEval's own layout (NNNNN/metadata.jsonl, NNNNN/samples/SSSS.png)
 so its official scorer runs on it. Bad input: one line, exit code 2, before anything is loaded.
 
+It also holds what a training run reports (METHOD.md 8; train.py imports them): heldout_metrics()
+(held-out prompts, deterministic sampler), save_samples() (labelled grids), plot_rewards(), and
+Reporter (--report-to tensorboard | wandb).
+
 Test: tests/test_steer.py
 """
 import argparse
@@ -27,10 +31,105 @@ import torch
 import cli
 import geneval
 import rewards
+import rollout
 import steer
 from cli import finite_float, integer
+from critic import POLICY, adapter
 from models import PRECISIONS, check_resolution, default_precision, default_resolution, load_backbone, resolve
 
+
+# ----------------------------------------------------------------------------- what a training run reports
+# (train.py; METHOD.md section 8): held-out metrics, sample grids, the reward curve, tensorboard / wandb
+
+@torch.no_grad()
+def heldout_metrics(args, backbone, policy_net, mixer, heldout, seeds):
+    """Held-out prompts x seeds with the deterministic sampler (noise 0): strict accuracy and
+    partial credit of the built-in world's checker, and the raw mean of every reward and monitor."""
+    import toy
+    with adapter(policy_net, POLICY) as net:
+        images = rollout.sample_seeded(backbone, [m["prompt"] for m in heldout], seeds, args.eval_num_steps,
+                                       batch=args.eval_batch, net=net)
+    metas = list(heldout) * len(seeds)                            # seed-major, as the images
+    out = {}
+    if args.shapes_world:
+        strict, score = toy.check(images, metas)
+        out.update({"eval/heldout_strict": strict.float().mean().item(), "eval/heldout_score": score.mean().item()})
+    try:
+        names = mixer.names + mixer.monitor                        # monitors too: reward hacking shows here
+        n = args.eval_batch                                        # scored a chunk at a time, as sampled
+        raw = torch.cat([mixer.score(images[i:i + n], [m["prompt"] for m in metas[i:i + n]], metas[i:i + n], names)[0]
+                         for i in range(0, len(images), n)])
+        out.update({f"eval/heldout_{n}": raw[:, i].mean().item() for i, n in enumerate(names)})
+    except rewards.RewardError as e:
+        print(f"warning: held-out reward skipped: {e}", file=sys.stderr)
+    return out
+
+
+@torch.no_grad()
+def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1)):
+    """A labelled grid of the deterministic sampler: one column per prompt (its text above it),
+    one row per seed; in the built-in world each image is framed green (pass) or red (fail)."""
+    import grid
+    with adapter(policy_net, POLICY) as net:
+        images = rollout.sample_seeded(backbone, [m["prompt"] for m in grid_metas], seeds, args.eval_num_steps,
+                                       batch=args.eval_batch, net=net)
+    marks = None
+    if args.shapes_world:
+        import toy
+        marks = toy.check(images, list(grid_metas) * len(seeds))[0].tolist()
+    grid.save_grid(path, images, len(grid_metas), titles=[m["prompt"] for m in grid_metas], marks=marks,
+                   row_titles=[f"seed {s}" for s in seeds])
+
+
+class Reporter:
+    """--report-to: each metrics row also to tensorboard (RUN_DIR/tensorboard) or wandb, imported here,
+    on use (neither is a dependency; configure() checks the package is there). Rank 0 only."""
+
+    def __init__(self, args, start):
+        self.kind, self.writer = args.report_to, None
+        if self.kind == "tensorboard":            # purge_step: a resumed run drops the events logged after its checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(args.run_dir, "tensorboard"), purge_step=start + 1 if start else None)
+        elif self.kind == "wandb":                # one wandb run per run directory, continued on resume
+            import wandb
+            name = os.path.basename(os.path.abspath(args.run_dir))
+            self.writer = wandb.init(project="critic-guided-diffusion", name=name, id=name, resume="allow",
+                                     dir=args.run_dir, config=vars(args))
+
+    def log(self, row):
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "iter"}
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, global_step=row["iter"])
+            self.writer.flush()
+        elif self.kind == "wandb":
+            self.writer.log(scalars, step=row["iter"])
+
+    def close(self):
+        if self.writer is not None:
+            (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
+
+
+def plot_rewards(run_dir, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("reward/train/total_raw", "train reward (raw, weighted)"), ("reward/train/strict", "train strict accuracy")):
+        have = [r for r in rows if key in r]
+        if have:
+            ax.plot([r["images"] for r in have], [r[key] for r in have], label=label, alpha=0.7)
+    ev = [r for r in rows if "eval/heldout_strict" in r]
+    if ev:
+        ax.plot([r["images"] for r in ev], [r["eval/heldout_strict"] for r in ev], "o-", label="held-out strict accuracy")
+    ax.set_xlabel("images generated"), ax.set_ylabel("reward / accuracy"), ax.grid(alpha=0.3), ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "reward.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the evaluation CLI
 
 def build_parser():
     p = cli.Parser(description=__doc__.splitlines()[0])
@@ -243,7 +342,7 @@ def evaluate(args):
     # name -> fn(images, prompts, metadata); first, so a reward without its weights (offline) fails before any model loads
     scorers = args.spec.mixer(args.device, PRECISIONS[args.mixed_precision]).scorers
     backbone = load_policy(args)
-    noise = args.noise_level if args.noise_level is not None else __import__("rollout").TRAIN_NOISE[backbone.sampler]
+    noise = args.noise_level if args.noise_level is not None else rollout.TRAIN_NOISE[backbone.sampler]
     metas, prompts = args.metas, [m["prompt"] for m in args.metas]
     value = None
     if args.critic:

@@ -1,6 +1,19 @@
 """One update of critic-guided PPO or of GRPO: the same clipped loss, two ways to get the
 advantage (arXiv 2605.27736; METHOD.md sections 4-5).
 
+| paper (METHOD.md) | here |
+|---|---|
+| delta_k, A_k, G_k (4) | delta, advantages, returns in gae() |
+| gamma, lambda (4) | gamma, gae_lambda (--gamma, --gae-lambda) |
+| rho, eps (5) | ratio, clip_range in clipped_policy_loss() (--clip-range) |
+| L_policy, L_value, L_kl, beta (5) | pg_loss, v_loss (critic.regress), kl_loss, args.kl_coef in update() |
+| GRPO's (R - mean_group) / (std + 1e-4) (5) | grpo_advantages() |
+
+Not in the paper: the critic's share (--critic-fraction: its backbone trains on the first
+critic_pairs pairs of each shuffled epoch, which sets its cost per image) and --head-epochs
+(the value head alone on every state, on features the rollout-time value pass computed anyway);
+METHOD.md 9 says why. raft_update is RAFT, the supervised reference, not the paper's method.
+
   gae()              advantages and returns over the K denoising steps: sparse terminal
                      reward, V_0 := 0 after the last step, gamma and lambda (section 4)
   grpo_advantages()  GRPO's baseline: G samples per prompt, (R - group mean) / (group std + 1e-4),
@@ -31,12 +44,13 @@ References
 Test: tests/test_ppo.py
 """
 import math
+import os
 
 import torch
 import torch.distributed as dist
 
 import rollout
-from critic import POLICY, adapter
+from critic import POLICY, adapter, regress, value_loss
 
 
 def gae(rewards, values, gamma=1.0, gae_lambda=1.0):
@@ -110,6 +124,28 @@ def all_reduce_sum(t):
     return collective("sum", t)
 
 
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    cuda = torch.device(device).type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def all_gather(t):
+    """(n, ...) on every rank -> (world * n, ...) in rank order, on every rank."""
+    return collective("gather", t)
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
 def normalise(advantages, mask, eps=1e-8):
     """advantages (B, K) -> zero mean, unit std over the steps where mask (B, K), computed over
     the global batch (all ranks), not per rank."""
@@ -133,16 +169,6 @@ def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range, mask):
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     return masked_mean(torch.max(pg_loss1, pg_loss2), mask), ratio, logratio
-
-
-def value_loss(new_values, returns, old_values, vf_clip=0.0):
-    """0.5 mean (V - G)^2, all (N, R); with vf_clip > 0, PPO's clipped version: the worse of
-    the plain error and that of V_old + clip(V - V_old, -c, c), so V stays near V_old."""
-    v_loss = (new_values - returns) ** 2
-    if vf_clip > 0:
-        v_clipped = old_values + torch.clamp(new_values - old_values, -vf_clip, vf_clip)
-        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
-    return 0.5 * v_loss.mean()
 
 
 class LossScale:
@@ -271,9 +297,8 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
             take = len(mb) if critic_pairs is None else max(0, min(len(mb), critic_pairs - start))
             if critic is not None and take:
                 mb_idx, mb_j = mb_idx[:take], mb_j[:take]
-                new_values = critic(backbone, traj.latents[mb_idx, mb_j], traj.timesteps[mb_j],
-                                    traj.cond.index(mb_idx))                         # (mb, R)
-                v_loss = value_loss(new_values, returns[mb_idx, mb_j], old_values[mb_idx, mb_j], args.vf_clip)
+                v_loss = regress(critic, backbone, traj, mb_idx, mb_j, returns[mb_idx, mb_j],   # critic.fit's loss
+                                 old_values[mb_idx, mb_j], args.vf_clip)
                 grad_norm, skip = optimiser_step(v_loss, critic.trainable_parameters(), opt_critic, args.max_grad_norm)
                 skipped += skip
                 logs["value_loss"].append(v_loss.item()), logs["grad_norm/critic"].append(grad_norm)

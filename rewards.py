@@ -12,6 +12,10 @@ References
   3. GenEval (djghosh13/geneval): prompt templates, metadata and verdict rules; Flow-GRPO's
      partial-credit variant of them (arXiv 2505.05470).
 
+Over ~450 lines: seven factories with their loaders, the reward flags whose --reward-path checks
+read checkpoint headers without loading a model, the mixer and the scoring CLI are one concept: what
+a reward is and how several become one (GenEval's own rules are in geneval.py).
+
 Run:   python rewards.py --rewards hps,jpeg --reward-path hps=HPS_v2.1_compressed.pt \
            --images a.png b.png --prompts "a cat" "a dog"
 Test:  HF_HUB_OFFLINE=1 python -m pytest -q tests/test_rewards.py   (tiny random weights, offline)
@@ -508,7 +512,38 @@ def build_reward(name, device="cpu", dtype=torch.float32, path=None, **opts):
     return _FACTORIES[name](device=torch.device(device), dtype=dtype, **opts)
 
 
-class RewardMixer:
+class RunningNorm:
+    """Running mean and variance of R columns (Welford's, merged a batch at a time, Chan et al.):
+    the one scaling of every regression target, the mixer's rewards and critic.fit's returns alike.
+
+        normalised = (r - mean) / max(std, eps)      (population std over every value so far)
+
+    Not an EMA: the statistics converge, so the critic's targets settle in scale."""
+
+    def __init__(self, R, eps=1e-4):
+        self.eps = eps   # floor on std: a reward that has been constant so far must not blow up
+        self.count, self.mean, self.m2 = (torch.zeros(R, dtype=torch.float64) for _ in range(3))
+
+    def std(self):
+        var = torch.where(self.count > 0, self.m2 / self.count.clamp(min=1), torch.ones_like(self.m2))
+        return var.sqrt().clamp(min=self.eps)
+
+    def normalise(self, raw, update_stats=True):
+        """(B, R) raw -> (B, R) normalised, first merging the batch into the statistics (Chan et al.)."""
+        raw64 = raw.double()
+        if update_stats:
+            n_b = raw64.shape[0]
+            mean_b = raw64.mean(0)
+            m2_b = ((raw64 - mean_b) ** 2).sum(0)
+            n = self.count + n_b
+            delta = mean_b - self.mean
+            self.mean = self.mean + delta * n_b / n
+            self.m2 = self.m2 + m2_b + delta ** 2 * self.count * n_b / n
+            self.count = n
+        return ((raw64 - self.mean) / self.std()).float()
+
+
+class RewardMixer(RunningNorm):
     """Scores a batch with every reward, normalises each by running statistics, and mixes:
 
         normalised_i = (r_i - mean_i) / std_i,    total = sum_i w_i * normalised_i
@@ -534,9 +569,7 @@ class RewardMixer:
         for n in self.names + self.monitor:
             if n not in self.scorers:
                 self.scorers[n] = build_reward(n, device, dtype, **(build_kwargs or {}).get(n, {}))
-        self.eps = eps   # floor on std: a reward that has been constant so far must not blow up
-        R = len(self.names)
-        self.count, self.mean, self.m2 = (torch.zeros(R, dtype=torch.float64) for _ in range(3))
+        super().__init__(len(self.names), eps)
 
     def score(self, images, prompts, metadata=None, names=None):
         """Raw scores (B, len(names)) and {name: strict (B,) bool} for the rewards that report one."""
@@ -555,24 +588,6 @@ class RewardMixer:
             if getattr(self.scorers[n], "last_strict", None) is not None:
                 strict[n] = self.scorers[n].last_strict
         return torch.stack(columns, 1) if columns else torch.zeros(len(images), 0), strict
-
-    def std(self):
-        var = torch.where(self.count > 0, self.m2 / self.count.clamp(min=1), torch.ones_like(self.m2))
-        return var.sqrt().clamp(min=self.eps)
-
-    def normalise(self, raw, update_stats=True):
-        """(B, R) raw -> (B, R) normalised, first merging the batch into the statistics (Chan et al.)."""
-        raw64 = raw.double()
-        if update_stats:
-            n_b = raw64.shape[0]
-            mean_b = raw64.mean(0)
-            m2_b = ((raw64 - mean_b) ** 2).sum(0)
-            n = self.count + n_b
-            delta = mean_b - self.mean
-            self.mean = self.mean + delta * n_b / n
-            self.m2 = self.m2 + m2_b + delta ** 2 * self.count * n_b / n
-            self.count = n
-        return ((raw64 - self.mean) / self.std()).float()
 
     def __call__(self, images, prompts, metadata=None, update_stats=True):
         raw, strict = self.score(images, prompts, metadata)                               # (B, R)

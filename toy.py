@@ -20,6 +20,10 @@ GenEval so that the whole method of arXiv 2605.27736 runs on any laptop):
      the base model's misalignment, which RL is there to fix (pretrain.py explains);
   5. `python toy.py eval --model tiny-dit` measures a model's held-out strict accuracy.
 
+Over ~450 lines: the world is one concept (its prompts, scenes, captions and checker are written
+against each other), and the base models' tokenizer and pipeline recipe (build_pipeline) live here
+because pretrain.py, the bench scripts and the tests all build the world's models from them.
+
 Tests: tests/test_toy.py (checker accuracy on correct and deliberately wrong scenes, caption
 corruption rates, the VAE's round trip).
 """

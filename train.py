@@ -25,14 +25,26 @@ A checkpoint is saved after iteration 1, every --save-every and at the end. SIGI
 the iteration, save one and exit 130 / 143. A run stopped before its first checkpoint starts again
 (--resume, or the same command); 3 skipped updates in a row stop a diverging run, unsaved.
 
+| paper (METHOD.md) | here |
+|---|---|
+| prompts c, K steps, the rollout (1, 2) | metas, --num-steps, rollout.sample -> traj |
+| R, w_i, normalised rewards (6) | raw, mixer.weights, normalised (rewards.RewardMixer) |
+| V_phi recorded at rollout time (3, 4) | old_values = critic.values(...) (B, K, R) |
+| A_k, G_k (4); GRPO's group baseline (5) | adv, returns = ppo.gae(...); ppo.grpo_advantages |
+| value pretraining W (3) | --value-warmup: train_policy=False for the first W iterations |
+| the PPO update (5) | ppo.update; RAFT (the supervised reference): ppo.raft_update |
+
+Not in the paper (METHOD.md 9): the SDE window (--sde-steps: only the first S steps are stochastic
+and trained; they decide the layout a compositional reward judges, the near-clean steps' log-prob
+gradients are mostly noise) and the critic's share (--critic-fraction, --head-epochs: its cost per
+image). Over ~450 lines because the argparse groups (every flag with the paper's or the peers'
+value in its help) and configure (every check before any work) stay beside the loop they feed.
+
 Test: tests/test_train.py, tests/test_inputs.py (bad input, stopped and diverging runs)
 """
-import argparse
-import datetime
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -41,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import cli
 import geneval
 import ppo
@@ -49,30 +62,12 @@ import rollout
 from cli import finite_float, integer
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
     explained_variance_by_noise, lora_config, noise_fraction
-from models import PRECISIONS, check_resolution, default_precision, default_resolution, geometry, resolve
+from checkpoint import ConfigError, NonFiniteError
+from eval import Reporter, heldout_metrics, plot_rewards, save_samples
+from models import PRECISIONS, check_resolution, default_precision, default_resolution, resolve
 
 ALGOS = ("ppo", "grpo", "raft")
 REPORTERS = ("none", "tensorboard", "wandb")
-# flags a resumed run may change; every other one comes from the run's config.json
-RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every", "print_config", "report_to",
-             "eval_batch", "gradient_checkpointing")
-
-
-class ConfigError(cli.InputError):
-    """Bad flags or paths: printed as one line, exit code 2, before any work."""
-
-
-class NonFiniteError(RuntimeError):
-    """Weights about to be saved hold NaN or inf: nothing is written, the last good checkpoint stays."""
-
-
-def refuse_non_finite(tensors, what):
-    """Raise NonFiniteError naming the first non-finite tensor of a {name: tensor} state."""
-    for name, t in tensors.items():
-        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(f"{what}: {name} holds NaN or inf; not saved (the last good checkpoint is kept)")
-
-
 def build_parser():
     p = cli.Parser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model")
@@ -205,45 +200,11 @@ def load_prompts(source, seed=0):
     return [m for i, m in enumerate(metas) if i not in held], [m for i, m in enumerate(metas) if i in held]
 
 
-def explicit_flags(parser, argv):
-    """The dests of the flags actually typed (to tell a resumed run's config from new flags)."""
-    for a in parser._actions:
-        a.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
 def configure(args, argv):
     """Validate every flag and path and derive the batch sizes, before any work. Returns the
     final args (a resumed run's config), the reward spec, and the prompt lists."""
     if args.resume:
-        path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume {args.resume}: no run to resume there (no config.json)")
-        given = explicit_flags(build_parser(), argv)
-        changed = given - set(RESUMABLE)
-        if changed:
-            allowed = ", ".join("--" + f.replace("_", "-") for f in RESUMABLE if f != "resume")
-            raise ConfigError(f"--resume takes its config from {path}; only {allowed} may be given, "
-                              f"not {', '.join(sorted('--' + f.replace('_', '-') for f in changed))}")
-        config = cli.read_json(path)
-        # each rank resumes its own random streams (checkpoint/rng_rank{r}.pt): another world size has none to resume
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if config.get("world_size", 1) != world:
-            raise ConfigError(f"--resume {args.resume}: the run trained on {config.get('world_size', 1)} process(es), "
-                              f"not {world}; resume it with the same world size")
-        ckpt = find_checkpoint(args.resume)
-        if world > 1 and ckpt and not all(os.path.isfile(os.path.join(ckpt, f"rng_rank{r}.pt")) for r in range(world)):
-            raise ConfigError(f"--resume {args.resume}: its checkpoint holds no RNG states of all {world} ranks")
-        config.setdefault("sde_steps", config.get("num_steps"))  # runs from before the flag trained every step
-        config.setdefault("mixed_precision", "no")               # ... and before these, in fp32 at the native size
-        config.setdefault("resolution", geometry(config.get("model", "tiny-dit"))[0])
-        config = {**vars(build_parser().parse_args([])), **config}   # other flags newer than the run: defaults
-        for key in RESUMABLE:
-            if key in given or key not in config:
-                config[key] = getattr(args, key)
-        config["run_dir"] = args.resume
-        build_parser().check_values(config, path)                    # a hand edit gets the flags' own checks
-        args = argparse.Namespace(**config)
+        args = checkpoint.resumed_config(args, argv, build_parser)
     if args.algo not in ALGOS:
         raise ConfigError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGOS)}")
     _, kind = resolve(args.model)                                  # BackboneError if unknown
@@ -311,91 +272,8 @@ def configure(args, argv):
                                   + (f"the tags are {', '.join(known)}" if any(known) else "these prompts carry no tags"))
         train_prompts = [m for m in train_prompts if m.get("tag", "") in wanted]
     rewards.check_metadata(spec.names + spec.monitor, train_prompts + heldout, [m["prompt"] for m in train_prompts + heldout])
-    # the run directory: never overwrite a different run
-    if not args.resume:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.run_dir = args.run_dir or os.path.join("runs", f"{args.algo}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
-        cfg_path = os.path.join(args.run_dir, "config.json")
-        if os.path.isfile(cfg_path):
-            same = strip(cli.read_json(cfg_path)) == strip(vars(args))
-            if not same or find_checkpoint(args.run_dir):
-                raise ConfigError(f"--run-dir {args.run_dir} already holds {'this' if same else 'a different'} run "
-                                  f"(never overwritten){'; continue it with --resume ' + args.run_dir if same else ''}")
-            args.resume = args.run_dir            # this run, stopped before its first checkpoint: start it again
-        elif os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
-            raise ConfigError(f"--run-dir {args.run_dir} is not empty and holds no run (never overwritten)")
-    blocked = cli.unwritable(args.run_dir)
-    if blocked:
-        raise ConfigError(f"--run-dir {args.run_dir}: {blocked} is not a writable directory")
-    if args.resume:
-        done = checkpoint_iteration(args.run_dir, critic=args.algo == "ppo")
-        if done >= args.iters:
-            raise ConfigError(f"--resume {args.run_dir}: the run is already at iteration {done}, "
-                              f"{'its last' if done == args.iters else 'past'} --iters {args.iters}: nothing to do; "
-                              f"pass --iters N with N > {done} to continue it")
+    checkpoint.claim_run_dir(args)                                # never overwrites a different run
     return args, spec, train_prompts, heldout
-
-
-def find_checkpoint(run_dir):
-    """A run's checkpoint directory: checkpoint/, or checkpoint.old/ when a save was cut off between
-    its two renames (save_checkpoint); None before the first save."""
-    for name in ("checkpoint", "checkpoint.old"):
-        if os.path.isdir(os.path.join(run_dir, name)):
-            return os.path.join(run_dir, name)
-    return None
-
-
-def checkpoint_iteration(run_dir, critic):
-    """The iteration a run's checkpoint holds (0 before the first save: --resume starts the run from
-    its config.json), once each of its files reads back (safetensors headers, state.pt); a damaged
-    one is a ConfigError naming the file and whether an older checkpoint is there to fall back on."""
-    path = find_checkpoint(run_dir)
-    if path is None:
-        return 0
-    try:
-        for name in ["policy.safetensors"] + (["critic.safetensors"] if critic else []):
-            cli.safetensors_keys(os.path.join(path, name))
-        state = os.path.join(path, "state.pt")
-        try:
-            return int(torch.load(state, map_location="cpu", weights_only=True, mmap=True)["iteration"])
-        except Exception as e:                    # missing, truncated (a zip without its directory), no iteration
-            raise cli.InputError(f"{state}: not a loadable checkpoint state "
-                                 f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    except cli.InputError as e:
-        older = os.path.join(run_dir, "checkpoint.old")
-        fallback = (f"{older} holds the checkpoint before it: move it to {os.path.join(run_dir, 'checkpoint')} to "
-                    "resume from there" if path != older and os.path.isdir(older) else
-                    "no older checkpoint is kept (each save replaces the last): start a new run")
-        raise ConfigError(f"--resume {run_dir}: {e}; {fallback}") from None
-
-
-def strip(config):
-    """A run's identity: its config without what a resume may change or what is derived."""
-    return {k: v for k, v in config.items() if k not in RESUMABLE + ("run_dir",)}
-
-
-# ----------------------------------------------------------------------------- distributed
-
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    cuda = torch.device(device).type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return dist.get_rank(), dist.get_world_size(), torch.device(device)
-
-
-def all_gather(t):
-    """(n, ...) on every rank -> (world * n, ...) in rank order, on every rank."""
-    return ppo.collective("gather", t)
-
-
-def barrier():
-    if ppo.world_size() > 1:
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- models
@@ -442,218 +320,6 @@ def build(args, backbone, num_rewards):
         for opt in filter(None, (opt_policy, opt_critic)):
             opt.loss_scale = ppo.LossScale()
     return policy_net, ref_net, critic, opt_policy, opt_critic
-
-
-def policy_state(args, policy_net):
-    if args.lora_rank:
-        from peft import get_peft_model_state_dict
-        return get_peft_model_state_dict(policy_net, adapter_name=POLICY)
-    return policy_net.state_dict()
-
-
-def load_policy_state(args, policy_net, state):
-    if args.lora_rank:
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(policy_net, state, adapter_name=POLICY)
-    else:
-        policy_net.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic, mixer, rngs):
-    """checkpoint/ is replaced whole: written to checkpoint.tmp/, then swapped in with renames, so a
-    crash at any point leaves the previous checkpoint intact (resume also reads checkpoint.old/).
-    Called on every rank: each writes its own RNG states (rng_rank{r}.pt; the ranks draw different
-    prompts and noise, so one rank's states replayed everywhere would make the ranks' batches
-    identical after a resume); rank 0 writes the rest and swaps."""
-    from safetensors.torch import save_file
-    final, tmp, old = (os.path.join(args.run_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    policy = policy_state(args, policy_net)
-    refuse_non_finite(policy, f"iteration {it}: the policy")      # the same weights on every rank: all refuse
-    critic_state = critic.state_dict_to_save() if critic is not None else {}
-    refuse_non_finite(critic_state, f"iteration {it}: the critic")
-    rank = ppo.rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()                                      # tmp/ exists before any rank writes into it
-    torch.save(rngs(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()                                      # every rank's RNG file is in tmp/ before the swap
-    if rank != 0:
-        return
-    save_file({k: v.detach().contiguous().cpu() for k, v in policy.items()}, os.path.join(tmp, "policy.safetensors"))
-    if critic is not None:
-        save_file({k: v.cpu() for k, v in critic_state.items()}, os.path.join(tmp, "critic.safetensors"))
-    state = {"iteration": it, "images": images, "mixer": mixer.state_dict(),
-             "opt_policy": opt_policy.state_dict(), "opt_critic": opt_critic.state_dict() if opt_critic else None,
-             "loss_scale": {k: o.loss_scale.state_dict() for k, o in (("policy", opt_policy), ("critic", opt_critic))
-                            if hasattr(o, "loss_scale")}}                   # fp16's loss scales
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
-    from safetensors.torch import load_file
-    path = find_checkpoint(args.run_dir)
-    load_policy_state(args, policy_net, load_file(os.path.join(path, "policy.safetensors")))
-    if critic is not None:
-        critic.load_saved(load_file(os.path.join(path, "critic.safetensors")))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
-    opt_policy.load_state_dict(state["opt_policy"])
-    if opt_critic is not None:
-        opt_critic.load_state_dict(state["opt_critic"])
-    for key, opt in (("policy", opt_policy), ("critic", opt_critic)):
-        if key in state.get("loss_scale", {}):
-            opt.loss_scale.load_state_dict(state["loss_scale"][key])
-    mixer.load_state_dict(state["mixer"])
-    rng_path = os.path.join(path, f"rng_rank{ppo.rank()}.pt")
-    if os.path.isfile(rng_path):                   # this rank's own RNG states (older one-rank runs: in state.pt)
-        state["rngs"] = torch.load(rng_path, weights_only=True)
-    return state
-
-
-def export_final(args, backbone, policy_net):
-    """The trained policy in a form other tools load: a diffusers pipeline directory (full copies,
-    and LoRA on the built-in world merged: `--model RUN/pipeline` works everywhere) or a LoRA
-    adapter for pipe.load_lora_weights."""
-    from peft import get_peft_model_state_dict
-    shapes_lora = args.lora_rank and not hasattr(type(backbone.pipe), "save_lora_weights")
-    if not args.lora_rank or shapes_lora:
-        key = "transformer" if getattr(backbone.pipe, "transformer", None) is not None else "unet"
-        net = merged_policy(policy_net) if shapes_lora else policy_net
-        pipe = type(backbone.pipe)(**{**backbone.pipe.components, key: net})
-        tmp = os.path.join(args.run_dir, "pipeline.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(os.path.join(args.run_dir, "pipeline"), ignore_errors=True)
-        os.replace(tmp, os.path.join(args.run_dir, "pipeline"))
-        if not shapes_lora:
-            return os.path.join(args.run_dir, "pipeline")
-    layers = get_peft_model_state_dict(policy_net, adapter_name=POLICY)
-    out = os.path.join(args.run_dir, "policy_lora")
-    if hasattr(type(backbone.pipe), "save_lora_weights"):
-        # with the adapter's config (r, lora_alpha, targets) as metadata: without it, load_lora_weights
-        # rebuilds the adapter with alpha = r, i.e. at r / alpha of the trained strength (half, at alpha = 2r)
-        key = "transformer" if backbone.sampler == "flow" else "unet"
-        metadata = policy_net.peft_config[POLICY].to_dict()          # r, lora_alpha, target modules
-        type(backbone.pipe).save_lora_weights(out, **{f"{key}_lora_layers": layers, f"{key}_lora_adapter_metadata": metadata},
-                                              safe_serialization=True)
-    else:                                          # a ShapesPipeline has no LoRA loader: the raw adapter,
-        from safetensors.torch import save_file     # beside pipeline/ with the adapter merged in (above)
-        os.makedirs(out, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in layers.items()}, os.path.join(out, "adapter.safetensors"))
-    return out + (" and " + os.path.join(args.run_dir, "pipeline") if shapes_lora else "")
-
-
-def merged_policy(net):
-    """A plain copy of a LoRA-carrying net with the policy adapter merged into its weights
-    (W + scale B A) and the other adapters dropped: what `--model RUN/pipeline` loads."""
-    import copy
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    merged = copy.deepcopy(net)
-    for name, module in list(merged.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge(adapter_names=[POLICY])
-            parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent) if parent else merged, child, module.get_base_layer())
-    merged._hf_peft_config_loaded = False
-    merged.__dict__.pop("peft_config", None)
-    return merged
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(args, backbone, policy_net, mixer, heldout, seeds):
-    """Held-out prompts x seeds with the deterministic sampler (noise 0): strict accuracy and
-    partial credit of the built-in world's checker, and the raw mean of every reward and monitor."""
-    import toy
-    with adapter(policy_net, POLICY) as net:
-        images = rollout.sample_seeded(backbone, [m["prompt"] for m in heldout], seeds, args.eval_num_steps,
-                                       batch=args.eval_batch, net=net)
-    metas = list(heldout) * len(seeds)                            # seed-major, as the images
-    out = {}
-    if args.shapes_world:
-        strict, score = toy.check(images, metas)
-        out.update({"eval/heldout_strict": strict.float().mean().item(), "eval/heldout_score": score.mean().item()})
-    try:
-        names = mixer.names + mixer.monitor                        # monitors too: reward hacking shows here
-        n = args.eval_batch                                        # scored a chunk at a time, as sampled
-        raw = torch.cat([mixer.score(images[i:i + n], [m["prompt"] for m in metas[i:i + n]], metas[i:i + n], names)[0]
-                         for i in range(0, len(images), n)])
-        out.update({f"eval/heldout_{n}": raw[:, i].mean().item() for i, n in enumerate(names)})
-    except rewards.RewardError as e:
-        print(f"warning: held-out reward skipped: {e}", file=sys.stderr)
-    return out
-
-
-@torch.no_grad()
-def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1)):
-    """A labelled grid of the deterministic sampler: one column per prompt (its text above it),
-    one row per seed; in the built-in world each image is framed green (pass) or red (fail)."""
-    import grid
-    with adapter(policy_net, POLICY) as net:
-        images = rollout.sample_seeded(backbone, [m["prompt"] for m in grid_metas], seeds, args.eval_num_steps,
-                                       batch=args.eval_batch, net=net)
-    marks = None
-    if args.shapes_world:
-        import toy
-        marks = toy.check(images, list(grid_metas) * len(seeds))[0].tolist()
-    grid.save_grid(path, images, len(grid_metas), titles=[m["prompt"] for m in grid_metas], marks=marks,
-                   row_titles=[f"seed {s}" for s in seeds])
-
-
-class Reporter:
-    """--report-to: each metrics row also to tensorboard (RUN_DIR/tensorboard) or wandb, imported here,
-    on use (neither is a dependency; configure() checks the package is there). Rank 0 only."""
-
-    def __init__(self, args, start):
-        self.kind, self.writer = args.report_to, None
-        if self.kind == "tensorboard":            # purge_step: a resumed run drops the events logged after its checkpoint
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(args.run_dir, "tensorboard"), purge_step=start + 1 if start else None)
-        elif self.kind == "wandb":                # one wandb run per run directory, continued on resume
-            import wandb
-            name = os.path.basename(os.path.abspath(args.run_dir))
-            self.writer = wandb.init(project="critic-guided-diffusion", name=name, id=name, resume="allow",
-                                     dir=args.run_dir, config=vars(args))
-
-    def log(self, row):
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and k != "iter"}
-        if self.kind == "tensorboard":
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, global_step=row["iter"])
-            self.writer.flush()
-        elif self.kind == "wandb":
-            self.writer.log(scalars, step=row["iter"])
-
-    def close(self):
-        if self.writer is not None:
-            (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
-
-
-def plot_rewards(run_dir, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("reward/train/total_raw", "train reward (raw, weighted)"), ("reward/train/strict", "train strict accuracy")):
-        have = [r for r in rows if key in r]
-        if have:
-            ax.plot([r["images"] for r in have], [r[key] for r in have], label=label, alpha=0.7)
-    ev = [r for r in rows if "eval/heldout_strict" in r]
-    if ev:
-        ax.plot([r["images"] for r in ev], [r["eval/heldout_strict"] for r in ev], "o-", label="held-out strict accuracy")
-    ax.set_xlabel("images generated"), ax.set_ylabel("reward / accuracy"), ax.grid(alpha=0.3), ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "reward.png"), dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- training
@@ -714,7 +380,7 @@ def stopped(args, signum, when):
 
 def train(args, spec, train_prompts, heldout):
     from models import load_backbone
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = ppo.setup_distributed(args.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     seed = args.seed * world + rank                               # DiT: a different stream per rank
@@ -747,29 +413,12 @@ def train(args, spec, train_prompts, heldout):
     gen = torch.Generator(device).manual_seed(seed)              # rollout noise
     shuffle = torch.Generator().manual_seed(seed + 12345)        # minibatch order
 
-    def rngs():
-        return {"python": random.getstate(), "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-                                                       *np.random.get_state()[2:]],
-                "torch": torch.get_rng_state(), "prompt": prompt_rng.getstate(), "gen": gen.get_state(),
-                "shuffle": shuffle.get_state()}
-
     start, images_seen, rows = 0, 0, []
-    if args.resume and find_checkpoint(args.run_dir) is None:
+    if args.resume and checkpoint.find_checkpoint(args.run_dir) is None:
         log(f"{args.run_dir} stopped before its first checkpoint: starting it again from its config.json")
     elif args.resume:
-        state = load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer)
-        start, images_seen, r = state["iteration"], state["images"], state["rngs"]
-        random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
-        np.random.set_state(("MT19937", r["numpy"][0].numpy().astype(np.uint32), *r["numpy"][1:]))
-        torch.set_rng_state(r["torch"]), gen.set_state(r["gen"]), shuffle.set_state(r["shuffle"])
-        prompt_rng.setstate((r["prompt"][0], tuple(r["prompt"][1]), r["prompt"][2]))
-        metrics = os.path.join(args.run_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):                 # drop lines logged after the checkpoint
-            rows = [json.loads(line) for line in open(metrics)]
-            rows = [r for r in rows if r["iter"] <= start]
-            if master:
-                with open(metrics, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
+        start, images_seen, rows = checkpoint.resume(args, policy_net, critic, opt_policy, opt_critic, mixer,
+                                                     prompt_rng, gen, shuffle, master)
         log(f"resumed from iteration {start} ({images_seen} images)")
     report = Reporter(args, start) if master else None
     by_tag = {}
@@ -782,7 +431,7 @@ def train(args, spec, train_prompts, heldout):
             f.write("\n".join(m["prompt"] for m in grid_metas) + "\n")
     if master and start == 0:                     # the base model: where every curve starts
         rows.append({"iter": 0, "images": 0, "time/total_train_s": 0.0,
-                     **evaluate(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds))})
+                     **heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds))})
         save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", "iter_0000.png"))
         with open(os.path.join(args.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps(rows[0]) + "\n")
@@ -817,12 +466,12 @@ def train(args, spec, train_prompts, heldout):
             skip = skip or "a reward failed on another rank"
         row = {"iter": it + 1, "images": images_seen + args.batch_size}
         if skip is None:
-            raw_all = all_gather(raw.to(device)).cpu()                                         # (world*B, R)
+            raw_all = ppo.all_gather(raw.to(device)).cpu()                                         # (world*B, R)
             normalised_all = mixer.normalise(raw_all)                                           # (world*B, R)
             normalised = normalised_all[rank * B:(rank + 1) * B]                                # (B, R)
             out = {"raw": raw_all, "normalised": normalised_all, "total": normalised_all @ weights,
-                   "monitor": all_gather(monitor.to(device)).cpu(),
-                   "strict": {n: all_gather(s.to(device)).cpu() for n, s in strict.items()}}
+                   "monitor": ppo.all_gather(monitor.to(device)).cpu(),
+                   "strict": {n: ppo.all_gather(s.to(device)).cpu() for n, s in strict.items()}}
             row.update(mixer.log_dict(out))
             row["reward/train/total_raw"] = (raw_all @ weights).mean().item()
             if "shapes" in out["strict"]:
@@ -887,7 +536,7 @@ def train(args, spec, train_prompts, heldout):
         # 5. evaluation, samples, checkpoints (rank 0; the others wait)
         last = it + 1 == args.iters
         if master and ((it + 1) % args.eval_every == 0 or last):
-            row.update(evaluate(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)))
+            row.update(heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)))
         if master and ((it + 1) % args.sample_every == 0 or last):
             save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"))
         if master:
@@ -910,13 +559,14 @@ def train(args, spec, train_prompts, heldout):
         # --save-every, at the end, and when a signal asked to stop (every rank stops at the same iteration)
         stopping = ppo.all_reduce_sum(torch.tensor([float(bool(STOP))])).item() > 0
         if it == 0 or (it + 1) % args.save_every == 0 or last or stopping:
-            save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer, rngs)
-            barrier()
+            checkpoint.save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer,
+                                       lambda: checkpoint.rng_states(prompt_rng, gen, shuffle))
+            ppo.barrier()
         if stopping and not last:
             return stopped(args, STOP[0] if STOP else signal.SIGTERM, f"after iteration {it + 1} of {args.iters}, "
                            "checkpoint saved")
     if master and args.iters > start:
-        log(f"saved {export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")
+        log(f"saved {checkpoint.export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")
     if master:
         report.close()
     if ppo.world_size() > 1:

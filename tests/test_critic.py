@@ -4,6 +4,7 @@ each other, and the explained-variance diagnostics (METHOD.md section 3)."""
 import pytest
 import torch
 
+import critic as critic_module
 import rollout
 from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
     explained_variance_by_noise, fit, lora_config
@@ -104,12 +105,32 @@ def test_fit_learns_a_return_the_prompt_decides(backbones):
         return traj, torch.tensor([1.0, 0.0] * 8)
     critic = Critic(b, num_rewards=1)
     mean, std = fit(b, critic, (batch() for _ in range(8)), head_lr=3e-3, minibatch=16, generator=g)
-    assert (mean.item(), std.item()) == pytest.approx((0.5, 0.5016), abs=1e-3)
+    assert (mean.item(), std.item()) == pytest.approx((0.5, 0.5), abs=1e-3)   # population std: the mixer's
     traj, R = batch()
     values = critic.values(b, traj, steps=3)[..., 0] * std + mean                 # (16, 3): window states only
     assert values.shape == (16, 3)
     for j in range(3):
         assert explained_variance(values[:, j], R) > 0.8
+
+
+def test_one_critic_fitting_path(backbones, monkeypatch):
+    """critic.fit and ppo.update regress V_phi through the same function (critic.regress, its loss
+    critic.value_loss) on targets scaled the same way (rewards.RunningNorm, the mixer's statistics)."""
+    import ppo
+    import rewards
+    assert ppo.regress is critic_module.regress and ppo.value_loss is critic_module.value_loss
+    assert issubclass(rewards.RewardMixer, rewards.RunningNorm)
+    b = backbones["tiny-dit"]()
+    g = torch.Generator().manual_seed(0)
+    traj = rollout.sample(b, ["a red circle"] * 4, 2, 0.7, generator=g)
+    seen = []
+    real = critic_module.regress
+    monkeypatch.setattr(critic_module, "regress", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    R = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    mean, std = fit(b, Critic(b, num_rewards=1), [(traj, R)], minibatch=8, generator=g)
+    scaled = rewards.RunningNorm(1).normalise(R[:, None])
+    assert seen and torch.equal(torch.sort(torch.cat(seen).flatten()).values, torch.sort(scaled.repeat(2, 1).flatten()).values)
+    assert (mean.item(), std.item()) == pytest.approx((R.mean().item(), R.std(unbiased=False).item()))
 
 
 def test_explained_variance():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from tiny import make_tiny_sd15, make_tiny_sd3
 
@@ -101,14 +102,14 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     run_dir = str(tmp_path / "run")
     assert run(["--iters", "2", "--save-every", "1", "--run-dir", run_dir, "--lora-rank", "0", *TINY]) == 0
     before = load_file(os.path.join(run_dir, "checkpoint", "policy.safetensors"))
-    good = train.policy_state
+    good = checkpoint.policy_state
 
     def poisoned(args, net):
         state = dict(good(args, net))
         key = next(iter(state))
         state[key] = torch.full_like(state[key], float("nan"))
         return state
-    monkeypatch.setattr(train, "policy_state", poisoned)
+    monkeypatch.setattr(checkpoint, "policy_state", poisoned)
     capsys.readouterr()
     assert run(["--resume", run_dir, "--iters", "3"]) == 2
     err = capsys.readouterr().err
@@ -154,7 +155,7 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     ours = load_backbone(real_arch[arch])
     train_args = train.configure(train.build_parser().parse_args([*argv, "--run-dir", str(tmp_path / "x")]), argv)[0]
     policy_net, *_ = train.build(train_args, ours, 1)
-    train.load_policy_state(train_args, policy_net, load_file(os.path.join(run_dir, "checkpoint/policy.safetensors")))
+    checkpoint.load_policy_state(train_args, policy_net, load_file(os.path.join(run_dir, "checkpoint/policy.safetensors")))
     with adapter(policy_net, POLICY):
         trained = images(ours.pipe)
     pipe = load_backbone(real_arch[arch]).pipe
@@ -358,7 +359,7 @@ def test_lora_on_a_builtin_model(tmp_path):
     train_args, spec, _, _ = train.configure(train.build_parser().parse_args(["--lora-rank", "4", *TINY]),
                                              ["--lora-rank", "4", *TINY])
     policy_net, *_ = train.build(train_args, base, 1)
-    train.load_policy_state(train_args, policy_net, load_file(os.path.join(run_dir, "checkpoint", "policy.safetensors")))
+    checkpoint.load_policy_state(train_args, policy_net, load_file(os.path.join(run_dir, "checkpoint", "policy.safetensors")))
     g = lambda: torch.Generator().manual_seed(0)
     with adapter(policy_net, POLICY) as net:
         ours = rollout.sample(base, ["two red circles"], 3, 0.0, generator=g(), net=net).images
