@@ -45,11 +45,11 @@ COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0),
           "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
 RELATIONS = geneval.POSITIONS            # GenEval's four; the parser and checker know them all
-# The world's own position prompts ask one: with several, which half the first-named shape goes to
-# depends on the relation word *and* the word order *and* the cell, a three-way interaction the tiny
-# DiT did not learn (four relations: 0.29 after 600 position-only steps; two, in full pretraining:
-# chance after 1,500), while with "left of" alone it placed 53 of 53 right after 600 (BENCHMARKS.md,
-# "Why the world is laid out as it is"). Corrupted captions and users' prompts still draw the others.
+# The world's own position prompts ask one relation. With all four, which side the first-named shape
+# goes to depends on the relation word *and* the word order *and* the cell, a three-way interaction
+# the tiny DiT did not learn (its placements stayed at chance through 4,500 steps of pretraining);
+# with one relation it learns the placement in minutes (bench/layout.py; BENCHMARKS.md, "Why the
+# world is laid out as it is"). Corrupted captions and users' prompts still draw the other three.
 ASKED_RELATIONS = ("left of",)
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 HELDOUT_FRACTION = 0.2
@@ -176,15 +176,14 @@ def in_halves(relation, subject, reference):
 
 
 def _cells(meta, n, rng, swap=False):
-    """n distinct cells for the objects, drawn so that where each object goes depends on the prompt
-    and the cell alone (the tiny DiT learns that in minutes; where one object goes given where
-    another went, it did not learn in an hour: BENCHMARKS.md, "Why the world is laid out as it is"):
-      - a counted group (one group of 2-4) fills the board in reading order from the top-left cell:
-        drawn anywhere, the model's counts stayed off by one a quarter of the time (0.64-0.75 after
-        4,500 steps);
+    """n distinct cells for the objects:
+      - a counted group (one group of 2-4) fills the board in reading order from the top-left cell,
+        so how many cells to fill is all the model must get right: drawn anywhere, the old gate
+        model's counts were off by one a quarter of the time after 4,500 steps (0.64), and drawn
+        this way counting passes 0.94 after 2,500 (BENCHMARKS.md);
       - a position prompt puts the first object (the reference) and the second (the subject) in the
         asked relation by GenEval's rule (reversed if swap), each in its own half of the board
-        (in_halves);
+        (in_halves), so each object's side is a property of the prompt and the cell;
       - anything else goes to distinct cells drawn uniformly."""
     if len(meta["include"]) == 1 and n > 1:
         return list(range(n))                 # a counted group: in reading order (see the docstring)
