@@ -49,6 +49,18 @@ def write_section(name, markdown):
 
 # ----------------------------------------------------------------------------- train.py runs
 
+def resolved_config(argv, world_size=8):
+    """train.py's own resolved configuration of `argv` as each of `world_size` torchrun ranks sees it
+    (WORLD_SIZE set while it resolves, then restored): the per-rank sizes the benchmarks model."""
+    import train
+    before = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        return train.configure(train.build_parser().parse_args(argv), argv)[0]
+    finally:
+        os.environ.pop("WORLD_SIZE") if before is None else os.environ.__setitem__("WORLD_SIZE", before)
+
+
 def split_train_flags(argv):
     """`script.py [own flags] -- [train.py flags]` -> (own, train.py's)."""
     if "--" not in argv:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import ROOT, machine, write_json, write_section
+from common import ROOT, machine, resolved_config, write_json, write_section
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import memory  # noqa: E402
@@ -64,17 +64,11 @@ def full_pipeline(model, device, tmp):
 def run_config(model, tiny_path, tmp):
     """train.py's resolution of the model's 8-GPU run (WORLD_SIZE=8): the per-rank sizes timed here.
     Tiny: 3 steps and minibatches of 6 pairs, so that the smoke run takes seconds."""
-    import train
     argv = ["--model", tiny_path or model, "--rewards", "jpeg", "--device", "cpu", "--gradient-checkpointing",
             "--run-dir", os.path.join(tmp, "run")]
     if tiny_path:
         argv += ["--num-steps", "3", "--eval-num-steps", "3", "--minibatch-size", "48"]
-    before = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = "8"
-    try:
-        return train.configure(train.build_parser().parse_args(argv), argv)[0]
-    finally:
-        os.environ.pop("WORLD_SIZE") if before is None else os.environ.__setitem__("WORLD_SIZE", before)
+    return resolved_config(argv)
 
 
 def denoiser_flops(backbone, net, cond):

@@ -18,12 +18,11 @@ Run:  python bench/memory.py   (CPU, ~1 minute; writes bench/results/memory.json
       section of BENCHMARKS.md)
 """
 import argparse
-import os
 import time
 
 import torch
 
-from common import ROOT, machine, write_json, write_section
+from common import machine, resolved_config, write_json, write_section
 
 GB = 1e9
 # stabilityai/stable-diffusion-3.5-medium: transformer/, vae/, text_encoder{,_2,_3}/config.json
@@ -133,14 +132,7 @@ def saved_activations(resolution, text_tokens, rank):
 def per_rank_config():
     """train.py's own resolved configuration of the design card's command on 8 ranks."""
     import tempfile
-    import train
-    argv = ["--model", "sd3.5m", "--rewards", "jpeg", "--device", "cpu", "--run-dir", tempfile.mkdtemp()]
-    before = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = "8"
-    try:
-        return train.configure(train.build_parser().parse_args(argv), argv)[0]
-    finally:
-        os.environ.pop("WORLD_SIZE") if before is None else os.environ.__setitem__("WORLD_SIZE", before)
+    return resolved_config(["--model", "sd3.5m", "--rewards", "jpeg", "--device", "cpu", "--run-dir", tempfile.mkdtemp()])
 
 
 def main():

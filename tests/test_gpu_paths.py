@@ -19,6 +19,7 @@ import ppo
 import rollout
 import train
 from models import load_backbone
+from test_train import rows, run
 from tiny import make_tiny_sd15, make_tiny_sd3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,17 +36,6 @@ PROMPTS = ["a red circle", "two blue squares", "a cat left of a dog"]
 # 3.6e-3 on SD1.5's, 4.8e-3 on tiny-dit), which the test asserts too: the tripwire still catches the bug
 # it exists for.
 BF16_TOL = 1e-4
-
-
-def run(argv):
-    try:
-        return train.main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
 @pytest.fixture(scope="module")
