@@ -16,6 +16,14 @@ It also holds what a training run reports (METHOD.md 8; train.py imports them): 
 (held-out prompts, deterministic sampler), save_samples() (labelled grids), plot_rewards(), and
 Reporter (--report-to tensorboard | wandb).
 
+| paper (METHOD.md) | here |
+|---|---|
+| bon, smc, grad, grad+bon, proxy-smc (7) | --steer (steer.METHODS), sampled by steer.steer() |
+| N, lam, s (7) | --n, --lam, --guidance |
+| V = sum_i w_i V_i: the heads weighted at inference (6) | steer.critic_value_fn(..., w); w: --steer-weights, else the critic run's |
+| NFE per final image, by kind (7) | steer.Steered.nfe {denoiser, critic_forward, critic_backward, reward} |
+| held-out reward, accuracy against images generated (8) | heldout_metrics() (eval/heldout_*), plot_rewards() -> reward.png |
+
 Test: tests/test_steer.py
 """
 import argparse
@@ -24,6 +32,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -36,6 +45,8 @@ import steer
 from cli import finite_float, integer
 from critic import POLICY, adapter
 from models import PRECISIONS, check_resolution, default_precision, default_resolution, load_backbone, resolve
+
+PARTIAL, PARTIAL_MARK = ".partial", ".eval-in-progress"   # where an evaluation is written before it becomes --out
 
 
 # ----------------------------------------------------------------------------- what a training run reports
@@ -313,8 +324,12 @@ def configure(args):
         fail(str(e))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out = args.out or os.path.join("runs", f"eval-{args.steer}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
+    args.out = os.path.normpath(args.out)
     if os.path.exists(args.out):
         fail(f"--out {args.out} exists; it is never overwritten")
+    partial = args.out + PARTIAL
+    if os.path.exists(partial) and not os.path.isfile(os.path.join(partial, PARTIAL_MARK)):
+        fail(f"--out {args.out}: {partial} exists and is not an interrupted evaluation's; move it or choose another --out")
     blocked = cli.unwritable(args.out)
     if blocked:
         fail(f"--out {args.out}: {blocked} is not a writable directory")
@@ -349,7 +364,12 @@ def evaluate(args):
         critic_backbone = load_backbone(args.model, args.device, **model_kwargs(args))   # the base it was trained on
         critic = critic_module.load(critic_backbone, args.critic).eval()
         w = [args.weights.get(n, 0.0) for n in args.critic_rewards]
-    os.makedirs(args.out)                        # once everything loaded: a failure above leaves no directory behind
+    # written into OUT.partial and renamed to --out at the end: once everything has loaded (a failure above
+    # leaves no directory), and never a half-written --out (a killed evaluation's .partial is redone)
+    work = args.out + PARTIAL
+    shutil.rmtree(work, ignore_errors=True)       # configure() checked it is an interrupted evaluation's
+    os.makedirs(work)
+    open(os.path.join(work, PARTIAL_MARK), "w").close()
 
     def score(images, idx):                                               # the selection / proxy reward
         total = torch.zeros(len(images))
@@ -387,7 +407,7 @@ def evaluate(args):
         if seed == 0:
             grids.append(out)
         if args.prompts == "geneval" or args.prompts.endswith(".jsonl"):
-            write_geneval(args.out, metas, out.images, seed)
+            write_geneval(work, metas, out.images, seed)
     summary = {}
     for n in scorers:
         for key in (n, n + "/strict"):
@@ -397,13 +417,15 @@ def evaluate(args):
                 summary[key] = {"mean": vals.mean().item(), "se": se, "images": len(vals)}
     summary["nfe_per_image"] = rows[0]["nfe"]
     config = {k: v for k, v in vars(args).items() if k not in ("metas", "spec")}
-    write_json(os.path.join(args.out, "results.json"), {"config": config, "images": rows})
-    write_json(os.path.join(args.out, "summary.json"), summary)
-    save_candidates(args, grids[0], metas, scorers, grid)
+    write_json(os.path.join(work, "results.json"), {"config": config, "images": rows})
+    write_json(os.path.join(work, "summary.json"), summary)
+    save_candidates(args, work, grids[0], metas, scorers, grid)
+    os.remove(os.path.join(work, PARTIAL_MARK))
+    os.replace(work, args.out)
     return summary
 
 
-def save_candidates(args, out, metas, scorers, grid):
+def save_candidates(args, work, out, metas, scorers, grid):
     """grid.png: up to 8 prompts (columns) x N candidates of seed 0 (rows), the first reward under each."""
     cols = list(range(min(8, len(metas))))
     N = out.candidates.shape[1]
@@ -416,7 +438,7 @@ def save_candidates(args, out, metas, scorers, grid):
     captions = [f"{first} {v:.2f}" + (" <- chosen" if N > 1 and int(out.chosen[c]) == k else "")
                 for k in range(N) for c, v in zip(cols, vals[k * len(cols):(k + 1) * len(cols)].tolist())]
     marks = [bool(s) for s in strict] if strict is not None else None
-    grid.save_grid(os.path.join(args.out, "grid.png"), images, len(cols), titles=[metas[c]["prompt"] for c in cols],
+    grid.save_grid(os.path.join(work, "grid.png"), images, len(cols), titles=[metas[c]["prompt"] for c in cols],
                    captions=captions, marks=marks, row_titles=[f"#{k}" for k in range(N)],
                    heading=f"--steer {args.steer} N={N} select={args.select} ({args.model}); seed 0")
 
@@ -444,6 +466,9 @@ def main(argv=None):
         summary = evaluate(args)
     except ValueError as e:                      # cli.InputError (models, rewards) and the steering's own checks
         fail(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        print(f"interrupted; nothing was written to {args.out} (rerun the same command)", file=sys.stderr)
+        return 130
     nfe = summary.pop("nfe_per_image")
     print(f"{args.out}: --steer {args.steer} (N={args.n if args.steer not in ('none', 'grad') else 1}, select "
           f"{args.select}) on {args.model}{' + ' + args.policy if args.policy else ''}, {len(args.metas)} prompts x "

@@ -16,6 +16,16 @@ checkpoints/), sd1.5, sd3.5m, or a path to a diffusers directory of one of these
 Precision (PRECISIONS): the frozen weights in bf16 / fp16 / fp32; whatever trains is kept in fp32
 by train.py, and every net is fed in its own dtype (Backbone._call). Prompt embeddings are cached
 per prompt (Backbone.encode), so the text encoders can leave the accelerator (offload_text_encoders).
+
+| paper (METHOD.md) | here |
+|---|---|
+| the prompt c, and CFG's "" branch | Cond(cond, uncond) from Backbone.encode(prompts) |
+| v_theta (2b), eps_theta (2a) | Backbone.predict(x_t, t, cond, cfg_scale) -> (B, C, H, W), fp32 |
+| t_K > ... > t_0; sigma (2b), abar (2a) | schedule(K) -> Schedule.timesteps (K,), .levels (K+1,); step j is k = K - j |
+| the critic's features, noise-level embedding (3) | Backbone.features(x_t, t, cond) -> tokens (B, N, D), temb (B, E) |
+| decode(x_0), which R judges (1) | Backbone.decode(x0) -> (B, 3, H, W) in [0, 1] |
+| not the paper's: the pretraining loss RAFT trains with (9) | denoising_loss(sampler, scheduler, net, x0, kw) |
+
 Test: tests/test_models.py, tests/test_gpu_paths.py.
 """
 import functools

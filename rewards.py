@@ -1,9 +1,17 @@
-"""Rewards: one factory per reward, GenEval's verdict rules, and the mixer that normalises
+"""Rewards: one factory per reward (GenEval-style judging through geneval.py), and the mixer that normalises
 several rewards and sums them with weights (arXiv 2605.27736 section 6; METHOD.md section 6).
 
 Every factory returns a batched scorer fn(images, prompts, metadata) -> (B,) float32 on the
 CPU, where images are (B, 3, H, W) in [0, 1] at any size. Heavy imports (open_clip,
 transformers) and weight loading happen inside the factory, never at import time.
+
+| paper (METHOD.md) | here |
+|---|---|
+| R_i(decode(x_0), c), one per --rewards name (1, 6) | build_reward(name) -> fn(images, prompts, metadata) -> (B,) |
+| normalised by running statistics (6) | RunningNorm.normalise(raw (B, R)) -> (B, R) |
+| w_i, the weighted sum (6) | RewardMixer.weights; mixer(images, prompts, metadata)["total"] (B,) |
+| strict accuracy (8) | fn.last_strict (B,) bool; mixer(...)["strict"] |
+| not the paper's: monitors, scored raw and only logged, where reward hacking shows | RewardMixer.monitor |
 
 References
   1. DDPO (kvablack/ddpo-pytorch, rewards.py): one factory per reward; JPEG (in)compressibility.

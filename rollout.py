@@ -10,6 +10,16 @@ exactly 1 before the first update (section 2c). Under mixed precision the denois
 but its output is taken to fp32 before the step's mean, std and log-prob (Backbone.predict): the
 ratio's every term is fp32 and computed by the same code at rollout and at recompute.
 
+| paper (METHOD.md) | here |
+|---|---|
+| x_{t_K..t_0}; step k = K..1 (1) | Trajectory.latents (B, K+1, C, H, W); step index j = 0..K-1 is k = K - j |
+| mu_theta, x0_hat (2a, 2b) | ddim_mean_std(), flow_sde_mean_std(); Trajectory.means, .pred_x0 (B, K, C, H, W) |
+| eta (2a), noise a (2b) | noise_level; the training values in TRAIN_NOISE |
+| the step's Gaussian std: std_t (2a), std * sqrt(-dsigma) (2b) | std (B,) from step(); Trajectory.stds (K,) |
+| log pi_old of each step, mean over elements (2) | gaussian_log_prob(); Trajectory.log_probs (B, K) |
+| log pi_theta, equal to it before an update (2c) | recompute_log_prob(): the rollout's own step() |
+| not the paper's: the SDE window (9) | sde_steps: step_noise() is 0 after the first S steps |
+
 Run:  python rollout.py --model tiny-dit --prompt "two red circles"   (saves a chain picture)
 Test: tests/test_rollout.py, tests/test_gpu_paths.py (bf16)
 """

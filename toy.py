@@ -20,6 +20,13 @@ GenEval so that the whole method of arXiv 2605.27736 runs on any laptop):
      the base model's misalignment, which RL is there to fix (pretrain.py explains);
   5. `python toy.py eval --model tiny-dit` measures a model's held-out strict accuracy.
 
+| GenEval / the paper's setting (the world itself: this project's addition, METHOD.md 9) | here |
+|---|---|
+| prompt metadata {tag, include, prompt} | make_metadata(include), prompts(split), prompt_metadata(prompt) |
+| the strict verdict; partial credit (the `shapes` reward) | check(images, metadata) -> strict (B,) bool, score (B,); judge() |
+| a web-trained base model's noisy alt-text (its misalignment) | caption_scene(meta, truthful, rng), corrupt(), CORRUPTIONS |
+| GenEval accuracy of a model | evaluate(backbone, metas) -> (strict accuracy, mean partial credit) |
+
 Over ~450 lines: the world is one concept (its prompts, scenes, captions and checker are written
 against each other), and the base models' tokenizer and pipeline recipe (build_pipeline) live here
 because pretrain.py, the bench scripts and the tests all build the world's models from them.

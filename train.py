@@ -346,6 +346,9 @@ def main(argv=None):
         return 2
     except Interrupted as e:
         return stopped(args, e.signum, "mid-iteration (its last checkpoint stands)")
+    except KeyboardInterrupt:                          # Ctrl-C while checking flags, before any run directory
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
 
 
 # SIGINT / SIGTERM while training: the first lets the iteration finish, then a checkpoint is saved and

@@ -234,3 +234,15 @@ def test_lr_inf_leaves_no_non_finite_tensor_on_disk(tmp_path, capsys, one_thread
     capsys.readouterr()
     assert run(["--resume", run_dir]) == 2
     assert "--lr must be finite and > 0, got inf" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_training_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the flags are checked and the reward models load (before the run's own signal
+    handling starts) prints one line, exits 130 and leaves no run directory."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "configure", interrupted)
+    run_dir = tmp_path / "run"
+    assert run(["--run-dir", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted before training started; nothing was written" and not run_dir.exists()

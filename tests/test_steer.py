@@ -173,6 +173,24 @@ def test_eval_on_the_sd15_architecture_without_a_critic(dirs, tmp_path):
     assert len(json.load(open(out / "results.json"))["images"]) == 2
 
 
+def test_a_killed_evaluation_leaves_no_out_and_is_redone(dirs, tmp_path):
+    """Killed midway, an evaluation leaves OUT.partial (marked as its own), never a half-written OUT;
+    the same command then redoes it. A .partial that is not an evaluation's is never removed."""
+    out = tmp_path / "eval"
+    stale = tmp_path / "eval.partial"
+    stale.mkdir()
+    (stale / "results.json").write_text("{half")
+    argv = ("--model", dirs["ddim"], "--steer", "none", "--prompts", "geneval", "--max-prompts", "2", "--seeds", "1",
+            "--rewards", "jpeg", "--num-steps", "2", "--out", str(out))
+    r = cli(*argv)                                          # not marked as an evaluation's: refused, kept
+    assert r.returncode == 2 and "eval.partial exists" in r.stderr and (stale / "results.json").read_text() == "{half"
+    (stale / ".eval-in-progress").touch()                   # what a killed evaluation leaves
+    r = cli(*argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not stale.exists() and len(json.load(open(out / "results.json"))["images"]) == 2
+    assert not (out / ".eval-in-progress").exists()
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--steer", "smc", "--critic", "/nonexistent"], "not a train.py run"),
     (["--n", "0"], "--n must be >= 1, got 0"),
