@@ -6,6 +6,7 @@ exact resume, every bad input (one line, exit code 2, nothing written), a non-fi
 skipping its update, 2-process torchrun runs (collectives, per-rank randomness, exact resume),
 and a fast learning check (reward goes up)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,8 +168,9 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
 
 
 def test_resume_is_exact(tmp_path):
-    """2 iterations, then --resume to 4 == 4 iterations straight: same metrics, same weights."""
-    common = ["--iters", "4", *TINY, "--eval-every", "2"]
+    """2 iterations, then --resume to 4 == 4 iterations straight: same metrics, same weights. At a
+    constant learning rate: extending a run stretches the default cosine over the new --iters."""
+    common = ["--iters", "4", *TINY, "--eval-every", "2", "--lr-schedule", "constant"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert run([*common, "--run-dir", straight]) == 0
     assert run([*common, "--run-dir", resumed, "--iters", "2"]) == 0
@@ -179,6 +181,15 @@ def test_resume_is_exact(tmp_path):
     for f in ("policy", "critic"):
         x, y = (load_file(os.path.join(d, "checkpoint", f"{f}.safetensors")) for d in (straight, resumed))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
+    """The built-in world's default schedule: lr x (1 + cos(pi it / iters)) / 2 at iteration it,
+    a function of the iteration alone (so a resumed run with the same --iters continues it exactly)."""
+    run_dir = str(tmp_path / "run")
+    assert run(["--iters", "4", *TINY, "--lr", "2e-3", "--run-dir", run_dir]) == 0
+    lrs = [r["lr/policy"] for r in rows(run_dir)[1:]]
+    assert lrs == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * it / 4)) for it in range(4)])
 
 
 @pytest.mark.parametrize("argv, words", [
