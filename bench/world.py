@@ -90,7 +90,7 @@ def main():
         results["gate_curve"] = json.load(open(args.gate_curve))
     command = (f"python bench/world.py --models {' '.join(args.models)} --seeds {args.seeds} --cfg {args.cfg:g} "
                f"--num-steps {args.num_steps} --gate-steps {args.gate_steps}"
-               + (f" --gate {args.gate} --gate-curve {args.gate_curve}" if args.gate else ""))
+               + (f" --gate {args.gate}" if args.gate else "") + (f" --gate-curve {args.gate_curve}" if args.gate_curve else ""))
     results["command"] = command
     write_json("world", results)
     lines = [f"Command: `{command}` ({machine()}).", "",
