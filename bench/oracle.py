@@ -93,8 +93,8 @@ def main():
 `{cmd}` ({len(args.seeds)} seeds, {args.eval_seeds} samples per held-out prompt, {machine()}). The shipped
 `{args.model}` with train.py's LoRA policy adapter (rank {args.lora_rank}, lr {args.lr:g}, cosine), trained with
 its pretraining loss on perfectly rendered scenes of the *training* prompts, {args.batch} per step:
-no reward and no sampling, an upper bound for what any reward-driven method can do with the same
-number of updates. Held-out strict accuracy (CFG-free, deterministic sampler), mean ± standard error
+no reward and no sampling: what the same number of updates does with perfect supervision of the
+denoising loss (a reference, not a bound: RL optimises the sampler's outcomes directly and can pass it). Held-out strict accuracy (CFG-free, deterministic sampler), mean ± standard error
 over seeds:
 
 | perfect images | held-out strict | gain |

@@ -48,7 +48,7 @@ def continue_from(backbone, x, j, cond, schedule, K, noise_level, S, generator):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-dit", help="base model")
-    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's 101)")
+    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's training prompts)")
     p.add_argument("--samples", type=int, default=4, help="trajectories G per prompt")
     p.add_argument("--branches", type=int, default=8, help="continuations M from each state")
     p.add_argument("--num-steps", type=int, default=10, help="denoising steps K")
@@ -70,7 +70,7 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
     train = toy.prompts("train")
     pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]
-    P = len(pool)                                                        # at most the world's 101
+    P = len(pool)                                                        # at most the world's training prompts
     metas = [m for m in pool for _ in range(G)]                          # prompt-major: (P * G,)
     prompts = [m["prompt"] for m in metas]
     score = lambda images: toy.check(images, metas)[1]                  # the `shapes` reward: partial credit
