@@ -14,7 +14,8 @@ so its official scorer runs on it. Bad input: one line, exit code 2, before anyt
 
 It also holds what a training run reports (METHOD.md 8; train.py imports them): heldout_metrics()
 (held-out prompts, deterministic sampler), save_samples() (labelled grids), plot_rewards(), and
-Reporter (--report-to tensorboard | wandb).
+Reporter (--report-to tensorboard | wandb). Over ~450 lines because both halves are evaluation: the entry
+point's checks (configure: every flag before anything loads) and the training run's reports share it.
 
 | paper (METHOD.md) | here |
 |---|---|
