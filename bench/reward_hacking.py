@@ -24,7 +24,7 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import RESULTS, ROOT, add_run_args, prompt_accuracy, split_train_flags, train_run, write_json, write_section
+from common import RESULTS, add_run_args, prompt_accuracy, split_train_flags, train_run, write_json, write_section
 
 RUNS = {  # name -> train.py reward flags
     "jpeg": ["--rewards", "jpeg", "--monitor-rewards", "shapes"],
