@@ -344,6 +344,7 @@ def test_print_config_resolves_the_defaults_by_model(tmp_path, capsys):
     assert sd3["num_steps"] == sd3["sde_steps"] == 10 and sd15["num_steps"] == sd15["sde_steps"] == 50
     assert (tiny["prompts"], tiny["clip_range"], tiny["lr"], tiny["lora_rank"], tiny["lora_alpha"], tiny["num_steps"],
             tiny["sde_steps"], tiny["eval_num_steps"]) == ("shapes", 1e-2, 1e-3, 16, 32, 10, 5, 10)
+    assert (sd3["lr_schedule"], sd15["lr_schedule"], tiny["lr_schedule"]) == ("constant", "constant", "cosine")
     given = config("--model", "sd1.5", "--num-steps", "20", "--lr", "1e-5")      # a typed flag still wins
     assert (given["num_steps"], given["lr"]) == (20, 1e-5)
     assert not os.path.exists(tmp_path / "run")
