@@ -274,8 +274,9 @@ def test_torchrun_two_processes(tmp_path, capsys):
     collective goes through ppo.collective (spy_train.py raises otherwise); the ranks draw different
     prompts and noise, before and after a resume; 2 + 2 iterations resumed == 4 straight, per rank's
     draws and in every metric; resuming on another number of processes is refused."""
+    # a constant lr: extending a run with --resume --iters stretches a cosine over the new length
     common = ["--iters", "4", *TINY, "--batch-size", "4", "--minibatch-size", "6", "--save-every", "2",
-              "--eval-every", "2"]
+              "--eval-every", "2", "--lr-schedule", "constant"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     a = torchrun([*common, "--run-dir", straight], str(tmp_path / "spy_straight"))
     torchrun([*common, "--iters", "2", "--run-dir", resumed], str(tmp_path / "spy_resumed"))
