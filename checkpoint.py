@@ -170,12 +170,13 @@ def load_policy_state(args, policy_net, state):
         policy_net.load_state_dict(state)
 
 
-def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic, mixer, rngs):
+def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic, mixer, rngs, replay=()):
     """checkpoint/ is replaced whole: written to checkpoint.tmp/, then swapped in with renames, so a
     crash at any point leaves the previous checkpoint intact (resume also reads checkpoint.old/).
     Called on every rank: each writes its own RNG states (rng_rank{r}.pt; the ranks draw different
     prompts and noise, so one rank's states replayed everywhere would make the ranks' batches
-    identical after a resume); rank 0 writes the rest and swaps."""
+    identical after a resume), and its value head's replay (train.py --critic-replay: each rank's own
+    states); rank 0 writes the rest and swaps."""
     from safetensors.torch import save_file
     final, tmp, old = (os.path.join(args.run_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     policy = policy_state(args, policy_net)
@@ -188,6 +189,9 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
         os.makedirs(tmp)
     ppo.barrier()                                      # tmp/ exists before any rank writes into it
     torch.save(rngs(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if replay:                                         # (tokens, temb, returns, old_values) per iteration kept
+        save_file({f"{i}.{j}": t.contiguous() for i, batch in enumerate(replay) for j, t in enumerate(batch)},
+                  os.path.join(tmp, f"replay_rank{rank}.safetensors"))
     ppo.barrier()                                      # every rank's RNG file is in tmp/ before the swap
     if rank != 0:
         return
@@ -284,10 +288,17 @@ def rng_states(prompt_rng, gen, shuffle):
             "shuffle": shuffle.get_state()}
 
 
-def resume(args, policy_net, critic, opt_policy, opt_critic, mixer, prompt_rng, gen, shuffle, master):
-    """Load the run's checkpoint into the nets, optimisers, reward statistics and random streams, and
-    drop the metrics logged after it. Returns (iteration, images seen, the metrics rows kept)."""
+def resume(args, policy_net, critic, opt_policy, opt_critic, mixer, prompt_rng, gen, shuffle, master, replay=None):
+    """Load the run's checkpoint into the nets, optimisers, reward statistics, random streams and
+    the value head's replay (a deque, filled in place), and drop the metrics logged after it.
+    Returns (iteration, images seen, the metrics rows kept)."""
     state = load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer)
+    replay_path = os.path.join(find_checkpoint(args.run_dir), f"replay_rank{ppo.rank()}.safetensors")
+    if replay is not None and os.path.isfile(replay_path):
+        from safetensors.torch import load_file
+        saved = load_file(replay_path)
+        for i in range(len(saved) // 4):
+            replay.append(tuple(saved[f"{i}.{j}"] for j in range(4)))
     r = state["rngs"]
     random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
     np.random.set_state(("MT19937", r["numpy"][0].numpy().astype(np.uint32), *r["numpy"][1:]))

@@ -248,9 +248,11 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     untouched pretrained net). train_policy=False is value pretraining (--value-warmup).
     critic_pairs: the critic (backbone and head) trains on only the first n pairs of each epoch's
     shuffled order (a random share), which sets its cost per image; None = all of them.
-    features: the critic's (tokens (B*K, N, D), temb (B*K, E)) from the rollout-time value pass;
-    if given, the value head alone first takes args.head_epochs passes over every state, at a
-    fraction of a backbone pass's cost (the backbone learns only in the minibatches above)."""
+    features: the value head's own data, (tokens (M, N, D), temb (M, E), returns (M, R),
+    old_values (M, R)) for M states: this batch's from the rollout-time value pass, and with
+    train.py --critic-replay those of recent iterations too; if given, the value head alone first
+    takes args.head_epochs passes over every one of them, at a fraction of a backbone pass's cost
+    (the backbone learns only in the minibatches above)."""
     B, K = advantages.shape          # K: the trained steps, the first traj.sde_steps (all by default)
     b_idx, b_j = [t.flatten() for t in torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")]  # (B*K,)
     policy_params = [p for group in opt_policy.param_groups for p in group["params"]] if train_policy else []
@@ -258,12 +260,13 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                             "grad_norm/critic")}
     skipped, ratio_dev_first = 0, None
     if features is not None:
-        tokens, temb = features
-        b_returns, b_old = returns.reshape(B * K, -1), old_values.reshape(B * K, -1)      # (B*K, R)
+        tokens, temb, h_returns, h_old = features                         # (M, N, D), (M, E), (M, R), (M, R)
         head_params = list(critic.head.parameters())
+        device = returns.device
         for epoch in range(args.head_epochs):
-            for mb in torch.randperm(B * K, generator=generator).split(args.minibatch_per_rank):
-                v_loss = value_loss(critic.head(tokens[mb], temb[mb]), b_returns[mb], b_old[mb], args.vf_clip)
+            for mb in torch.randperm(len(tokens), generator=generator).split(args.minibatch_per_rank):
+                v_loss = value_loss(critic.head(tokens[mb].to(device), temb[mb].to(device)), h_returns[mb].to(device),
+                                    h_old[mb].to(device), args.vf_clip)
                 grad_norm, skip = optimiser_step(v_loss, head_params, opt_critic, args.max_grad_norm)
                 skipped += skip
                 logs.setdefault("head_value_loss", []).append(v_loss.item())

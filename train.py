@@ -42,6 +42,7 @@ value in its help) and configure (every check before any work) stay beside the l
 
 Test: tests/test_train.py, tests/test_inputs.py (bad input, stopped and diverging runs)
 """
+import collections
 import json
 import math
 import os
@@ -154,6 +155,11 @@ def build_parser():
     g.add_argument("--head-epochs", type=integer(0), default=1,
                    help="passes of the value head alone over every state per iteration, on the features the "
                         "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off)")
+    g.add_argument("--critic-replay", type=integer(1), default=1,
+                   help="iterations M whose states the value head's passes (--head-epochs) cover: this batch's and "
+                        "the M - 1 before it (their features and targets kept on the CPU). 1 = this batch only. "
+                        "On the built-in world, 32 with --critic-head-lr 1e-4 fits the critic to 0.05-0.36 held-out "
+                        "explained variance along the window instead of ~0 (BENCHMARKS.md, 'Fitting the critic')")
     g.add_argument("--raft-steps", type=integer(1), default=4,
                    help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement)")
     g.add_argument("--max-grad-norm", type=finite_float(above=0), default=1.0, help="gradient clipping")
@@ -425,11 +431,12 @@ def train(args, spec, train_prompts, heldout):
     shuffle = torch.Generator().manual_seed(seed + 12345)        # minibatch order
 
     start, images_seen, rows = 0, 0, []
+    replay = collections.deque(maxlen=args.critic_replay)        # the value head's recent data (--critic-replay)
     if args.resume and checkpoint.find_checkpoint(args.run_dir) is None:
         log(f"{args.run_dir} stopped before its first checkpoint: starting it again from its config.json")
     elif args.resume:
         start, images_seen, rows = checkpoint.resume(args, policy_net, critic, opt_policy, opt_critic, mixer,
-                                                     prompt_rng, gen, shuffle, master)
+                                                     prompt_rng, gen, shuffle, master, replay)
         log(f"resumed from iteration {start} ({images_seen} images)")
     report = Reporter(args, start) if master else None
     by_tag = {}
@@ -504,6 +511,10 @@ def train(args, spec, train_prompts, heldout):
                 # x_{t_S} to x_0, so the state after the window is worth R exactly (terminal, as x_0)
                 adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
                 advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
+                if features is not None:   # the head's data: this batch's states and the last M - 1 batches'
+                    replay.append(tuple(t.cpu() for t in (*features, returns.reshape(B * K, -1),
+                                                          old_values.reshape(B * K, -1))))
+                    features = [torch.cat(t) for t in zip(*replay)]                # (M*B*K, N, D), ...
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
                 # level, against the final reward itself (the paper's premise: predictable from x_t)
                 v_total, g_total = (old_values * weights).sum(-1), (returns * weights).sum(-1)  # (B, K)
@@ -574,7 +585,7 @@ def train(args, spec, train_prompts, heldout):
         stopping = ppo.all_reduce_sum(torch.tensor([float(bool(STOP))])).item() > 0
         if it == 0 or (it + 1) % args.save_every == 0 or last or stopping:
             checkpoint.save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer,
-                                       lambda: checkpoint.rng_states(prompt_rng, gen, shuffle))
+                                       lambda: checkpoint.rng_states(prompt_rng, gen, shuffle), replay)
             ppo.barrier()
         if stopping and not last:
             return stopped(args, STOP[0] if STOP else signal.SIGTERM, f"after iteration {it + 1} of {args.iters}, "

@@ -167,10 +167,13 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     assert (exported - trained).abs().max() < 1e-5, ((exported - trained).abs().max(), (trained - base).abs().max())
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("replay", [[], ["--critic-replay", "3"]])
+def test_resume_is_exact(tmp_path, replay):
     """2 iterations, then --resume to 4 == 4 iterations straight: same metrics, same weights. At a
-    constant learning rate: extending a run stretches the default cosine over the new --iters."""
-    common = ["--iters", "4", *TINY, "--eval-every", "2", "--lr-schedule", "constant"]
+    constant learning rate: extending a run stretches the default cosine over the new --iters. With
+    --critic-replay the value head's kept states must come back too (else iteration 3's head trains
+    on one batch instead of three, and the critic differs)."""
+    common = ["--iters", "4", *TINY, "--eval-every", "2", "--lr-schedule", "constant", *replay]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert run([*common, "--run-dir", straight]) == 0
     assert run([*common, "--run-dir", resumed, "--iters", "2"]) == 0

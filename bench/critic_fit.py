@@ -1,0 +1,89 @@
+"""Fitting the critic on the built-in world: how close train.py's critic training gets to the
+ceiling of bench/value_ceiling.py, with and without --critic-replay (METHOD.md section 3, 8).
+
+The policy is held at the base model (tiny-dit), so the critic's targets are stationary and the
+comparison is about fitting alone. One stream of --iters rollout batches of 32 trajectories
+(training prompts, 10 steps, SDE window 5: train.py's defaults) is generated once; each variant
+fits a fresh critic (LoRA r16 'critic' adapter + value head, as train.py builds it) through
+ppo.update(train_policy=False), train.py's own critic step: value warm-up on every pair for 2
+iterations, then the backbone on 16 pairs per iteration (--critic-fraction 0.1) and the head on
+the states of the last M batches (--critic-replay M). Every 20 iterations, the explained variance
+of V_phi against the returns of 8 fresh batches (held out), per state of the window.
+
+Run:  python bench/critic_fit.py                 # writes bench/results/critic_fit.json (~8 min, 2 threads)
+"""
+import argparse
+import collections
+import itertools
+import sys
+import time
+
+import torch
+
+from common import write_json
+
+# name: (--critic-replay M, --critic-head-lr, --critic-lr, backbone pairs per iteration (0 = frozen), --head-epochs)
+VARIANTS = {
+    "today (M=1, head lr 1e-3)": (1, 1e-3, 1e-4, 16, 1),
+    "M=32, head lr 1e-4": (32, 1e-4, 1e-4, 16, 1),
+    "M=64, head lr 1e-4": (64, 1e-4, 1e-4, 16, 1),
+    "M=32, head lr 1e-4, 2 head epochs": (32, 1e-4, 1e-4, 16, 2),
+    "M=16, head lr 1e-4, frozen backbone": (16, 1e-4, 1e-4, 0, 1),
+    "M=16, head lr 1e-3": (16, 1e-3, 1e-4, 16, 1),
+    "M=32, head lr 3e-4": (32, 3e-4, 1e-4, 16, 1),
+}
+
+
+def main():
+    import critic as C
+    import ppo
+    import rewards
+    import toy
+    from models import load_backbone
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=60, help="rollout batches of 32 each critic is fitted on")
+    p.add_argument("--variants", default="all", help="names of VARIANTS separated by semicolons, or all")
+    args = p.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(";")
+    if args.iters < 20 or any(n not in VARIANTS for n in names):
+        p.exit(2, f"error: --iters must be >= 20 and --variants among: {', '.join(VARIANTS)}\n")
+    score, K, S = rewards.build_reward("shapes"), 10, 5
+
+    def stream(seed, n):
+        g = torch.Generator().manual_seed(seed)
+        return list(itertools.islice(C.rollouts(load_backbone("tiny-dit"), toy.prompts("train"), score, 32, K, S, g), n))
+
+    data, held = stream(0, args.iters), stream(1, 8)
+    norm = rewards.RunningNorm(1)
+    G = [norm.normalise(R.float()[:, None]) for _, R in data]     # train.py's scaling, updated per iteration
+    mean, std = norm.mean[0].float(), norm.std()[0].float()
+    out = {}
+    for name in names:
+        M, head_lr, lr, pairs, head_epochs = VARIANTS[name]
+        torch.manual_seed(0)
+        backbone = load_backbone("tiny-dit")
+        critic = C.Critic(backbone, 1, lora=True, rank=16, alpha=32)
+        opt = torch.optim.AdamW(critic.param_groups(lr, head_lr), weight_decay=0.0)
+        flags = argparse.Namespace(head_epochs=head_epochs, minibatch_per_rank=80, vf_clip=0.0, max_grad_norm=1.0,
+                                   epochs=1, clip_range=1e-2, kl_coef=0.0)
+        replay, gen, curve, t0 = collections.deque(maxlen=M), torch.Generator().manual_seed(0), [], time.time()
+        for it, ((traj, _), g) in enumerate(zip(data, G)):
+            old, (tokens, temb) = critic.values(backbone, traj, keep_features=True, steps=S)   # (32, S, 1)
+            returns = g[:, None, :].expand(32, S, 1).contiguous()                             # gamma = lambda = 1: G = R
+            replay.append((tokens, temb, returns.reshape(-1, 1), old.reshape(-1, 1)))
+            ppo.update(backbone, traj, torch.zeros(32, S), returns, old, None, None, critic, None, opt, flags, gen,
+                       train_policy=False, critic_pairs=None if it < 2 else pairs,
+                       features=[torch.cat(t) for t in zip(*replay)])
+            if (it + 1) % 20 == 0:
+                values = torch.cat([critic.values(backbone, t, steps=S)[..., 0] for t, _ in held])    # (256, S)
+                target = ((torch.cat([R for _, R in held]).float() - mean) / std)[:, None].expand_as(values)
+                ev = [C.explained_variance(values[:, k], target[:, k]) for k in range(S)]
+                curve.append({"iters": it + 1, "heldout_ev_by_state": ev})
+                print(f"{name}, {it + 1} batches: held-out EV by state " + " ".join(f"{x:+.3f}" for x in ev)
+                      + f" ({time.time() - t0:.0f} s)", flush=True)
+        out[name] = curve
+    print("written", write_json("critic_fit", {"command": "python " + " ".join(sys.argv), "variants": out}))
+
+
+if __name__ == "__main__":
+    main()
