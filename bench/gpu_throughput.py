@@ -135,7 +135,7 @@ def measure(model, size, device, tmp):
         t0 = time.perf_counter()
         logs = ppo.update(backbone, traj, advantages.to(device), returns.to(device), old_values, policy_net, ref_net,
                           critic, opt_policy, opt_critic, args, shuffle, critic_pairs=args.critic_pairs,
-                          features=features)
+                          features=(*features, returns.reshape(B * K, -1).to(device), old_values.reshape(B * K, -1)))
         sync()
         times["update_s"] = time.perf_counter() - t0
         times["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
