@@ -512,7 +512,8 @@ def train(args, spec, train_prompts, heldout):
                 adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
                 advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
                 if features is not None:   # the head's data: this batch's states and the last M - 1 batches'
-                    replay.append(tuple(t.cpu() for t in (*features, returns.reshape(B * K, -1),
+                    keep = (lambda t: t.cpu()) if args.critic_replay > 1 else (lambda t: t)   # kept ones wait on the CPU
+                    replay.append(tuple(keep(t) for t in (*features, returns.reshape(B * K, -1),
                                                           old_values.reshape(B * K, -1))))
                     features = [torch.cat(t) for t in zip(*replay)]                # (M*B*K, N, D), ...
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
@@ -585,7 +586,8 @@ def train(args, spec, train_prompts, heldout):
         stopping = ppo.all_reduce_sum(torch.tensor([float(bool(STOP))])).item() > 0
         if it == 0 or (it + 1) % args.save_every == 0 or last or stopping:
             checkpoint.save_checkpoint(args, it + 1, images_seen, policy_net, critic, opt_policy, opt_critic, mixer,
-                                       lambda: checkpoint.rng_states(prompt_rng, gen, shuffle), replay)
+                                       lambda: checkpoint.rng_states(prompt_rng, gen, shuffle),
+                                       replay if args.critic_replay > 1 else ())     # M = 1: nothing carries over
             ppo.barrier()
         if stopping and not last:
             return stopped(args, STOP[0] if STOP else signal.SIGTERM, f"after iteration {it + 1} of {args.iters}, "
