@@ -11,10 +11,16 @@ the states of the last M batches (--critic-replay M). Every 20 iterations, the e
 of V_phi against the returns of 8 fresh batches (held out), per state of the window.
 
 Run:  python bench/critic_fit.py                 # writes bench/results/critic_fit.json (~8 min, 2 threads)
+      python bench/critic_fit.py --variants "M=32, head lr 1e-4" --save DIR
+          # keeps that critic in DIR (config.json, checkpoint/critic.safetensors, critic_fit.json), a run
+          # directory without a policy: bench/steering.py --run DIR steers the base model with it
 """
 import argparse
 import collections
 import itertools
+import json
+import os
+import shutil
 import sys
 import time
 
@@ -43,10 +49,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=60, help="rollout batches of 32 each critic is fitted on")
     p.add_argument("--variants", default="all", help="names of VARIANTS separated by semicolons, or all")
+    p.add_argument("--save", metavar="DIR", help="keep the fitted critic of the one variant named in DIR (a new "
+                   "directory), for bench/steering.py; its figures then go to DIR/critic_fit.json, not bench/results")
     args = p.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(";")
     if args.iters < 20 or any(n not in VARIANTS for n in names):
         p.exit(2, f"error: --iters must be >= 20 and --variants among: {', '.join(VARIANTS)}\n")
+    if args.save and (len(names) != 1 or os.path.exists(args.save)):
+        p.exit(2, f"error: --save needs one variant and a directory that does not exist yet ({args.save})\n")
     score, K, S = rewards.build_reward("shapes"), 10, 5
 
     def stream(seed, n):
@@ -82,7 +92,33 @@ def main():
                 print(f"{name}, {it + 1} batches: held-out EV by state " + " ".join(f"{x:+.3f}" for x in ev)
                       + f" ({time.time() - t0:.0f} s)", flush=True)
         out[name] = curve
-    print("written", write_json("critic_fit", {"command": "python " + " ".join(sys.argv), "variants": out}))
+    figures = {"command": "python " + " ".join(sys.argv), "variants": out}
+    if args.save:
+        save(args.save, critic, figures, (M, head_lr, lr, pairs, head_epochs), K, S)
+        print("kept the critic in", args.save)
+    else:
+        print("written", write_json("critic_fit", figures))
+
+
+def save(run_dir, critic, figures, variant, K, S):
+    """A run directory of the critic alone, in train.py's layout (critic.load reads it), written
+    under a temporary name and renamed: the policy is the base model itself (no pipeline/)."""
+    from safetensors.torch import save_file
+    from checkpoint import refuse_non_finite
+    state = {k: v.cpu() for k, v in critic.state_dict_to_save().items()}
+    refuse_non_finite(state, "the fitted critic")
+    tmp = run_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "checkpoint"))
+    save_file(state, os.path.join(tmp, "checkpoint", "critic.safetensors"))
+    M, head_lr, lr, pairs, head_epochs = variant
+    config = {"model": "tiny-dit", "algo": "ppo", "rewards": "shapes", "lora_rank": 16, "lora_alpha": 32,
+              "num_steps": K, "sde_steps": S, "critic_replay": M, "critic_head_lr": head_lr, "critic_lr": lr,
+              "critic_pairs": pairs, "head_epochs": head_epochs, "fitted_by": "bench/critic_fit.py (policy: the base model)"}
+    for name, data in (("config.json", config), ("critic_fit.json", figures)):
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(data, f, indent=1)
+    os.replace(tmp, run_dir)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Steering with the learned critic at equal compute (arXiv 2605.27736, its Figs. 7 and 9; METHOD.md 7).
 
-From the final policy and critic of a train.py critic-PPO run on the built-in world: held-out strict
+From the final policy and critic of a train.py critic-PPO run on the built-in world (or, with --run a
+directory that bench/critic_fit.py --save wrote, the base model and a critic fitted to its rollouts,
+written with --out steering_base to a section of its own): held-out strict
 accuracy and the `shapes` reward of each steering method at 1x, 2x, 4x and 8x the denoiser passes
 of one unsteered sample (N = 1, 2, 4, 8), over held-out prompts x --seeds seeds (mean ± standard
-error over prompts), with each method's critic and reward passes per image beside it. `none` is
+error over prompts), with each method's critic and reward passes per image beside it. A control
+beside it separates a weak critic from a weak use of it: best-of-N on one set of candidates chosen by
+each selector (the critic at the last window state, as bon does; the critic at the first deterministic
+state, after which the image is fixed; the proxy reward there; the true reward, the oracle). `none` is
 the unsteered policy on the same sampler (the training sampler: the critic's window stochastic);
 `grad` costs 1x denoiser passes plus the critic's forward and backward passes.
 
 Run:  python bench/steering.py --run runs/ppo-tiny-dit-...
+      python bench/steering.py --run DIR --out steering_base       # DIR from bench/critic_fit.py --save
 Writes bench/results/steering.json ({"methods": {METHOD: {MULT: {nfe, critic_passes, strict, strict_se,
 reward}}}}), bench/results/steering.png and the section "steering" of BENCHMARKS.md.
 """
@@ -30,6 +36,7 @@ def main():
     p.add_argument("--lam", type=float, default=4.0, help="SMC inverse temperature (critic and proxy)")
     p.add_argument("--guidance", type=float, default=1.0, help="critic-gradient guidance scale s")
     p.add_argument("--select", default="critic", choices=("critic", "reward"), help="how best-of-N chooses")
+    p.add_argument("--out", default="steering", help="bench/results/OUT.json and .png, and the section OUT of BENCHMARKS.md")
     args = p.parse_args()
     import critic as critic_module
     import rollout
@@ -37,7 +44,8 @@ def main():
     import toy
     from models import load_backbone
     config = json.load(open(os.path.join(args.run, "config.json")))
-    policy = load_backbone(os.path.join(args.run, "pipeline"))
+    fitted = not os.path.isdir(os.path.join(args.run, "pipeline"))  # bench/critic_fit.py --save: a critic, no policy
+    policy = load_backbone(config["model"] if fitted else os.path.join(args.run, "pipeline"))
     base = load_backbone(config["model"])                          # the critic's backbone: the base weights
     critic = critic_module.load(base, args.run).eval()
     metas = toy.prompts("heldout")
@@ -49,10 +57,23 @@ def main():
     def score(images, idx):
         return toy.check(images.cpu(), [metas[i] for i in idx])[1]
 
-    ev = json.loads(open(os.path.join(args.run, "metrics.jsonl")).readlines()[-1]).get("critic/explained_variance")
+    if fitted:        # held-out explained variance per state of the window, after the fit
+        curve = next(iter(json.load(open(os.path.join(args.run, "critic_fit.json")))["variants"].values()))
+        ev = curve[-1]["heldout_ev_by_state"]
+        about = ("Policy: the base model; critic: fitted to the base model's rollouts by `bench/critic_fit.py` "
+                 f"(--critic-replay {config['critic_replay']}, head lr {config['critic_head_lr']}), held-out explained "
+                 "variance by state of the window " + " / ".join(f"{x:+.2f}" for x in ev))
+    else:
+        rows = [json.loads(line) for line in open(os.path.join(args.run, "metrics.jsonl"))]
+        tail = [r for r in rows[-10:] if "critic/explained_variance" in r]
+        ev = {k[len("critic/ev_noise_"):]: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k.startswith("critic/ev_noise_")}
+        about = (f"Policy and critic: the run's final ones (`--critic-replay {config.get('critic_replay', 1)}`); the critic's "
+                 "in-loop explained variance over the run's last 10 iterations, by noise fraction: "
+                 + ", ".join(f"{k}: {v:+.2f}" for k, v in ev.items()))
     results = {"command": f"python bench/steering.py --run {args.run} --seeds {args.seeds} --lam {args.lam} "
-                          f"--guidance {args.guidance} --select {args.select}",
-               "machine": machine(), "run": args.run, "critic_explained_variance_last": ev, "methods": {}}
+                          f"--guidance {args.guidance} --select {args.select}" + (f" --out {args.out}" if args.out != "steering" else ""),
+               "machine": machine(), "run": args.run, "policy": "base" if fitted else "run", "critic_explained_variance": ev,
+               "methods": {}}
     plan = [("none", 1), ("grad", 1)] + [(m, n) for m in ("bon", "smc", "grad+bon", "proxy-smc") for n in MULTS[1:]]
     plan.insert(2, ("bon", 1))
     for method, n in plan:
@@ -72,8 +93,8 @@ def main():
                "strict_se": per_prompt.std().item() / math.sqrt(len(per_prompt)), "reward": reward.mean().item()}
         results["methods"].setdefault(method, {})[str(n)] = row
         print(method, n, json.dumps(row), flush=True)
-    write_json("steering", results)
-    plot(results, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steering.png"))
+    write_json(args.out, results)
+    plot(results, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.out + ".png"))
     base_strict = results["methods"]["none"]["1"]["strict"]
     gain = lambda m: results["methods"][m]["4"]["strict"] - base_strict
     targets = {"smc_gains_1.5x_bon_at_4x": gain("smc") >= 1.5 * gain("bon") and gain("bon") > 0,
@@ -81,9 +102,9 @@ def main():
                "critic_smc_beats_proxy_smc_at_4x": results["methods"]["smc"]["4"]["strict"]
                > results["methods"]["proxy-smc"]["4"]["strict"]}
     results["targets"] = targets
-    write_json("steering", results)
-    lines = [f"Command: `{results['command']}` ({machine()}). Policy and critic: the run's final ones; critic "
-             f"explained variance at the run's last iteration {ev if ev is None else round(ev, 3)}. Held-out prompts x "
+    results["selectors"] = selector_control(policy, value, metas, K, S, noise, args.seeds)
+    write_json(args.out, results)
+    lines = [f"Command: `{results['command']}` ({machine()}). {about}. Held-out prompts x "
              f"{args.seeds} seeds, strict accuracy (mean ± s.e. over prompts) and the `shapes` reward; the sampler is the "
              f"training one ({K} steps, the first {S} stochastic); per final image: denoiser passes (NFE), critic "
              "forward + backward passes, reward calls.", "",
@@ -92,10 +113,49 @@ def main():
         for n, r in rows.items():
             lines.append(f"| {method} | {n} | {r['nfe']:.0f} | {r['critic_passes']:.0f} | {r['reward_calls']:.0f} | "
                          f"{r['strict']:.3f} ± {r['strict_se']:.3f} | {r['reward']:.3f} |")
-    lines += ["", "![strict accuracy against NFE](bench/results/steering.png)", "",
-              "Targets at 4x NFE: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()) + "."]
-    write_section("steering", "## Steering with the critic at equal NFE (built-in world)\n\n" + "\n".join(lines))
+    lines += ["", f"![strict accuracy against NFE](bench/results/{args.out}.png)", "",
+              "Targets at 4x NFE: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()) + ".", "",
+              f"The control: best-of-N by each selector on the same {MULTS[-1]} candidates per prompt and seed (the first N "
+              "of them), the unsteered sampler; strict accuracy of the chosen image (mean ± s.e. over prompts):", "",
+              "| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
+    for name, by_n in results["selectors"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |")
+    title = ("Steering the base model with a critic fitted to its rollouts, at equal NFE (built-in world)" if fitted
+             else "Steering with the critic at equal NFE (built-in world)")
+    write_section(args.out.replace("_", "-"), f"## {title}\n\n" + "\n".join(lines))
     print("\n".join(lines))
+
+
+@torch.no_grad()
+def selector_control(policy, value, metas, K, S, noise, seeds):
+    """Best-of-n for n in MULTS, on one set of N = MULTS[-1] rollouts per prompt and seed (the
+    first n of them), chosen by each selector: {selector: {n: {strict, strict_se}}}."""
+    import rollout
+    import toy
+    P, N = len(metas), MULTS[-1]
+    idx = torch.arange(P).repeat_interleave(N)                                   # (P*N,)
+    metas_n = [metas[i] for i in idx]
+    names = (f"critic V(x_{S - 1}), the last window state (what bon uses)", f"critic V(x_{S}), the first deterministic state",
+             f"proxy r(decode(x0-hat)) at x_{S}", "the reward itself (oracle)")
+    chosen = {name: {n: [] for n in MULTS} for name in names}
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(1000 + seed)
+        traj = rollout.sample(policy, [m["prompt"] for m in metas_n], K, noise, generator=g, sde_steps=S)
+        strict, reward = toy.check(traj.images.cpu(), metas_n)                  # (P*N,) each
+        scores = [value(traj.latents[:, S - 1].float(), S - 1, idx), value(traj.latents[:, S].float(), S, idx),
+                  toy.check(policy.decode(traj.pred_x0[:, S]).float().cpu(), metas_n)[1], reward]
+        for name, score in zip(names, scores):
+            score, passed = score.float().cpu().view(P, N), strict.float().view(P, N)
+            for n in MULTS:
+                pick = score[:, :n].argmax(-1)                                   # (P,)
+                chosen[name][n].append(passed[torch.arange(P), pick])
+    out = {}
+    for name, by_n in chosen.items():
+        for n, picks in by_n.items():
+            per_prompt = torch.stack(picks).mean(0)                              # (P,) over seeds
+            out.setdefault(name, {})[str(n)] = {"strict": per_prompt.mean().item(),
+                                                "strict_se": per_prompt.std().item() / math.sqrt(P)}
+    return out
 
 
 def plot(results, path):
