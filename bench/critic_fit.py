@@ -28,6 +28,9 @@ import torch
 
 from common import write_json
 
+MODEL, RANK, ALPHA = "tiny-dit", 16, 32      # the base model and the critic adapter, as train.py's defaults build them;
+                                             # --save writes the same values, so critic.load rebuilds this critic
+
 # name: (--critic-replay M, --critic-head-lr, --critic-lr, backbone pairs per iteration (0 = frozen), --head-epochs)
 VARIANTS = {
     "today (M=1, head lr 1e-3)": (1, 1e-3, 1e-4, 16, 1),
@@ -61,7 +64,7 @@ def main():
 
     def stream(seed, n):
         g = torch.Generator().manual_seed(seed)
-        return list(itertools.islice(C.rollouts(load_backbone("tiny-dit"), toy.prompts("train"), score, 32, K, S, g), n))
+        return list(itertools.islice(C.rollouts(load_backbone(MODEL), toy.prompts("train"), score, 32, K, S, g), n))
 
     data, held = stream(0, args.iters), stream(1, 8)
     norm = rewards.RunningNorm(1)
@@ -71,8 +74,8 @@ def main():
     for name in names:
         M, head_lr, lr, pairs, head_epochs = VARIANTS[name]
         torch.manual_seed(0)
-        backbone = load_backbone("tiny-dit")
-        critic = C.Critic(backbone, 1, lora=True, rank=16, alpha=32)
+        backbone = load_backbone(MODEL)
+        critic = C.Critic(backbone, 1, lora=True, rank=RANK, alpha=ALPHA)
         opt = torch.optim.AdamW(critic.param_groups(lr, head_lr), weight_decay=0.0)
         flags = argparse.Namespace(head_epochs=head_epochs, minibatch_per_rank=80, vf_clip=0.0, max_grad_norm=1.0,
                                    epochs=1, clip_range=1e-2, kl_coef=0.0)
@@ -112,7 +115,7 @@ def save(run_dir, critic, figures, variant, K, S):
     os.makedirs(os.path.join(tmp, "checkpoint"))
     save_file(state, os.path.join(tmp, "checkpoint", "critic.safetensors"))
     M, head_lr, lr, pairs, head_epochs = variant
-    config = {"model": "tiny-dit", "algo": "ppo", "rewards": "shapes", "lora_rank": 16, "lora_alpha": 32,
+    config = {"model": MODEL, "rewards": "shapes", "lora_rank": RANK, "lora_alpha": ALPHA,
               "num_steps": K, "sde_steps": S, "critic_replay": M, "critic_head_lr": head_lr, "critic_lr": lr,
               "critic_pairs": pairs, "head_epochs": head_epochs, "fitted_by": "bench/critic_fit.py (policy: the base model)"}
     for name, data in (("config.json", config), ("critic_fit.json", figures)):
