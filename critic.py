@@ -168,25 +168,28 @@ class Critic(nn.Module):
         return self.head(*self.features(backbone, x_t, t, cond))
 
     @torch.no_grad()
-    def values(self, backbone, traj, chunk=64, keep_features=False, steps=None):
+    def values(self, backbone, traj, chunk=64, keep_features=False, steps=None, last=False):
         """V_k of the states x_{t_K} .. x_{t_1} of a Trajectory, batched: (B, K, R); with steps=S,
-        of the first S states only (B, S, R): those of its SDE window, the only ones trained.
+        of the first S states only (B, S, R): those of its SDE window, the ones trained; last=True
+        appends x_{t_1}, the last state the denoiser reads (B, S + 1, R): after the window its return
+        is fixed (train.py --critic-terminal).
         The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed.
-        keep_features=True also returns the head's inputs for the B*K states (row b*K + j), so
+        keep_features=True also returns the head's inputs for the B*F states (row b*F + f), so
         the head can be trained on every state without another backbone pass."""
         B, K = traj.log_probs.shape
-        K = steps or K
-        idx, j = torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij")
-        idx, j = idx.flatten(), j.flatten()                                  # (B*K,)
+        cols = list(range(steps or K)) + ([K - 1] if last else [])           # the F states' step indices
+        F = len(cols)
+        idx, col = torch.meshgrid(torch.arange(B), torch.arange(F), indexing="ij")
+        idx, j = idx.flatten(), torch.tensor(cols)[col.flatten()]            # (B*F,)
         values, tokens, temb = [], [], []
-        for s in range(0, B * K, chunk):
+        for s in range(0, B * F, chunk):
             f = self.features(backbone, traj.latents[idx[s:s + chunk], j[s:s + chunk]], traj.timesteps[j[s:s + chunk]],
                               traj.cond.index(idx[s:s + chunk]))
             values.append(self.head(*f))
             if keep_features:
                 tokens.append(f[0]), temb.append(f[1])
-        values = torch.cat(values).view(B, K, -1)
-        return (values, (torch.cat(tokens), torch.cat(temb))) if keep_features else values   # (B*K, N, D), (B*K, E)
+        values = torch.cat(values).view(B, F, -1)
+        return (values, (torch.cat(tokens), torch.cat(temb))) if keep_features else values   # (B*F, N, D), (B*F, E)
 
     def state_dict_to_save(self):
         """What a checkpoint holds: the head, plus the copy's weights or the critic adapter."""

@@ -298,6 +298,8 @@ def configure(args):
         fail(f"--no-t5: {args.model} is not an SD3 pipeline (only SD3 has a T5 encoder)")
     args.num_steps = args.num_steps or source.get("num_steps") or 10
     args.sde_steps = min(args.sde_steps or source.get("sde_steps") or min(5, args.num_steps), args.num_steps)
+    # a critic trained on x_{t_1} too (train.py --critic-terminal) chooses there: the image is fixed
+    args.terminal = bool((critic_cfg or {}).get("critic_terminal")) and args.sde_steps < args.num_steps
     args.critic_rewards = [r for r in (critic_cfg or {}).get("rewards", "").split(",") if r]
     args.rewards = args.rewards or ("shapes" if shapes_world else ",".join(args.critic_rewards) or "clip")
     names = [r.strip() for r in args.rewards.split(",") if r.strip()]
@@ -390,7 +392,7 @@ def evaluate(args):
             chunks.append(steer.steer(backbone, part, args.steer, args.n, args.num_steps, noise, args.sde_steps,
                                       value=value, score=lambda images, idx, c=c: score(images, idx + c),
                                       select=args.select, guidance=args.guidance, lam=args.lam,
-                                      resample_every=args.resample_every, generator=g))
+                                      resample_every=args.resample_every, generator=g, terminal=args.terminal))
         out = steer.Steered(**{f: torch.cat([getattr(o, f) for o in chunks]) for f in
                                ("images", "latents", "candidates", "chosen", "scores")},
                             nfe={k: sum(o.nfe[k] * len(o.chosen) for o in chunks) / len(prompts) for k in chunks[0].nfe})

@@ -7,11 +7,15 @@ steps stochastic, the rest deterministic; S = the critic's window, the states it
 
   none       one sample per prompt (the unsteered policy)
   bon        best-of-N: N independent samples, keep the best by the reward (select='reward') or by
-             the critic's value of the last window state (select='critic': no reward model needed)
+             the critic's value of the last window state (select='critic': no reward model needed);
+             with terminal=True, of the last state the denoiser reads, x_{t_1}: after the window the
+             image is already fixed (a critic trained there by train.py --critic-terminal is a learned
+             reward on latents)
   smc        sequential Monte Carlo: N particles; at the first window state each is weighted by
              exp(lam V), at each later one (j = 1..S-1) its log-weight grows by lam * (V(x_j) - V(x_prev)),
              and (every resample_every steps) where the effective sample size falls below N/2 the
-             particles are resampled systematically (weights reset); the best final one is returned
+             particles are resampled systematically (weights reset); the best final one is returned;
+             with terminal=True, x_{t_1} is weighted too and the choice is by V(x_{t_1})
   grad       critic-gradient guidance: each stochastic step's mean moves up the critic's gradient,
              mu' = mu + s * std^2 * grad_x V(x, t, c) (std: the step's Gaussian std)
   grad+bon   guidance inside each of N samples, then best-of-N
@@ -96,14 +100,18 @@ def critic_value_fn(critic, critic_backbone, prompts, schedule, weights):
 
 @torch.no_grad()
 def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, sde_steps=5, value=None,
-          score=None, select="critic", guidance=1.0, lam=4.0, resample_every=1, generator=None, net=None):
+          score=None, select="critic", guidance=1.0, lam=4.0, resample_every=1, generator=None, net=None,
+          terminal=False):
     """Sample len(prompts) = P final images with one of METHODS (module docstring).
     value(x, j, idx): the critic's (weighted) value of states x at step j for prompts[idx] (see
     critic_value_fn); score(images, idx) -> (len(idx),): the reward of final or predicted images.
+    terminal: the critic also values x_{t_1}, the last state, after the window (needs S < K).
     Returns a Steered."""
     assert method in METHODS, method
     P, K = len(prompts), num_steps
     S = min(sde_steps or K, K)
+    assert not terminal or S < K, "terminal=True needs a state after the window (sde_steps < num_steps)"
+    last = K - 1 if terminal else S - 1    # the state the critic's final choice reads
     N = 1 if method in ("none", "grad") else n
     if needs_critic(method, select) and value is None:
         raise ValueError(f"--steer {method} (select {select}) needs a critic")
@@ -135,7 +143,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
         nfe["denoiser"] += P * N
         if grad is not None:               # mu' = mu + s std^2 grad V: the sample moves with its mean
             x_next = x_next + guidance * std.view(-1, 1, 1, 1) ** 2 * grad
-        if smc and j < S:                  # weight the current states x_j by their potential
+        if smc and (j < S or (j == last and method == "smc")):   # weight the current states x_j by their potential
             if method == "smc":
                 g = value(x, j, idx)
                 nfe["critic_forward"] += P * N
@@ -147,7 +155,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
             # exp(lam (V(x_j) - V(x_prev))): the product telescopes to exp(lam V(current state))
             log_w = log_w + lam * (g - (potential if potential is not None else 0.0))
             potential = g
-            if j >= 1 and (j % resample_every == 0 or j == S - 1):
+            if j >= 1 and (j % resample_every == 0 or j == S - 1 or j == last):
                 resample = ess(log_w) < N / 2                              # (P,)
                 if resample.any():
                     same = generator is not None and generator.device == log_w.device
@@ -156,10 +164,10 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
                     flat = (anc + torch.arange(P, device=anc.device)[:, None] * N).flatten()
                     x_next, potential = x_next[flat], potential.gather(1, anc)
                     log_w = torch.where(resample[:, None], torch.zeros_like(log_w), log_w)
-            if j == S - 1:
+            if j == (last if method == "smc" else S - 1):
                 last_value = potential
-        elif select == "critic" and N > 1 and j == S - 1 and method != "proxy-smc":
-            last_value = value(x, j, idx).view(P, N).float()              # the last window state
+        elif select == "critic" and N > 1 and j == last and method != "proxy-smc":
+            last_value = value(x, j, idx).view(P, N).float()              # the last window state, or x_{t_1}
             nfe["critic_forward"] += P * N
         x = x_next
     images = backbone.decode(x).float()                                   # (P*N, 3, H, W)
@@ -178,7 +186,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
                    nfe={k: v / P for k, v in nfe.items()})
 
 
-def expected_nfe(method, n, num_steps, sde_steps, select="critic"):
+def expected_nfe(method, n, num_steps, sde_steps, select="critic", terminal=False):
     """The hand count of steer()'s NFE per final image, for tests and the benchmark's columns."""
     N = 1 if method in ("none", "grad") else n
     S = min(sde_steps, num_steps)
@@ -186,7 +194,7 @@ def expected_nfe(method, n, num_steps, sde_steps, select="critic"):
     if method in ("grad", "grad+bon"):
         out["critic_forward"] = out["critic_backward"] = N * S
     if method == "smc":
-        out["critic_forward"] = N * S
+        out["critic_forward"] = N * (S + 1 if terminal else S)
     if method == "proxy-smc":
         out["reward"] = N * S
     if N > 1 and select == "reward":

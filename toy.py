@@ -443,9 +443,10 @@ def build_pipeline(model, vae):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         return ShapesPipeline(text_encoder, tokenizer, scheduler, vae, transformer=transformer)
     if model == "tiny-unet":
+        # 4x4 -> 2x2; at channels (32, 64) it learned this world about half as fast per step (BENCHMARKS.md)
         unet = UNet2DConditionModel(
             sample_size=side, in_channels=channels, out_channels=channels, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8,
+            block_out_channels=(64, 128), norm_num_groups=8, cross_attention_dim=64, attention_head_dim=16,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
         # SD1.5's betas and set_alpha_to_one=False, so the last DDIM step keeps a std (~0.03) large

@@ -160,6 +160,10 @@ def build_parser():
                         "the M - 1 before it (their features and targets kept on the CPU). 1 = this batch only. "
                         "On the built-in world, 32 with --critic-head-lr 1e-4 fits the critic to 0.05-0.36 held-out "
                         "explained variance along the window instead of ~0 (BENCHMARKS.md, 'Fitting the critic')")
+    g.add_argument("--critic-terminal", action="store_true",
+                   help="the value head also learns the last state the denoiser reads, x_{t_1}, whose return is "
+                        "fixed (after the SDE window the sampler is deterministic): a learned reward on latents, "
+                        "which best-of-N and SMC choose by at inference (steer.py). Needs --sde-steps < --num-steps")
     g.add_argument("--raft-steps", type=integer(1), default=4,
                    help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement)")
     g.add_argument("--max-grad-norm", type=finite_float(above=0), default=1.0, help="gradient clipping")
@@ -259,6 +263,9 @@ def configure(args, argv):
     # each flag's own range is its type= check (build_parser); what is left relates flags to each other
     if args.sde_steps > args.num_steps:
         raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
+    if args.critic_terminal and (args.sde_steps == args.num_steps or args.algo != "ppo" or not args.head_epochs):
+        raise ConfigError("--critic-terminal needs --algo ppo, --head-epochs >= 1 (the head learns x_(t_1)) and an SDE "
+                          f"window shorter than the sampler (--sde-steps {args.sde_steps} < --num-steps {args.num_steps})")
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError(f"--algo grpo needs --group-size >= 2 (its baseline is the group mean), got {args.group_size}")
     # derived sizes: asserted to divide evenly, as DDPO does
@@ -472,6 +479,7 @@ def train(args, spec, train_prompts, heldout):
             traj = rollout.sample(backbone, prompts, args.num_steps, noise_level, args.cfg, generator=gen, net=net,
                                   sde_steps=args.sde_steps)
         B, K = len(prompts), args.sde_steps              # the trained steps: the SDE window
+        F = K + 1 if args.critic_terminal else K         # the states the value head learns: and x_{t_1}
         # 2. rewards: every rank's raw scores gathered before normalising (identical statistics everywhere)
         skip = None
         try:
@@ -503,26 +511,31 @@ def train(args, spec, train_prompts, heldout):
             if args.algo == "ppo":
                 with torch.no_grad():
                     # the head's inputs are kept only if the head trains on them (--head-epochs)
-                    old_values = critic.values(backbone, traj, keep_features=args.head_epochs > 0, steps=K)
+                    old_values = critic.values(backbone, traj, keep_features=args.head_epochs > 0, steps=K,
+                                               last=args.critic_terminal)
                     if args.head_epochs:
                         old_values, features = old_values
-                    old_values = old_values.cpu()                                               # (B, K, R)
+                    old_values = old_values.cpu()                                               # (B, F, R)
                 # with an SDE window the reward arrives at its last step: the deterministic tail maps
                 # x_{t_S} to x_0, so the state after the window is worth R exactly (terminal, as x_0)
-                adv, returns = ppo.gae(normalised, old_values, args.gamma, args.gae_lambda)     # (B, K, R) each
+                adv, returns = ppo.gae(normalised, old_values[:, :K], args.gamma, args.gae_lambda)   # (B, K, R) each
                 advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
+                if F > K:                  # --critic-terminal: x_{t_1}'s target is that fixed return, R
+                    returns = torch.cat([returns, normalised[:, None].to(returns.dtype)], 1)     # (B, F, R)
                 if features is not None:   # the head's data: this batch's states and the last M - 1 batches'
                     keep = (lambda t: t.cpu()) if args.critic_replay > 1 else (lambda t: t)   # kept ones wait on the CPU
-                    replay.append(tuple(keep(t) for t in (*features, returns.reshape(B * K, -1),
-                                                          old_values.reshape(B * K, -1))))
-                    features = [torch.cat(t) for t in zip(*replay)]                # (M*B*K, N, D), ...
+                    replay.append(tuple(keep(t) for t in (*features, returns.reshape(B * F, -1),
+                                                          old_values.reshape(B * F, -1))))
+                    features = [torch.cat(t) for t in zip(*replay)]                # (M*B*F, N, D), ...
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
                 # level, against the final reward itself (the paper's premise: predictable from x_t)
-                v_total, g_total = (old_values * weights).sum(-1), (returns * weights).sum(-1)  # (B, K)
+                v_total, g_total = (old_values[:, :K] * weights).sum(-1), (returns[:, :K] * weights).sum(-1)  # (B, K)
                 r_total = (normalised @ weights)[:, None].expand(B, K)                        # (B, K)
                 noise = noise_fraction(backbone, traj.levels[:K])                             # (K,)
                 row["critic/explained_variance"] = explained_variance(v_total.flatten(), g_total.flatten())
                 row.update({f"critic/ev_noise_{k}": v for k, v in explained_variance_by_noise(v_total, r_total, noise).items()})
+                if F > K:                  # x_{t_1}: a learned reward, its ceiling is 1
+                    row["critic/ev_terminal"] = explained_variance((old_values[:, K] * weights).sum(-1), r_total[:, 0])
             elif args.algo == "grpo":
                 advantages = ppo.grpo_advantages(normalised @ weights, args.group_size)[:, None].expand(B, K)
             # 4. the update: critic only during value warm-up, then both (RAFT: fine-tune on what passed)

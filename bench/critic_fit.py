@@ -8,7 +8,9 @@ fits a fresh critic (LoRA r16 'critic' adapter + value head, as train.py builds 
 ppo.update(train_policy=False), train.py's own critic step: value warm-up on every pair for 2
 iterations, then the backbone on 16 pairs per iteration (--critic-fraction 0.1) and the head on
 the states of the last M batches (--critic-replay M). Every 20 iterations, the explained variance
-of V_phi against the returns of 8 fresh batches (held out), per state of the window.
+of V_phi against the returns of 8 fresh batches (held out), per state of the window and at the last
+state x_{t_1} (trained only by the --critic-terminal variant), and the same on 8 batches of the
+held-out prompts, which the critic never sees (steering is measured on those).
 
 Run:  python bench/critic_fit.py                 # writes bench/results/critic_fit.json (~8 min, 2 threads)
       python bench/critic_fit.py --variants "M=32, head lr 1e-4" --save DIR
@@ -31,15 +33,17 @@ from common import write_json
 MODEL, RANK, ALPHA = "tiny-dit", 16, 32      # the base model and the critic adapter, as train.py's defaults build them;
                                              # --save writes the same values, so critic.load rebuilds this critic
 
-# name: (--critic-replay M, --critic-head-lr, --critic-lr, backbone pairs per iteration (0 = frozen), --head-epochs)
+# name: (--critic-replay M, --critic-head-lr, --critic-lr, backbone pairs per iteration (0 = frozen), --head-epochs,
+#        also fit the last state x_{t_1}, whose return is fixed after the window: its ceiling is EV 1)
 VARIANTS = {
-    "today (M=1, head lr 1e-3)": (1, 1e-3, 1e-4, 16, 1),
-    "M=32, head lr 1e-4": (32, 1e-4, 1e-4, 16, 1),
-    "M=64, head lr 1e-4": (64, 1e-4, 1e-4, 16, 1),
-    "M=32, head lr 1e-4, 2 head epochs": (32, 1e-4, 1e-4, 16, 2),
-    "M=16, head lr 1e-4, frozen backbone": (16, 1e-4, 1e-4, 0, 1),
-    "M=16, head lr 1e-3": (16, 1e-3, 1e-4, 16, 1),
-    "M=32, head lr 3e-4": (32, 3e-4, 1e-4, 16, 1),
+    "today (M=1, head lr 1e-3)": (1, 1e-3, 1e-4, 16, 1, False),
+    "M=32, head lr 1e-4": (32, 1e-4, 1e-4, 16, 1, False),
+    "M=64, head lr 1e-4": (64, 1e-4, 1e-4, 16, 1, False),
+    "M=32, head lr 1e-4, 2 head epochs": (32, 1e-4, 1e-4, 16, 2, False),
+    "M=16, head lr 1e-4, frozen backbone": (16, 1e-4, 1e-4, 0, 1, False),
+    "M=16, head lr 1e-3": (16, 1e-3, 1e-4, 16, 1, False),
+    "M=32, head lr 3e-4": (32, 3e-4, 1e-4, 16, 1, False),
+    "M=32, head lr 1e-4, with x_t1": (32, 1e-4, 1e-4, 16, 1, True),
 }
 
 
@@ -62,17 +66,19 @@ def main():
         p.exit(2, f"error: --save needs one variant and a directory that does not exist yet ({args.save})\n")
     score, K, S = rewards.build_reward("shapes"), 10, 5
 
-    def stream(seed, n):
+    def stream(seed, n, split="train"):
         g = torch.Generator().manual_seed(seed)
-        return list(itertools.islice(C.rollouts(load_backbone(MODEL), toy.prompts("train"), score, 32, K, S, g), n))
+        return list(itertools.islice(C.rollouts(load_backbone(MODEL), toy.prompts(split), score, 32, K, S, g), n))
 
-    data, held = stream(0, args.iters), stream(1, 8)
+    # fresh rollouts of the training prompts, and of the held-out prompts the critic never sees
+    data, held, unseen = stream(0, args.iters), stream(1, 8), stream(2, 8, "heldout")
     norm = rewards.RunningNorm(1)
     G = [norm.normalise(R.float()[:, None]) for _, R in data]     # train.py's scaling, updated per iteration
     mean, std = norm.mean[0].float(), norm.std()[0].float()
     out = {}
     for name in names:
-        M, head_lr, lr, pairs, head_epochs = VARIANTS[name]
+        M, head_lr, lr, pairs, head_epochs, terminal = VARIANTS[name]
+        F = S + 1 if terminal else S                 # the states fitted: the window, and x_{t_1} with terminal
         torch.manual_seed(0)
         backbone = load_backbone(MODEL)
         critic = C.Critic(backbone, 1, lora=True, rank=RANK, alpha=ALPHA)
@@ -81,26 +87,36 @@ def main():
                                    epochs=1, clip_range=1e-2, kl_coef=0.0)
         replay, gen, curve, t0 = collections.deque(maxlen=M), torch.Generator().manual_seed(0), [], time.time()
         for it, ((traj, _), g) in enumerate(zip(data, G)):
-            old, (tokens, temb) = critic.values(backbone, traj, keep_features=True, steps=S)   # (32, S, 1)
-            returns = g[:, None, :].expand(32, S, 1).contiguous()                             # gamma = lambda = 1: G = R
+            old, (tokens, temb) = critic.values(backbone, traj, keep_features=True, steps=S, last=terminal)  # (32, F, 1)
+            returns = g[:, None, :].expand(32, F, 1).contiguous()                             # gamma = lambda = 1: G = R
             replay.append((tokens, temb, returns.reshape(-1, 1), old.reshape(-1, 1)))
+            # as train.py: the backbone learns on the window's pairs, the head on all F states
             ppo.update(backbone, traj, torch.zeros(32, S), returns, old, None, None, critic, None, opt, flags, gen,
                        train_policy=False, critic_pairs=None if it < 2 else pairs,
                        features=[torch.cat(t) for t in zip(*replay)])
-            if (it + 1) % 20 == 0:
-                values = torch.cat([critic.values(backbone, t, steps=S)[..., 0] for t, _ in held])    # (256, S)
-                target = ((torch.cat([R for _, R in held]).float() - mean) / std)[:, None].expand_as(values)
-                ev = [C.explained_variance(values[:, k], target[:, k]) for k in range(S)]
-                curve.append({"iters": it + 1, "heldout_ev_by_state": ev})
+            if (it + 1) % 20 == 0:     # every state of the window, and x_{t_1} (fitted or not)
+                ev, ev_unseen = (evs(critic, backbone, batches, mean, std, S) for batches in (held, unseen))
+                curve.append({"iters": it + 1, "heldout_ev_by_state": ev[:S], "heldout_ev_last_state": ev[S],
+                              "unseen_prompts_ev_by_state": ev_unseen[:S], "unseen_prompts_ev_last_state": ev_unseen[S]})
                 print(f"{name}, {it + 1} batches: held-out EV by state " + " ".join(f"{x:+.3f}" for x in ev)
+                      + " | on held-out prompts " + " ".join(f"{x:+.3f}" for x in ev_unseen)
                       + f" ({time.time() - t0:.0f} s)", flush=True)
         out[name] = curve
     figures = {"command": "python " + " ".join(sys.argv), "variants": out}
     if args.save:
-        save(args.save, critic, figures, (M, head_lr, lr, pairs, head_epochs), K, S)
+        save(args.save, critic, figures, VARIANTS[names[0]], K, S)
         print("kept the critic in", args.save)
     else:
         print("written", write_json("critic_fit", figures))
+
+
+def evs(critic, backbone, batches, mean, std, S):
+    """Explained variance of V_phi against the standardised returns of rollout batches, at each
+    state of the window and at the last state x_{t_1} (S + 1 figures)."""
+    import critic as C
+    values = torch.cat([critic.values(backbone, t, steps=S, last=True)[..., 0] for t, _ in batches])  # (N, S+1)
+    target = ((torch.cat([R for _, R in batches]).float() - mean) / std)[:, None].expand_as(values)
+    return [C.explained_variance(values[:, k], target[:, k]) for k in range(S + 1)]
 
 
 def save(run_dir, critic, figures, variant, K, S):
@@ -114,10 +130,10 @@ def save(run_dir, critic, figures, variant, K, S):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "checkpoint"))
     save_file(state, os.path.join(tmp, "checkpoint", "critic.safetensors"))
-    M, head_lr, lr, pairs, head_epochs = variant
+    M, head_lr, lr, pairs, head_epochs, terminal = variant
     config = {"model": MODEL, "rewards": "shapes", "lora_rank": RANK, "lora_alpha": ALPHA,
               "num_steps": K, "sde_steps": S, "critic_replay": M, "critic_head_lr": head_lr, "critic_lr": lr,
-              "critic_pairs": pairs, "head_epochs": head_epochs, "fitted_by": "bench/critic_fit.py (policy: the base model)"}
+              "critic_pairs": pairs, "head_epochs": head_epochs, "critic_terminal": terminal, "fitted_by": "bench/critic_fit.py (policy: the base model)"}
     for name, data in (("config.json", config), ("critic_fit.json", figures)):
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(data, f, indent=1)

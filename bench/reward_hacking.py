@@ -122,7 +122,8 @@ def main():
     lines += ["", f"![final samples of each run](bench/results/{name}.png)", "",
               "Grid columns, left to right: " + "; ".join(f"\"{p}\"" for p in prompts) + "."]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
-        write_section(name.replace("_", "-"), f"## Reward hacking: `jpeg` vs `shapes` vs `shapes,jpeg` ({args.images} images per run)\n\n"
+        runs = " vs ".join(f"`{n}`" for n in names)
+        write_section(name.replace("_", "-"), f"## Reward hacking: {runs} ({args.images} images per run)\n\n"
                       + "\n".join(lines))
     print("\n".join(lines))
 

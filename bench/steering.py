@@ -7,8 +7,9 @@ accuracy and the `shapes` reward of each steering method at 1x, 2x, 4x and 8x th
 of one unsteered sample (N = 1, 2, 4, 8), over held-out prompts x --seeds seeds (mean ± standard
 error over prompts), with each method's critic and reward passes per image beside it. A control
 beside it separates a weak critic from a weak use of it: best-of-N on one set of candidates chosen by
-each selector (the critic at the last window state, as bon does; the critic at the first deterministic
-state, after which the image is fixed; the proxy reward there; the true reward, the oracle). `none` is
+each selector (the critic at the last window state, as bon does without --critic-terminal; at the first
+deterministic state, after which the image is fixed; at the last state, as bon does with it; the proxy
+reward at the first deterministic state; the true reward, the oracle). `none` is
 the unsteered policy on the same sampler (the training sampler: the critic's window stochastic);
 `grad` costs 1x denoiser passes plus the critic's forward and backward passes.
 
@@ -51,6 +52,7 @@ def main():
     metas = toy.prompts("heldout")
     prompts = [m["prompt"] for m in metas]
     K, S = config["num_steps"], config["sde_steps"]
+    terminal = bool(config.get("critic_terminal")) and S < K       # its critic learned x_{t_1} too: choose there
     noise = config.get("noise_level") or rollout.TRAIN_NOISE[policy.sampler]
     value = steer.critic_value_fn(critic, base, prompts, policy.schedule(K), [1.0])
 
@@ -62,14 +64,19 @@ def main():
         ev = curve[-1]["heldout_ev_by_state"]
         about = ("Policy: the base model; critic: fitted to the base model's rollouts by `bench/critic_fit.py` "
                  f"(--critic-replay {config['critic_replay']}, head lr {config['critic_head_lr']}), held-out explained "
-                 "variance by state of the window " + " / ".join(f"{x:+.2f}" for x in ev))
+                 "variance by state of the window " + " / ".join(f"{x:+.2f}" for x in ev)
+                 + (f", at the last state x_{K - 1} {curve[-1]['heldout_ev_last_state']:+.2f} (trained there: --critic-terminal)"
+                    if terminal else ""))
     else:
         rows = [json.loads(line) for line in open(os.path.join(args.run, "metrics.jsonl"))]
         tail = [r for r in rows[-10:] if "critic/explained_variance" in r]
         ev = {k[len("critic/ev_noise_"):]: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k.startswith("critic/ev_noise_")}
-        about = (f"Policy and critic: the run's final ones (`--critic-replay {config.get('critic_replay', 1)}`); the critic's "
-                 "in-loop explained variance over the run's last 10 iterations, by noise fraction: "
-                 + ", ".join(f"{k}: {v:+.2f}" for k, v in ev.items()))
+        if terminal:
+            ev["last state"] = sum(r["critic/ev_terminal"] for r in tail) / len(tail)
+        about = (f"Policy and critic: the run's final ones (`--critic-replay {config.get('critic_replay', 1)}"
+                 + (" --critic-terminal" if terminal else "") + "`); the critic's in-loop explained variance over the "
+                 "run's last 10 iterations, by noise fraction" + (f" and at the last state x_{K - 1}" if terminal else "")
+                 + ": " + ", ".join(f"{k}: {v:+.2f}" for k, v in ev.items()))
     results = {"command": f"python bench/steering.py --run {args.run} --seeds {args.seeds} --lam {args.lam} "
                           f"--guidance {args.guidance} --select {args.select}" + (f" --out {args.out}" if args.out != "steering" else ""),
                "machine": machine(), "run": args.run, "policy": "base" if fitted else "run", "critic_explained_variance": ev,
@@ -82,7 +89,7 @@ def main():
             g = torch.Generator().manual_seed(seed)
             out = steer.steer(policy, prompts, method, n, K, noise, S, value=value, score=score,
                               select="reward" if method == "proxy-smc" else args.select, guidance=args.guidance,
-                              lam=args.lam, generator=g)
+                              lam=args.lam, generator=g, terminal=terminal)
             s, r = toy.check(out.images, metas)
             strict.append(s.float()), reward.append(r)
             nfe = out.nfe
@@ -103,6 +110,11 @@ def main():
                > results["methods"]["proxy-smc"]["4"]["strict"]}
     results["targets"] = targets
     results["selectors"] = selector_control(policy, value, metas, K, S, noise, args.seeds)
+    # the same control on as many training prompts (every 4th), whose rollouts the critic learned from:
+    # it separates a critic that ranks badly from one that ranks well only on what it has seen
+    seen = toy.prompts("train")[::4][:len(metas)]
+    seen_value = steer.critic_value_fn(critic, base, [m["prompt"] for m in seen], policy.schedule(K), [1.0])
+    results["selectors_train_prompts"] = selector_control(policy, seen_value, seen, K, S, noise, args.seeds)
     write_json(args.out, results)
     lines = [f"Command: `{results['command']}` ({machine()}). {about}. Held-out prompts x "
              f"{args.seeds} seeds, strict accuracy (mean ± s.e. over prompts) and the `shapes` reward; the sampler is the "
@@ -120,6 +132,10 @@ def main():
               "| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
     for name, by_n in results["selectors"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |")
+    lines += ["", f"The same control on {len(seen)} training prompts (every 4th), the prompts whose rollouts the critic was "
+              "trained on:", "", "| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
+    for name, by_n in results["selectors_train_prompts"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |")
     title = ("Steering the base model with a critic fitted to its rollouts, at equal NFE (built-in world)" if fitted
              else "Steering with the critic at equal NFE (built-in world)")
     write_section(args.out.replace("_", "-"), f"## {title}\n\n" + "\n".join(lines))
@@ -135,7 +151,8 @@ def selector_control(policy, value, metas, K, S, noise, seeds):
     P, N = len(metas), MULTS[-1]
     idx = torch.arange(P).repeat_interleave(N)                                   # (P*N,)
     metas_n = [metas[i] for i in idx]
-    names = (f"critic V(x_{S - 1}), the last window state (what bon uses)", f"critic V(x_{S}), the first deterministic state",
+    names = (f"critic V(x_{S - 1}), the last window state", f"critic V(x_{S}), the first deterministic state",
+             f"critic V(x_{K - 1}), the last state (--critic-terminal trains it)",
              f"proxy r(decode(x0-hat)) at x_{S}", "the reward itself (oracle)")
     chosen = {name: {n: [] for n in MULTS} for name in names}
     for seed in range(seeds):
@@ -143,7 +160,7 @@ def selector_control(policy, value, metas, K, S, noise, seeds):
         traj = rollout.sample(policy, [m["prompt"] for m in metas_n], K, noise, generator=g, sde_steps=S)
         strict, reward = toy.check(traj.images.cpu(), metas_n)                  # (P*N,) each
         scores = [value(traj.latents[:, S - 1].float(), S - 1, idx), value(traj.latents[:, S].float(), S, idx),
-                  toy.check(policy.decode(traj.pred_x0[:, S]).float().cpu(), metas_n)[1], reward]
+                  value(traj.latents[:, K - 1].float(), K - 1, idx), toy.check(policy.decode(traj.pred_x0[:, S]).float().cpu(), metas_n)[1], reward]
         for name, score in zip(names, scores):
             score, passed = score.float().cpu().view(P, N), strict.float().view(P, N)
             for n in MULTS:

@@ -8,6 +8,8 @@ are well-formed boards (palette colours, shapes on the grid). The gate model's l
 from the JSON that `pretrain.py --curve` wrote.
 
 Run:  python bench/world.py --gate runs/gate/tiny-dit --gate-curve runs/gate/curve.json
+      python bench/world.py --models tiny-unet --reuse   # re-measure one model; the other rows (and the
+                                                         # gate's) come from bench/results/world.json
 Writes bench/results/world.json and the section "world" of BENCHMARKS.md.
 """
 import argparse
@@ -60,7 +62,11 @@ def main():
     p.add_argument("--cfg", type=float, default=3.0, help="the guided row's CFG scale")
     p.add_argument("--num-steps", type=int, default=10, help="deterministic denoising steps (what training and evaluation use)")
     p.add_argument("--gate-steps", type=int, default=40, help="the gate model is also measured with this many steps (the paper evaluates with 40)")
+    p.add_argument("--reuse", action="store_true", help="keep the rows of the models not measured now (and the gate's, "
+                   "without --gate) from the current bench/results/world.json, with the command that measured them")
     args = p.parse_args()
+    from common import RESULTS
+    old = json.load(open(os.path.join(RESULTS, "world.json"))) if args.reuse else {}
     import models
     import pretrain
     import toy
@@ -71,6 +77,8 @@ def main():
     results["vae_latent_numbers"] = vae.config.latent_channels * (toy.RES // 8) ** 2
     print("vae round trip", results["vae_round_trip"], flush=True)
     rows = [(name, name) for name in args.models] + ([("gate (truthful captions)", args.gate)] if args.gate else [])
+    kept = [label for label in ("tiny-dit", "tiny-unet", "gate (truthful captions)")
+            if label in old and label not in dict(rows)]                    # --reuse: measured by old["command"]
     held, train = toy.prompts("heldout"), toy.prompts("train")
     k = min(16, args.seeds)
     settings = {label: [(1.0, args.num_steps), (args.cfg, args.num_steps)] for label, _ in rows}
@@ -86,14 +94,20 @@ def main():
                                              "train": summary(s_train, train, 4), "well_formed": formed}
             print(label, cfg, steps, json.dumps(r[f"cfg{cfg:g}-steps{steps}"]), flush=True)
         results[label] = r
-    if args.gate_curve:
-        results["gate_curve"] = json.load(open(args.gate_curve))
+    for label in kept:
+        results[label] = old[label]
+    if args.gate_curve or "gate_curve" in old:
+        results["gate_curve"] = json.load(open(args.gate_curve)) if args.gate_curve else old["gate_curve"]
     command = (f"python bench/world.py --models {' '.join(args.models)} --seeds {args.seeds} --cfg {args.cfg:g} "
                f"--num-steps {args.num_steps} --gate-steps {args.gate_steps}"
-               + (f" --gate {args.gate}" if args.gate else "") + (f" --gate-curve {args.gate_curve}" if args.gate_curve else ""))
+               + (f" --gate {args.gate}" if args.gate else "") + (f" --gate-curve {args.gate_curve}" if args.gate_curve else "")
+               + (" --reuse" if args.reuse else ""))
     results["command"] = command
+    if kept:                                   # where the kept rows came from, kept across later --reuse runs too
+        results["kept"] = {label: old.get("kept", {}).get(label) or f"{old['command']} ({old['machine']})" for label in kept}
     write_json("world", results)
-    lines = [f"Command: `{command}` ({machine()}).", "",
+    lines = [f"Command: `{command}` ({machine()})."
+             + "".join(f" The rows of {label}: `{src}`." for label, src in results.get("kept", {}).items()), "",
              f"Autoencoder: {results['vae_latent_numbers']} latent numbers per 32x32 board; the checker passes "
              f"{results['vae_round_trip']:.4f} of decode(encode(render(prompt))) over every prompt x 8 scenes.", "",
              f"Deterministic sampler; held-out prompts x {args.seeds} seeds (mean ± standard error over prompts), "
@@ -101,13 +115,14 @@ def main():
              "| model | CFG | steps | held-out strict | pass@" + str(k) + " | train strict | well-formed | "
              + " | ".join(toy.TAGS) + " (held-out) |",
              "|---|---|---|---|---|---|---|" + "---|" * len(toy.TAGS)]
-    for label, _ in rows:
+    order = ["tiny-dit", "tiny-unet", "gate (truthful captions)"]
+    for label in sorted([label for label, _ in rows] + kept, key=lambda x: order.index(x) if x in order else -1):
         for r in results[label].values():
             h = r["heldout"]
             lines.append(f"| {label} | {r['cfg']:g} | {r['steps']} | {h['strict']:.3f} ± {h['strict_se']:.3f} | "
                          f"{h[f'pass@{k}']:.2f} | {r['train']['strict']:.3f} | {r['well_formed']:.3f} | "
                          + " | ".join(f"{h['by_tag'][t]:.2f}" for t in toy.TAGS) + " |")
-    if args.gate_curve:
+    if "gate_curve" in results:
         c = results["gate_curve"]
         lines += ["", f"The gate model's pretraining curve (truthful captions, batch {c['batch']}, lr {c['lr']}, "
                   "held-out strict accuracy of the EMA weights, 4 seeds, CFG 1):", "",

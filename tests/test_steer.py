@@ -105,7 +105,8 @@ def test_best_of_n_picks_the_argmax(backbones):
 
 @pytest.mark.parametrize("method", steer.METHODS)
 @pytest.mark.parametrize("select", ["critic", "reward"])
-def test_nfe_accounting_matches_a_hand_count(backbones, method, select):
+@pytest.mark.parametrize("terminal", [False, True])
+def test_nfe_accounting_matches_a_hand_count(backbones, method, select, terminal):
     b = backbones["flow"]
     calls = {"value": 0, "score": 0}
 
@@ -115,11 +116,34 @@ def test_nfe_accounting_matches_a_hand_count(backbones, method, select):
     def score(images, idx):
         calls["score"] += len(images)
         return torch.zeros(len(images))
-    out = run(b, method, value=value, score=score, select=select)
-    expected = steer.expected_nfe(method, 4, K, S, select)
+    out = run(b, method, value=value, score=score, select=select, terminal=terminal)
+    expected = steer.expected_nfe(method, 4, K, S, select, terminal)
     assert out.nfe == pytest.approx({k: float(v) for k, v in expected.items()})
     assert calls["value"] / len(PROMPTS) == expected["critic_forward"]     # each forward pass counted once
     assert calls["score"] / len(PROMPTS) == expected["reward"]
+
+
+@pytest.mark.parametrize("method", ["bon", "smc"])
+def test_terminal_critic_chooses_at_the_first_state_after_the_window(backbones, method):
+    """terminal=True: the choice reads V(x_(t_1)), the last state (step index K - 1, after the window).
+    A critic that, there alone, prefers each prompt's particle with the largest latent sum: best-of-N
+    calls it there only and picks that particle; SMC weights x_(t_1) too (after the window states), so
+    it resamples every particle to that one (without terminal it never would: V = 0 before)."""
+    b = backbones["flow"]
+    steps, states = [], {}
+
+    def value(x, j, idx):
+        steps.append(j)
+        states[j] = x.clone()
+        return x.sum((1, 2, 3)) * 100.0 if j == K - 1 else torch.zeros(len(x))
+    out = run(b, method, value=value, terminal=True, lam=1.0, sde_steps=2)     # x_(t_1) is not x_S
+    best = states[K - 1].sum((1, 2, 3)).view(len(PROMPTS), 4).argmax(-1)            # (P,)
+    if method == "bon":
+        assert steps == [K - 1] and torch.equal(out.chosen, best)
+    else:
+        assert steps == [0, 1, K - 1]
+        assert (out.candidates - out.candidates[:, :1]).abs().amax() == 0           # all copies of the best
+        assert (run(b, method, value=value, lam=1.0, sde_steps=2).candidates - out.candidates[:, :1]).abs().amax() > 0
 
 
 def test_methods_that_need_a_critic_refuse_to_run_without_one(backbones):

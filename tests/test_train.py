@@ -134,6 +134,39 @@ def test_sde_window_trains_only_its_steps(tmp_path):
     assert buckets == {"critic/ev_noise_1.0-0.8", "critic/ev_noise_0.8-0.6"}, buckets   # sigma 1.0 and 0.67 only
 
 
+def test_critic_terminal_teaches_the_head_the_state_after_the_window(tmp_path, monkeypatch):
+    """--critic-terminal with a window of 2 of 4 steps: the value head's data holds F = 3 states per
+    trajectory, and the third, the last state x_(t_1), has the fixed return as its target: the reward,
+    which with gae-lambda < 1 equals the target of the window's last step (A = r - V there) and no
+    other; the critic reads x_(t_1) (step 3), not x_(t_S) (step 2, the first after the window)."""
+    import critic
+    import ppo
+    from models import load_backbone
+    seen, update, timesteps, features = [], ppo.update, set(), critic.Critic.features
+
+    def spy(*a, features=None, **kw):
+        seen.append(features)
+        return update(*a, features=features, **kw)
+
+    def spy_features(self, backbone, x_t, t, cond):
+        timesteps.update(t.tolist())
+        return features(self, backbone, x_t, t, cond)
+    monkeypatch.setattr(ppo, "update", spy)
+    monkeypatch.setattr(critic.Critic, "features", spy_features)
+    run_dir = str(tmp_path / "run")
+    assert run(["--num-steps", "4", "--eval-num-steps", "4", "--batch-size", "4", "--eval-seeds", "1",
+                "--value-warmup", "1", "--sde-steps", "2", "--minibatch-size", "8", "--iters", "2",
+                "--gae-lambda", "0.5", "--critic-terminal", "--run-dir", run_dir]) == 0
+    tokens, temb, returns, old = seen[-1]
+    assert len(tokens) == len(returns) == 4 * 3                       # B x (S + 1): no replay
+    t = load_backbone("tiny-dit").schedule(4).timesteps.tolist()
+    assert timesteps == {t[0], t[1], t[3]}, (timesteps, t)
+    G = returns.view(4, 3, -1)
+    torch.testing.assert_close(G[:, 2], G[:, 1])                      # x_(t_1): the reward, as the last step's
+    assert not torch.allclose(G[:, 0], G[:, 2])                       # lambda 0.5 bootstraps the first
+    assert all("critic/ev_terminal" in r for r in rows(run_dir)[1:])
+
+
 @pytest.mark.parametrize("arch", ["sd3.5m", "sd1.5"])
 def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     run_dir = str(tmp_path / "run")
@@ -204,6 +237,8 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--batch-size", "4", "--minibatch-size", "7"], "--minibatch-size 7"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--num-steps", "4", "--sde-steps", "6"], "--sde-steps 6 exceeds --num-steps 4"),
+    (["--num-steps", "4", "--sde-steps", "4", "--critic-terminal"], "--critic-terminal needs"),
+    (["--algo", "grpo", "--sde-steps", "2", "--critic-terminal"], "--critic-terminal needs"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
     (["--train-tags", "counting,spelling"], "no training prompt has the tag 'spelling'"),
     (["--lr", "inf"], "--lr must be finite and > 0"),
