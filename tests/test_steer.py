@@ -189,6 +189,23 @@ def test_eval_writes_results_summary_and_grid(dirs, critic_run, tmp_path, method
     assert "jpeg:" in r.stdout
 
 
+def test_eval_chooses_at_the_last_state_when_the_critic_learned_it(dirs, critic_run, tmp_path):
+    """A critic run made with --critic-terminal (its config says so): eval.py's SMC then also weights
+    the last state, N (S + 1) critic passes per image (the run's window: 2 of 3 steps), not N S."""
+    import shutil
+    run = tmp_path / "terminal"
+    shutil.copytree(critic_run, run)
+    config = json.load(open(run / "config.json"))
+    assert not config["critic_terminal"]
+    json.dump({**config, "critic_terminal": True}, open(run / "config.json", "w"))
+    for critic, passes in ((critic_run, 2 * 2), (str(run), 2 * 3)):
+        out = tmp_path / f"eval-{passes}"
+        r = cli("--model", dirs["flow"], "--critic", critic, "--steer", "smc", "--n", "2", "--prompts", "geneval",
+                "--max-prompts", "2", "--seeds", "1", "--rewards", "jpeg", "--out", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.load(open(out / "results.json"))["images"][0]["nfe"]["critic_forward"] == passes
+
+
 def test_eval_on_the_sd15_architecture_without_a_critic(dirs, tmp_path):
     out = tmp_path / "eval"
     r = cli("--model", dirs["ddim"], "--steer", "bon", "--select", "reward", "--n", "2", "--prompts", "geneval",
