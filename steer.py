@@ -112,6 +112,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
     S = min(sde_steps or K, K)
     assert not terminal or S < K, "terminal=True needs a state after the window (sde_steps < num_steps)"
     last = K - 1 if terminal else S - 1    # the state the critic's final choice reads
+    end = last if method == "smc" else S - 1   # the last state SMC weights (the proxy: its window only)
     N = 1 if method in ("none", "grad") else n
     if needs_critic(method, select) and value is None:
         raise ValueError(f"--steer {method} (select {select}) needs a critic")
@@ -143,7 +144,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
         nfe["denoiser"] += P * N
         if grad is not None:               # mu' = mu + s std^2 grad V: the sample moves with its mean
             x_next = x_next + guidance * std.view(-1, 1, 1, 1) ** 2 * grad
-        if smc and (j < S or (j == last and method == "smc")):   # weight the current states x_j by their potential
+        if smc and (j < S or j == end):    # weight the current states x_j by their potential
             if method == "smc":
                 g = value(x, j, idx)
                 nfe["critic_forward"] += P * N
@@ -155,7 +156,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
             # exp(lam (V(x_j) - V(x_prev))): the product telescopes to exp(lam V(current state))
             log_w = log_w + lam * (g - (potential if potential is not None else 0.0))
             potential = g
-            if j >= 1 and (j % resample_every == 0 or j == S - 1 or j == last):
+            if j >= 1 and (j % resample_every == 0 or j == S - 1 or j == end):
                 resample = ess(log_w) < N / 2                              # (P,)
                 if resample.any():
                     same = generator is not None and generator.device == log_w.device
@@ -164,7 +165,7 @@ def steer(backbone, prompts, method="none", n=4, num_steps=10, noise_level=0.7, 
                     flat = (anc + torch.arange(P, device=anc.device)[:, None] * N).flatten()
                     x_next, potential = x_next[flat], potential.gather(1, anc)
                     log_w = torch.where(resample[:, None], torch.zeros_like(log_w), log_w)
-            if j == (last if method == "smc" else S - 1):
+            if j == end:
                 last_value = potential
         elif select == "critic" and N > 1 and j == last and method != "proxy-smc":
             last_value = value(x, j, idx).view(P, N).float()              # the last window state, or x_{t_1}

@@ -129,17 +129,20 @@ def main():
               "Targets at 4x NFE: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()) + ".", "",
               f"The control: best-of-N by each selector on the same {MULTS[-1]} candidates per prompt and seed (the first N "
               "of them), the unsteered sampler; strict accuracy of the chosen image (mean ± s.e. over prompts):", "",
-              "| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
-    for name, by_n in results["selectors"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |")
-    lines += ["", f"The same control on {len(seen)} training prompts (every 4th), the prompts whose rollouts the critic was "
-              "trained on:", "", "| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
-    for name, by_n in results["selectors_train_prompts"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |")
+              *selector_table(results["selectors"]), "",
+              f"The same control on {len(seen)} training prompts (every 4th), the prompts whose rollouts the critic was "
+              "trained on:", "", *selector_table(results["selectors_train_prompts"])]
     title = ("Steering the base model with a critic fitted to its rollouts, at equal NFE (built-in world)" if fitted
              else "Steering with the critic at equal NFE (built-in world)")
     write_section(args.out.replace("_", "-"), f"## {title}\n\n" + "\n".join(lines))
     print("\n".join(lines))
+
+
+def selector_table(selectors):
+    """Markdown rows of selector_control's output: one row per selector, one column per N."""
+    return (["| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
+            + [f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |"
+               for name, by_n in selectors.items()])
 
 
 @torch.no_grad()
