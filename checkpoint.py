@@ -189,7 +189,7 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
         os.makedirs(tmp)
     ppo.barrier()                                      # tmp/ exists before any rank writes into it
     torch.save(rngs(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if replay:                                         # (tokens, temb, returns, old_values) per iteration kept
+    if replay:                                         # (tokens, temb[, text], returns, old_values) per iteration kept
         save_file({f"{i}.{j}": t.contiguous() for i, batch in enumerate(replay) for j, t in enumerate(batch)},
                   os.path.join(tmp, f"replay_rank{rank}.safetensors"))
     ppo.barrier()                                      # every rank's RNG file is in tmp/ before the swap
@@ -297,8 +297,10 @@ def resume(args, policy_net, critic, opt_policy, opt_critic, mixer, prompt_rng, 
     if replay is not None and os.path.isfile(replay_path):
         from safetensors.torch import load_file
         saved = load_file(replay_path)
-        for i in range(len(saved) // 4):
-            replay.append(tuple(saved[f"{i}.{j}"] for j in range(4)))
+        batches = sorted({int(k.split(".")[0]) for k in saved})
+        width = sum(k.startswith("0.") for k in saved)             # 4 tensors per batch, 5 with --critic-text
+        for i in batches:
+            replay.append(tuple(saved[f"{i}.{j}"] for j in range(width)))
     r = state["rngs"]
     random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
     np.random.set_state(("MT19937", r["numpy"][0].numpy().astype(np.uint32), *r["numpy"][1:]))

@@ -9,7 +9,10 @@
   head      a learned query attends over the tokens, then an MLP gives one value per reward;
             both norms are modulated AdaLN-style by the timestep embedding (the paper's first
             stabiliser: the head knows how noisy the state is); the last layer starts at zero,
-            so V = 0 exactly at initialisation
+            so V = 0 exactly at initialisation. With text=True (train.py --critic-text) the query
+            also attends over the prompt's text tokens, projected to the tokens' width: the
+            richer inputs that the paper's attention layer admits (its Fig. 10), which help the
+            critic on prompts it never trained on (BENCHMARKS.md, critic fit)
 Value pretraining (the second stabiliser, `train.py --value-warmup W`) lives in train.py.
 
 | paper (METHOD.md 3, 5) | here |
@@ -49,11 +52,13 @@ def modulate(x, shift, scale):
 
 
 class ValueHead(nn.Module):
-    """(tokens (B, N, D), temb (B, E)) -> values (B, R): one learned query token attends over
-    the feature tokens, then an MLP to R outputs, one per reward (section 6)."""
+    """(tokens (B, N, D), temb (B, E)[, text (B, L, T)]) -> values (B, R): one learned query token
+    attends over the feature tokens (and, with text_dim = T, over the L text tokens of the prompt,
+    projected to width D), then an MLP to R outputs, one per reward (section 6)."""
 
-    def __init__(self, dim, temb_dim, num_rewards=1):
+    def __init__(self, dim, temb_dim, num_rewards=1, text_dim=None):
         super().__init__()
+        self.text_proj = nn.Linear(text_dim, dim) if text_dim else None
         num_heads = max(1, dim // 64) if dim % max(1, dim // 64) == 0 else 1
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.norm_tokens = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -66,7 +71,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight), nn.init.zeros_(self.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.mlp[-1].weight), nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, tokens, temb):
+    def forward(self, tokens, temb, text=None):
+        if self.text_proj is not None:      # the prompt's tokens join the image's as keys and values
+            tokens = torch.cat([tokens, self.text_proj(text)], 1)                           # (B, N + L, D)
         shift_t, scale_t, shift_p, scale_p = self.adaLN_modulation(temb).chunk(4, dim=-1)   # 4 x (B, D)
         h = modulate(self.norm_tokens(tokens), shift_t, scale_t)                          # (B, N, D)
         pooled = self.attn(self.query.expand(len(h), -1, -1), h, h, need_weights=False)[0]  # (B, 1, D)
@@ -75,12 +82,14 @@ class ValueHead(nn.Module):
 
 
 def feature_dims(backbone):
-    """(D, E): width of the last hidden tokens and of the timestep embedding, read from the
-    very modules whose inputs Backbone.features hooks."""
+    """(D, E, T): width of the last hidden tokens and of the timestep embedding, read from the
+    very modules whose inputs Backbone.features hooks, and of the text tokens the denoiser reads
+    (cond's encoder_hidden_states)."""
     net = backbone.net
     if backbone.sampler == "flow":                       # SD3 transformer: norm_out(tokens, temb)
-        return net.norm_out.linear.in_features, net.norm_out.linear.in_features
-    return net.conv_norm_out.num_channels, net.time_embedding.linear_2.out_features   # UNet
+        return net.norm_out.linear.in_features, net.norm_out.linear.in_features, net.config.joint_attention_dim
+    return (net.conv_norm_out.num_channels, net.time_embedding.linear_2.out_features,   # UNet
+            net.config.cross_attention_dim)
 
 
 # ----------------------------------------------------------------------------- LoRA adapters
@@ -129,11 +138,12 @@ def adapter(net, name):
 class Critic(nn.Module):
     """V_phi(x_t, t, c) -> (B, R). `lora=False`: a full trainable copy of backbone.net;
     `lora=True`: a 'critic' LoRA adapter added to backbone.net itself (not registered as a
-    submodule here, so state_dict() holds only what is trained: head and, for a copy, the net)."""
+    submodule here, so state_dict() holds only what is trained: head and, for a copy, the net).
+    `text=True`: the head also reads the prompt's text tokens."""
 
-    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64):
+    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False):
         super().__init__()
-        self.lora = lora
+        self.lora, self.text = lora, text
         if lora:
             with warnings.catch_warnings():          # peft warns that a second adapter is a second adapter
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -141,7 +151,8 @@ class Critic(nn.Module):
             self._shared = [backbone.net]                # a list hides it from nn.Module
         else:
             self.net = copy.deepcopy(backbone.net).requires_grad_(True)   # eval mode kept: no dropout
-        self.head = ValueHead(*feature_dims(backbone), num_rewards)
+        D, E, T = feature_dims(backbone)
+        self.head = ValueHead(D, E, num_rewards, T if text else None)
 
     @property
     def backbone_net(self):
@@ -158,9 +169,12 @@ class Critic(nn.Module):
         return [{"params": self.backbone_parameters(), "lr": lr}, {"params": list(self.head.parameters()), "lr": head_lr}]
 
     def features(self, backbone, x_t, t, cond):
-        """The head's inputs: tokens (B, N, D) and timestep embedding (B, E) of the critic's backbone."""
+        """The head's inputs: tokens (B, N, D) and timestep embedding (B, E) of the critic's backbone,
+        and with text=True the prompt's text tokens (B, L, T) as the denoiser reads them."""
         with adapter(self.backbone_net, CRITIC) as net:
             tokens, temb = backbone.features(x_t, t, cond, net=net)
+        if self.text:
+            return tokens.float(), temb.float(), cond.cond["encoder_hidden_states"].float()
         return tokens.float(), temb.float()
 
     def forward(self, backbone, x_t, t, cond):
@@ -174,22 +188,24 @@ class Critic(nn.Module):
         appends x_{t_1}, the last state the denoiser reads (B, S + 1, R): after the window its return
         is fixed (train.py --critic-terminal).
         The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed.
-        keep_features=True also returns the head's inputs for the B*F states (row b*F + f), so
-        the head can be trained on every state without another backbone pass."""
+        keep_features=True also returns the head's inputs (Critic.features) for the B*F states (row
+        b*F + f), so the head can be trained on every state without another backbone pass."""
         B, K = traj.log_probs.shape
         cols = list(range(steps or K)) + ([K - 1] if last else [])           # the F states' step indices
         F = len(cols)
         idx, col = torch.meshgrid(torch.arange(B), torch.arange(F), indexing="ij")
         idx, j = idx.flatten(), torch.tensor(cols)[col.flatten()]            # (B*F,)
-        values, tokens, temb = [], [], []
+        values, inputs = [], []
         for s in range(0, B * F, chunk):
             f = self.features(backbone, traj.latents[idx[s:s + chunk], j[s:s + chunk]], traj.timesteps[j[s:s + chunk]],
                               traj.cond.index(idx[s:s + chunk]))
             values.append(self.head(*f))
             if keep_features:
-                tokens.append(f[0]), temb.append(f[1])
+                inputs.append(f)
         values = torch.cat(values).view(B, F, -1)
-        return (values, (torch.cat(tokens), torch.cat(temb))) if keep_features else values   # (B*F, N, D), (B*F, E)
+        if not keep_features:
+            return values
+        return values, tuple(torch.cat(t) for t in zip(*inputs))   # (B*F, N, D), (B*F, E)[, (B*F, L, T)]
 
     def state_dict_to_save(self):
         """What a checkpoint holds: the head, plus the copy's weights or the critic adapter."""
@@ -221,7 +237,8 @@ def load(backbone, run_dir):
     config = json.load(open(os.path.join(run_dir, "config.json")))
     names = [n for n in config["rewards"].split(",") if n.strip()]
     rank = config.get("lora_rank") or 0
-    critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64)
+    critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64,
+                    text=bool(config.get("critic_text")))
     critic.load_saved(load_file(os.path.join(run_dir, "checkpoint", "critic.safetensors")))
     return critic.to(backbone.device)
 

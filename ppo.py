@@ -248,8 +248,8 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     untouched pretrained net). train_policy=False is value pretraining (--value-warmup).
     critic_pairs: the critic (backbone and head) trains on only the first n pairs of each epoch's
     shuffled order (a random share), which sets its cost per image; None = all of them.
-    features: the value head's own data, (tokens (M, N, D), temb (M, E), returns (M, R),
-    old_values (M, R)) for M states: this batch's from the rollout-time value pass, and with
+    features: the value head's own data, (*inputs, returns (M, R), old_values (M, R)) for M states,
+    inputs being what Critic.features gives (tokens (M, N, D), temb (M, E)[, text (M, L, T)]): this batch's from the rollout-time value pass, and with
     train.py --critic-replay those of recent iterations too; if given, the value head alone first
     takes args.head_epochs passes over every one of them, at a fraction of a backbone pass's cost
     (the backbone learns only in the minibatches above)."""
@@ -260,12 +260,12 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                             "grad_norm/critic")}
     skipped, ratio_dev_first = 0, None
     if features is not None:
-        tokens, temb, h_returns, h_old = features                         # (M, N, D), (M, E), (M, R), (M, R)
+        *inputs, h_returns, h_old = features                              # (M, N, D), (M, E)[, (M, L, T)], (M, R), (M, R)
         head_params = list(critic.head.parameters())
         device = returns.device
         for epoch in range(args.head_epochs):
-            for mb in torch.randperm(len(tokens), generator=generator).split(args.minibatch_per_rank):
-                v_loss = value_loss(critic.head(tokens[mb].to(device), temb[mb].to(device)), h_returns[mb].to(device),
+            for mb in torch.randperm(len(h_returns), generator=generator).split(args.minibatch_per_rank):
+                v_loss = value_loss(critic.head(*(x[mb].to(device) for x in inputs)), h_returns[mb].to(device),
                                     h_old[mb].to(device), args.vf_clip)
                 grad_norm, skip = optimiser_step(v_loss, head_params, opt_critic, args.max_grad_norm)
                 skipped += skip

@@ -12,7 +12,8 @@ of V_phi against the returns of 8 fresh batches (held out), per state of the win
 state x_{t_1} (trained only by the --critic-terminal variant), and the same on 8 batches of the
 held-out prompts, which the critic never sees (steering is measured on those).
 
-Run:  python bench/critic_fit.py                 # writes bench/results/critic_fit.json (~8 min, 2 threads)
+Run:  python bench/critic_fit.py                 # writes bench/results/critic_fit.json (~8 min, 2 threads;
+                                                 # with --variants, the others' figures are kept there)
       python bench/critic_fit.py --variants "M=32, head lr 1e-4" --save DIR
           # keeps that critic in DIR (config.json, checkpoint/critic.safetensors, critic_fit.json), a run
           # directory without a policy: bench/steering.py --run DIR steers the base model with it
@@ -22,6 +23,7 @@ import collections
 import itertools
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -34,16 +36,20 @@ MODEL, RANK, ALPHA = "tiny-dit", 16, 32      # the base model and the critic ada
                                              # --save writes the same values, so critic.load rebuilds this critic
 
 # name: (--critic-replay M, --critic-head-lr, --critic-lr, backbone pairs per iteration (0 = frozen), --head-epochs,
-#        also fit the last state x_{t_1}, whose return is fixed after the window: its ceiling is EV 1)
+#        also fit the last state x_{t_1}, whose return is fixed after the window: its ceiling is EV 1 (--critic-terminal),
+#        the head also reads the prompt's text tokens (--critic-text))
 VARIANTS = {
-    "today (M=1, head lr 1e-3)": (1, 1e-3, 1e-4, 16, 1, False),
-    "M=32, head lr 1e-4": (32, 1e-4, 1e-4, 16, 1, False),
-    "M=64, head lr 1e-4": (64, 1e-4, 1e-4, 16, 1, False),
-    "M=32, head lr 1e-4, 2 head epochs": (32, 1e-4, 1e-4, 16, 2, False),
-    "M=16, head lr 1e-4, frozen backbone": (16, 1e-4, 1e-4, 0, 1, False),
-    "M=16, head lr 1e-3": (16, 1e-3, 1e-4, 16, 1, False),
-    "M=32, head lr 3e-4": (32, 3e-4, 1e-4, 16, 1, False),
-    "M=32, head lr 1e-4, with x_t1": (32, 1e-4, 1e-4, 16, 1, True),
+    "today (M=1, head lr 1e-3)": (1, 1e-3, 1e-4, 16, 1, False, False),
+    "M=32, head lr 1e-4": (32, 1e-4, 1e-4, 16, 1, False, False),
+    "M=64, head lr 1e-4": (64, 1e-4, 1e-4, 16, 1, False, False),
+    "M=32, head lr 1e-4, 2 head epochs": (32, 1e-4, 1e-4, 16, 2, False, False),
+    "M=16, head lr 1e-4, frozen backbone": (16, 1e-4, 1e-4, 0, 1, False, False),
+    "M=16, head lr 1e-3": (16, 1e-3, 1e-4, 16, 1, False, False),
+    "M=32, head lr 3e-4": (32, 3e-4, 1e-4, 16, 1, False, False),
+    "M=32, head lr 1e-4, with x_t1": (32, 1e-4, 1e-4, 16, 1, True, False),
+    "M=32, head lr 1e-4, with x_t1, text tokens": (32, 1e-4, 1e-4, 16, 1, True, True),
+    "M=32, head lr 3e-4, with x_t1, text tokens": (32, 3e-4, 1e-4, 16, 1, True, True),
+    "M=32, head lr 1e-4, with x_t1, text tokens, frozen backbone": (32, 1e-4, 1e-4, 0, 1, True, True),
 }
 
 
@@ -77,19 +83,19 @@ def main():
     mean, std = norm.mean[0].float(), norm.std()[0].float()
     out = {}
     for name in names:
-        M, head_lr, lr, pairs, head_epochs, terminal = VARIANTS[name]
+        M, head_lr, lr, pairs, head_epochs, terminal, text = VARIANTS[name]
         F = S + 1 if terminal else S                 # the states fitted: the window, and x_{t_1} with terminal
         torch.manual_seed(0)
         backbone = load_backbone(MODEL)
-        critic = C.Critic(backbone, 1, lora=True, rank=RANK, alpha=ALPHA)
+        critic = C.Critic(backbone, 1, lora=True, rank=RANK, alpha=ALPHA, text=text)
         opt = torch.optim.AdamW(critic.param_groups(lr, head_lr), weight_decay=0.0)
         flags = argparse.Namespace(head_epochs=head_epochs, minibatch_per_rank=80, vf_clip=0.0, max_grad_norm=1.0,
                                    epochs=1, clip_range=1e-2, kl_coef=0.0)
         replay, gen, curve, t0 = collections.deque(maxlen=M), torch.Generator().manual_seed(0), [], time.time()
         for it, ((traj, _), g) in enumerate(zip(data, G)):
-            old, (tokens, temb) = critic.values(backbone, traj, keep_features=True, steps=S, last=terminal)  # (32, F, 1)
+            old, inputs = critic.values(backbone, traj, keep_features=True, steps=S, last=terminal)  # (32, F, 1)
             returns = g[:, None, :].expand(32, F, 1).contiguous()                             # gamma = lambda = 1: G = R
-            replay.append((tokens, temb, returns.reshape(-1, 1), old.reshape(-1, 1)))
+            replay.append((*inputs, returns.reshape(-1, 1), old.reshape(-1, 1)))
             # as train.py: the backbone learns on the window's pairs, the head on all F states
             ppo.update(backbone, traj, torch.zeros(32, S), returns, old, None, None, critic, None, opt, flags, gen,
                        train_policy=False, critic_pairs=None if it < 2 else pairs,
@@ -102,12 +108,21 @@ def main():
                       + " | on held-out prompts " + " ".join(f"{x:+.3f}" for x in ev_unseen)
                       + f" ({time.time() - t0:.0f} s)", flush=True)
         out[name] = curve
-    figures = {"command": "python " + " ".join(sys.argv), "variants": out}
+    command = "python " + shlex.join(sys.argv)
     if args.save:
-        save(args.save, critic, figures, VARIANTS[names[0]], K, S)
+        save(args.save, critic, {"command": command, "variants": out}, VARIANTS[names[0]], K, S)
         print("kept the critic in", args.save)
-    else:
-        print("written", write_json("critic_fit", figures))
+    else:   # the variants not run now keep their figures, each beside the command that measured it
+        print("written", write_json("critic_fit", merged(out, command)))
+
+
+def merged(out, command):
+    """bench/results/critic_fit.json's figures with this run's variants replaced: {"variants": {name: curve},
+    "commands": {name: the command that measured it}}."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "critic_fit.json")
+    old = json.load(open(path)) if os.path.exists(path) else {"variants": {}}
+    commands = old.get("commands") or {name: old.get("command") for name in old["variants"]}
+    return {"variants": {**old["variants"], **out}, "commands": {**commands, **{name: command for name in out}}}
 
 
 def evs(critic, backbone, batches, mean, std, S):
@@ -130,10 +145,11 @@ def save(run_dir, critic, figures, variant, K, S):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "checkpoint"))
     save_file(state, os.path.join(tmp, "checkpoint", "critic.safetensors"))
-    M, head_lr, lr, pairs, head_epochs, terminal = variant
+    M, head_lr, lr, pairs, head_epochs, terminal, text = variant
     config = {"model": MODEL, "rewards": "shapes", "lora_rank": RANK, "lora_alpha": ALPHA,
               "num_steps": K, "sde_steps": S, "critic_replay": M, "critic_head_lr": head_lr, "critic_lr": lr,
-              "critic_pairs": pairs, "head_epochs": head_epochs, "critic_terminal": terminal, "fitted_by": "bench/critic_fit.py (policy: the base model)"}
+              "critic_pairs": pairs, "head_epochs": head_epochs, "critic_terminal": terminal, "critic_text": text,
+              "fitted_by": "bench/critic_fit.py (policy: the base model)"}
     for name, data in (("config.json", config), ("critic_fit.json", figures)):
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(data, f, indent=1)

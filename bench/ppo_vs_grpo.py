@@ -39,9 +39,15 @@ LABELS = {"ppo": "critic-PPO", "grpo": "GRPO", "raft": "RAFT (supervised referen
 COLORS = {"ppo": "tab:red", "grpo": "tab:blue", "raft": "tab:gray"}
 
 
+def own_flags(args, algo, extra):
+    """train.py's flags for one algorithm: those after --, and for critic-PPO its --ppo-flags (the critic's
+    own flags, which train.py refuses for algorithms without a critic)."""
+    return [*extra, *(shlex.split(args.ppo_flags) if algo == "ppo" else [])]
+
+
 def run_one(args, algo, seed, extra):
-    return train_run(args, os.path.join(args.runs, f"{algo}-seed{seed}"), ["--algo", algo, "--seed", str(seed), *extra],
-                     f"{algo} seed {seed}")
+    return train_run(args, os.path.join(args.runs, f"{algo}-seed{seed}"),
+                     ["--algo", algo, "--seed", str(seed), *own_flags(args, algo, extra)], f"{algo} seed {seed}")
 
 
 def steady_ms_per_image(rows, skip):
@@ -233,6 +239,8 @@ def main():
     p.add_argument("--timing-images", type=int, default=640,
                    help="images per algorithm in separate timing runs, one algorithm at a time (0 = skip)")
     p.add_argument("--label", default="", help="added to the section's title: what sets this section apart")
+    p.add_argument("--ppo-flags", default="", help="train.py flags for the critic-PPO runs only, e.g. "
+                   "'--critic-replay 32 --critic-terminal' (the critic's flags, which GRPO and RAFT refuse)")
     args = p.parse_args(argv)
     os.makedirs(args.runs, exist_ok=True)
     jobs = [(algo, s) for s in args.seeds for algo in ALGOS]
@@ -247,10 +255,11 @@ def main():
         args.jobs, args.threads = previous["jobs"], previous["threads_per_run"]
         args.eval_seeds = previous.get("eval_seeds", args.eval_seeds)
         args.label = args.label or previous.get("label", "")
+        args.ppo_flags = previous.get("ppo_flags", "")
     curves = {algo: {str(s): read(os.path.join(args.runs, f"{algo}-seed{s}")) for s in args.seeds} for algo in ALGOS}
     timed_path = os.path.join(args.runs, "timing.json")
     if args.timing_images and not args.report_only:
-        timed = {algo: timing(args, algo, extra) for algo in ALGOS}
+        timed = {algo: timing(args, algo, own_flags(args, algo, extra)) for algo in ALGOS}
         with open(timed_path, "w") as f:
             json.dump(timed, f)
     timed = json.load(open(timed_path)) if os.path.isfile(timed_path) else None
@@ -262,7 +271,7 @@ def main():
             **{a: {"heldout_strict": [curves[a][str(s)]["heldout_strict"] for s in args.seeds],
                    "time_per_image_ms": [curves[a][str(s)]["wall_s_per_image"] * 1000 for s in args.seeds]}
                for a in ALGOS}}
-    write_json(args.out, {**spec, "command": command, "train_flags": extra, "threads_per_run": args.threads, "jobs": args.jobs,
+    write_json(args.out, {**spec, "command": command, "train_flags": extra, "ppo_flags": args.ppo_flags, "threads_per_run": args.threads, "jobs": args.jobs,
                           "eval_seeds": args.eval_seeds, "label": args.label, "summary": summary, "prompt_accuracy": accuracy,
                           "curves": curves})
     plot(curves, summary, args.seeds, args.out + ".png")
@@ -274,7 +283,8 @@ def main():
             + (f"; {args.label}" if args.label else "") + ")", "",
             f"Command: `{command}` (tiny-dit, shapes reward, {len(args.seeds)} seeds, "
             f"{args.threads} thread per run, {args.jobs} runs at once; held-out prompts x {args.eval_seeds} seeds, "
-            "deterministic sampler; train.py flags: `" + (" ".join(extra) or "defaults") + "`)", "",
+            "deterministic sampler; train.py flags: `" + (" ".join(extra) or "defaults") + "`"
+            + (f", and for critic-PPO also `{args.ppo_flags}`" if args.ppo_flags else "") + ")", "",
             table(summary, train_tags), "", *([categories, ""] if categories else []),
             f"![held-out accuracy vs images](bench/results/{name}.png)", "",
             "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items())

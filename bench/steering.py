@@ -53,6 +53,7 @@ def main():
     prompts = [m["prompt"] for m in metas]
     K, S = config["num_steps"], config["sde_steps"]
     terminal = bool(config.get("critic_terminal")) and S < K       # its critic learned x_{t_1} too: choose there
+    text = " --critic-text" if config.get("critic_text") else ""    # its head also reads the prompt's tokens
     noise = config.get("noise_level") or rollout.TRAIN_NOISE[policy.sampler]
     value = steer.critic_value_fn(critic, base, prompts, policy.schedule(K), [1.0])
 
@@ -63,10 +64,12 @@ def main():
         curve = next(iter(json.load(open(os.path.join(args.run, "critic_fit.json")))["variants"].values()))
         ev = curve[-1]["heldout_ev_by_state"]
         about = ("Policy: the base model; critic: fitted to the base model's rollouts by `bench/critic_fit.py` "
-                 f"(--critic-replay {config['critic_replay']}, head lr {config['critic_head_lr']}), held-out explained "
-                 "variance by state of the window " + " / ".join(f"{x:+.2f}" for x in ev)
+                 f"(--critic-replay {config['critic_replay']}, head lr {config['critic_head_lr']}{text}), explained "
+                 "variance on fresh rollouts of the training prompts by state of the window " + " / ".join(f"{x:+.2f}" for x in ev)
                  + (f", at the last state x_{K - 1} {curve[-1]['heldout_ev_last_state']:+.2f} (trained there: --critic-terminal)"
-                    if terminal else ""))
+                    if terminal else "")
+                 + (f"; on the held-out prompts, never trained on, at x_{K - 1} {curve[-1]['unseen_prompts_ev_last_state']:+.2f}"
+                    if "unseen_prompts_ev_last_state" in curve[-1] else ""))
     else:
         rows = [json.loads(line) for line in open(os.path.join(args.run, "metrics.jsonl"))]
         tail = [r for r in rows[-10:] if "critic/explained_variance" in r]
@@ -74,7 +77,7 @@ def main():
         if terminal:
             ev["last state"] = sum(r["critic/ev_terminal"] for r in tail) / len(tail)
         about = (f"Policy and critic: the run's final ones (`--critic-replay {config.get('critic_replay', 1)}"
-                 + (" --critic-terminal" if terminal else "") + "`); the critic's in-loop explained variance over the "
+                 + (" --critic-terminal" if terminal else "") + text + "`); the critic's in-loop explained variance over the "
                  "run's last 10 iterations, by noise fraction" + (f" and at the last state x_{K - 1}" if terminal else "")
                  + ": " + ", ".join(f"{k}: {v:+.2f}" for k, v in ev.items()))
     results = {"command": f"python bench/steering.py --run {args.run} --seeds {args.seeds} --lam {args.lam} "

@@ -38,6 +38,28 @@ def test_value_is_zero_at_init(backbones, name, lora):
     assert critic.head.mlp[-1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["sd3.5m-arch", "sd1.5-arch", "tiny-dit", "tiny-unet"])
+def test_text_head_reads_the_prompt_tokens(backbones, name):
+    """text=True (train.py --critic-text): the head's inputs carry the denoiser's text tokens, V_phi is
+    still 0 at initialisation, the value changes with the text tokens alone (same image tokens), and
+    the projection learns; a checkpoint with the text head loads back through critic.load."""
+    b = backbones[name]()
+    traj = rollout.sample(b, PROMPTS, 3, rollout.TRAIN_NOISE[b.sampler], generator=torch.Generator().manual_seed(0))
+    critic = Critic(b, num_rewards=2, lora=True, rank=4, alpha=8, text=True)
+    assert torch.equal(critic.values(b, traj), torch.zeros(3, 3, 2))
+    x, t = traj.latents[:, 1], traj.timesteps[[1, 1, 1]]
+    tokens, temb, text = critic.features(b, x, t, traj.cond)
+    torch.testing.assert_close(text, traj.cond.cond["encoder_hidden_states"].float(), rtol=0, atol=0)
+    with torch.no_grad():
+        critic.head.mlp[-1].weight.normal_()
+    other = text.roll(1, dims=0)                                   # another prompt's tokens, same image tokens
+    assert not torch.allclose(critic.head(tokens, temb, text), critic.head(tokens, temb, other))
+    critic(b, x, t, traj.cond).sum().backward()
+    assert critic.head.text_proj.weight.grad.abs().sum() > 0
+    _, inputs = critic.values(b, traj, keep_features=True, steps=2)
+    assert [tuple(x.shape[:1]) for x in inputs] == [(6,)] * 3 and inputs[2].shape[1:] == text.shape[1:]
+
+
 def test_critic_backbone_starts_as_the_pretrained_one(backbones):
     b = backbones["tiny-dit"]()
     traj = rollout.sample(b, PROMPTS, 3, 0.7, generator=torch.Generator().manual_seed(0))

@@ -167,6 +167,28 @@ def test_critic_terminal_teaches_the_head_the_state_after_the_window(tmp_path, m
     assert all("critic/ev_terminal" in r for r in rows(run_dir)[1:])
 
 
+def test_critic_text_trains_a_head_on_the_prompt_tokens(tmp_path, monkeypatch):
+    """--critic-text: the value head's data carries each state's text tokens, its projection trains,
+    and the run's critic loads back with the text head (steering reads it: critic.load)."""
+    import critic
+    import ppo
+    from models import load_backbone
+    seen, initial, update = [], [], ppo.update
+
+    def spy(*a, features=None, **kw):
+        if not initial:                                   # the projection before its first update
+            initial.append(a[7].head.text_proj.weight.detach().clone())
+        seen.append(features)
+        return update(*a, features=features, **kw)
+    monkeypatch.setattr(ppo, "update", spy)
+    run_dir = str(tmp_path / "run")
+    assert run([*TINY, "--iters", "2", "--critic-text", "--run-dir", run_dir]) == 0
+    tokens, temb, text, returns, old = seen[-1]
+    assert len(text) == len(returns) == 4 * 3 and text.dim() == 3
+    trained = critic.load(load_backbone("tiny-dit"), run_dir)
+    assert trained.text and not torch.equal(trained.head.text_proj.weight, initial[0])
+
+
 @pytest.mark.parametrize("arch", ["sd3.5m", "sd1.5"])
 def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     run_dir = str(tmp_path / "run")
@@ -200,12 +222,12 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     assert (exported - trained).abs().max() < 1e-5, ((exported - trained).abs().max(), (trained - base).abs().max())
 
 
-@pytest.mark.parametrize("replay", [[], ["--critic-replay", "3"]])
+@pytest.mark.parametrize("replay", [[], ["--critic-replay", "3", "--critic-text"]])
 def test_resume_is_exact(tmp_path, replay):
     """2 iterations, then --resume to 4 == 4 iterations straight: same metrics, same weights. At a
     constant learning rate: extending a run stretches the default cosine over the new --iters. With
-    --critic-replay the value head's kept states must come back too (else iteration 3's head trains
-    on one batch instead of three, and the critic differs)."""
+    --critic-replay the value head's kept states must come back too, with --critic-text their text tokens
+    as well (else iteration 3's head trains on one batch instead of three, and the critic differs)."""
     common = ["--iters", "4", *TINY, "--eval-every", "2", "--lr-schedule", "constant", *replay]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert run([*common, "--run-dir", straight]) == 0
@@ -239,6 +261,7 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--num-steps", "4", "--sde-steps", "6"], "--sde-steps 6 exceeds --num-steps 4"),
     (["--num-steps", "4", "--sde-steps", "4", "--critic-terminal"], "--critic-terminal needs"),
     (["--algo", "grpo", "--sde-steps", "2", "--critic-terminal"], "--critic-terminal needs"),
+    (["--algo", "grpo", "--group-size", "2", "--critic-text"], "--critic-text: --algo grpo has no critic"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
     (["--train-tags", "counting,spelling"], "no training prompt has the tag 'spelling'"),
     (["--lr", "inf"], "--lr must be finite and > 0"),
