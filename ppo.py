@@ -249,7 +249,8 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     critic_pairs: the critic (backbone and head) trains on only the first n pairs of each epoch's
     shuffled order (a random share), which sets its cost per image; None = all of them.
     features: the value head's own data, (*inputs, returns (M, R), old_values (M, R)) for M states,
-    inputs being what Critic.features gives (tokens (M, N, D), temb (M, E)[, text (M, L, T)]): this batch's from the rollout-time value pass, and with
+    inputs being what Critic.features gives (tokens (M, N, D), temb (M, E)[, text (M, L, T)]):
+    this batch's from the rollout-time value pass, and with
     train.py --critic-replay those of recent iterations too; if given, the value head alone first
     takes args.head_epochs passes over every one of them, at a fraction of a backbone pass's cost
     (the backbone learns only in the minibatches above)."""
