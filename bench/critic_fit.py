@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common import write_json
+from common import RESULTS, write_json
 
 MODEL, RANK, ALPHA = "tiny-dit", 16, 32      # the base model and the critic adapter, as train.py's defaults build them;
                                              # --save writes the same values, so critic.load rebuilds this critic
@@ -119,7 +119,7 @@ def main():
 def merged(out, command):
     """bench/results/critic_fit.json's figures with this run's variants replaced: {"variants": {name: curve},
     "commands": {name: the command that measured it}}."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "critic_fit.json")
+    path = os.path.join(RESULTS, "critic_fit.json")
     old = json.load(open(path)) if os.path.exists(path) else {"variants": {}}
     commands = old.get("commands") or {name: old.get("command") for name in old["variants"]}
     return {"variants": {**old["variants"], **out}, "commands": {**commands, **{name: command for name in out}}}

@@ -19,7 +19,9 @@ import os
 
 import torch
 
-from common import machine, write_json, write_section
+from common import RESULTS, machine, write_json, write_section
+
+ROWS = ("tiny-dit", "tiny-unet", "gate (truthful captions)")   # the table's rows, in order (--reuse keeps them)
 
 
 def pass_at(n, c, k):
@@ -65,7 +67,6 @@ def main():
     p.add_argument("--reuse", action="store_true", help="keep the rows of the models not measured now (and the gate's, "
                    "without --gate) from the current bench/results/world.json, with the command that measured them")
     args = p.parse_args()
-    from common import RESULTS
     old = json.load(open(os.path.join(RESULTS, "world.json"))) if args.reuse else {}
     import models
     import pretrain
@@ -77,8 +78,7 @@ def main():
     results["vae_latent_numbers"] = vae.config.latent_channels * (toy.RES // 8) ** 2
     print("vae round trip", results["vae_round_trip"], flush=True)
     rows = [(name, name) for name in args.models] + ([("gate (truthful captions)", args.gate)] if args.gate else [])
-    kept = [label for label in ("tiny-dit", "tiny-unet", "gate (truthful captions)")
-            if label in old and label not in dict(rows)]                    # --reuse: measured by old["command"]
+    kept = [label for label in ROWS if label in old and label not in dict(rows)]                    # --reuse: measured by old["command"]
     held, train = toy.prompts("heldout"), toy.prompts("train")
     k = min(16, args.seeds)
     settings = {label: [(1.0, args.num_steps), (args.cfg, args.num_steps)] for label, _ in rows}
@@ -115,8 +115,7 @@ def main():
              "| model | CFG | steps | held-out strict | pass@" + str(k) + " | train strict | well-formed | "
              + " | ".join(toy.TAGS) + " (held-out) |",
              "|---|---|---|---|---|---|---|" + "---|" * len(toy.TAGS)]
-    order = ["tiny-dit", "tiny-unet", "gate (truthful captions)"]
-    for label in sorted([label for label, _ in rows] + kept, key=lambda x: order.index(x) if x in order else -1):
+    for label in sorted([label for label, _ in rows] + kept, key=lambda x: ROWS.index(x) if x in ROWS else -1):
         for r in results[label].values():
             h = r["heldout"]
             lines.append(f"| {label} | {r['cfg']:g} | {r['steps']} | {h['strict']:.3f} ± {h['strict_se']:.3f} | "
