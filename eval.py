@@ -168,7 +168,8 @@ def build_parser():
     g.add_argument("--select", default="critic", choices=("critic", "reward"),
                    help="best of N by the critic's value of the last window state, or by the reward")
     g.add_argument("--guidance", type=finite_float(min=0), default=1.0,
-                   help="grad: scale s of mu' = mu + s std^2 grad V")
+                   help="grad: scale s of mu' = mu + s std^2 grad V (on the built-in world 2-8 guide best: "
+                   "BENCHMARKS 'Steering')")
     g.add_argument("--lam", type=finite_float(min=0), default=4.0,
                    help="smc: weights exp(lam (V(x') - V(x))), values in reward-std units")
     g.add_argument("--resample-every", type=integer(1), default=1,

@@ -3,7 +3,7 @@ ceiling of bench/value_ceiling.py, with and without --critic-replay (METHOD.md s
 
 The policy is held at the base model (tiny-dit), so the critic's targets are stationary and the
 comparison is about fitting alone. One stream of --iters rollout batches of 32 trajectories
-(training prompts, 10 steps, SDE window 5: train.py's defaults) is generated once; each variant
+(training prompts, 10 steps, SDE window 5: train.py's defaults; --sde-steps sets the window) is generated once; each variant
 fits a fresh critic (LoRA r16 'critic' adapter + value head, as train.py builds it) through
 ppo.update(train_policy=False), train.py's own critic step: value warm-up on every pair for 2
 iterations, then the backbone on 16 pairs per iteration (--critic-fraction 0.1) and the head on
@@ -64,13 +64,17 @@ def main():
     p.add_argument("--variants", default="all", help="names of VARIANTS separated by semicolons, or all")
     p.add_argument("--save", metavar="DIR", help="keep the fitted critic of the one variant named in DIR (a new "
                    "directory), for bench/steering.py; its figures then go to DIR/critic_fit.json, not bench/results")
+    p.add_argument("--sde-steps", type=int, default=5, help="the rollouts' stochastic window S of the 10 steps (train.py's "
+                   "--sde-steps): the states the critic fits; steering with the saved critic uses the same sampler")
     args = p.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(";")
     if args.iters < 20 or any(n not in VARIANTS for n in names):
         p.exit(2, f"error: --iters must be >= 20 and --variants among: {', '.join(VARIANTS)}\n")
+    if not 1 <= args.sde_steps <= 9:
+        p.exit(2, f"error: --sde-steps must be in 1..9 (the window of 10 steps, with a state after it), got {args.sde_steps}\n")
     if args.save and (len(names) != 1 or os.path.exists(args.save)):
         p.exit(2, f"error: --save needs one variant and a directory that does not exist yet ({args.save})\n")
-    score, K, S = rewards.build_reward("shapes"), 10, 5
+    score, K, S = rewards.build_reward("shapes"), 10, args.sde_steps
 
     def stream(seed, n, split="train"):
         g = torch.Generator().manual_seed(seed)

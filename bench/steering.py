@@ -11,7 +11,11 @@ each selector (the critic at the last window state, as bon does without --critic
 deterministic state, after which the image is fixed; at the last state, as bon does with it; the proxy
 reward at the first deterministic state; the true reward, the oracle). `none` is
 the unsteered policy on the same sampler (the training sampler: the critic's window stochastic);
-`grad` costs 1x denoiser passes plus the critic's forward and backward passes.
+`grad` costs 1x denoiser passes plus the critic's forward and backward passes. proxy-smc chooses its
+final particle by the reward (FK-steering's choice), so a matched control runs critic-smc with the same
+final choice: the two then differ in the resampling potential alone. With several --guidance scales,
+grad and grad+bon use the one whose grad+bon at 4x is best on training prompts (every 4th, seeds
+apart from the evaluation's), so the scale is never chosen on the held-out prompts it is reported on.
 
 Run:  python bench/steering.py --run runs/ppo-tiny-dit-...
       python bench/steering.py --run DIR --out steering_base       # DIR from bench/critic_fit.py --save
@@ -28,6 +32,7 @@ import torch
 from common import machine, write_json, write_section
 
 MULTS = (1, 2, 4, 8)
+SWEEP_SEEDS = 2000    # the guidance sweep's first seed; the evaluation uses 0.., the selector control 1000..
 
 
 def main():
@@ -35,10 +40,17 @@ def main():
     p.add_argument("--run", required=True, help="a train.py --algo ppo run on the built-in world (its pipeline/ and critic)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
     p.add_argument("--lam", type=float, default=4.0, help="SMC inverse temperature (critic and proxy)")
-    p.add_argument("--guidance", type=float, default=1.0, help="critic-gradient guidance scale s")
+    p.add_argument("--guidance", default="1,2,4,8,16", help="critic-gradient guidance scale s, or several separated "
+                   "by commas: then the one whose grad+bon at 4x is best on training prompts")
     p.add_argument("--select", default="critic", choices=("critic", "reward"), help="how best-of-N chooses")
     p.add_argument("--out", default="steering", help="bench/results/OUT.json and .png, and the section OUT of BENCHMARKS.md")
     args = p.parse_args()
+    try:
+        scales = [float(x) for x in args.guidance.split(",")]
+    except ValueError:
+        scales = [math.nan]
+    if not all(math.isfinite(x) and x >= 0 for x in scales):
+        p.exit(2, f"error: --guidance must be finite scales >= 0 separated by commas, got {args.guidance!r}\n")
     import critic as critic_module
     import rollout
     import steer
@@ -56,9 +68,16 @@ def main():
     text = " --critic-text" if config.get("critic_text") else ""    # its head also reads the prompt's tokens
     noise = config.get("noise_level") or rollout.TRAIN_NOISE[policy.sampler]
     value = steer.critic_value_fn(critic, base, prompts, policy.schedule(K), [1.0])
-
-    def score(images, idx):
-        return toy.check(images.cpu(), [metas[i] for i in idx])[1]
+    score = scorer(metas)
+    # the guidance scale s, chosen on training prompts (every 4th) with seeds of their own: grad+bon at 4x
+    seen = toy.prompts("train")[::4][:len(metas)]
+    seen_value = steer.critic_value_fn(critic, base, [m["prompt"] for m in seen], policy.schedule(K), [1.0])
+    sweep = {}
+    for s in scales if len(scales) > 1 else []:
+        sweep[str(s)] = run_method(policy, [m["prompt"] for m in seen], seen, "grad+bon", 4, K, noise, S, seen_value,
+                                   scorer(seen), "critic", args, terminal, guidance=s, seed0=SWEEP_SEEDS)
+        print("guidance sweep, training prompts, grad+bon 4, s =", s, json.dumps(sweep[str(s)]), flush=True)
+    guidance = max(scales, key=lambda s: sweep[str(s)]["strict"]) if sweep else scales[0]   # ties: the first
 
     if fitted:        # held-out explained variance per state of the window, after the fit
         curve = next(iter(json.load(open(os.path.join(args.run, "critic_fit.json")))["variants"].values()))
@@ -83,24 +102,12 @@ def main():
     results = {"command": f"python bench/steering.py --run {args.run} --seeds {args.seeds} --lam {args.lam} "
                           f"--guidance {args.guidance} --select {args.select}" + (f" --out {args.out}" if args.out != "steering" else ""),
                "machine": machine(), "run": args.run, "policy": "base" if fitted else "run", "critic_explained_variance": ev,
-               "methods": {}}
+               "guidance": guidance, "guidance_sweep_train_prompts": sweep, "methods": {}}
     plan = [("none", 1), ("grad", 1)] + [(m, n) for m in ("bon", "smc", "grad+bon", "proxy-smc") for n in MULTS[1:]]
     plan.insert(2, ("bon", 1))
     for method, n in plan:
-        strict, reward, nfe = [], [], None
-        for seed in range(args.seeds):
-            g = torch.Generator().manual_seed(seed)
-            out = steer.steer(policy, prompts, method, n, K, noise, S, value=value, score=score,
-                              select="reward" if method == "proxy-smc" else args.select, guidance=args.guidance,
-                              lam=args.lam, generator=g, terminal=terminal)
-            s, r = toy.check(out.images, metas)
-            strict.append(s.float()), reward.append(r)
-            nfe = out.nfe
-        strict, reward = torch.stack(strict), torch.stack(reward)             # (seeds, P)
-        per_prompt = strict.mean(0)
-        row = {"nfe": nfe["denoiser"], "critic_passes": nfe["critic_forward"] + nfe["critic_backward"],
-               "reward_calls": nfe["reward"], "strict": strict.mean().item(),
-               "strict_se": per_prompt.std().item() / math.sqrt(len(per_prompt)), "reward": reward.mean().item()}
+        row = run_method(policy, prompts, metas, method, n, K, noise, S, value, score,
+                         "reward" if method == "proxy-smc" else args.select, args, terminal, guidance=guidance)
         results["methods"].setdefault(method, {})[str(n)] = row
         print(method, n, json.dumps(row), flush=True)
     write_json(args.out, results)
@@ -112,17 +119,26 @@ def main():
                "critic_smc_beats_proxy_smc_at_4x": results["methods"]["smc"]["4"]["strict"]
                > results["methods"]["proxy-smc"]["4"]["strict"]}
     results["targets"] = targets
+    # proxy-smc chooses its final particle by the reward itself (FK-steering has the reward at inference),
+    # critic-smc by the critic: the matched control gives critic-smc the same final choice and the same
+    # weighted states (the window only), so the two differ in the resampling potential alone
+    results["smc_select_reward"] = {}
+    for n in MULTS[1:]:
+        results["smc_select_reward"][str(n)] = run_method(policy, prompts, metas, "smc", n, K, noise, S, value, score,
+                                                          "reward", args, terminal=False)
+        print("smc (final choice by the reward)", n, json.dumps(results["smc_select_reward"][str(n)]), flush=True)
     results["selectors"] = selector_control(policy, value, metas, K, S, noise, args.seeds)
     # the same control on as many training prompts (every 4th), whose rollouts the critic learned from:
     # it separates a critic that ranks badly from one that ranks well only on what it has seen
-    seen = toy.prompts("train")[::4][:len(metas)]
-    seen_value = steer.critic_value_fn(critic, base, [m["prompt"] for m in seen], policy.schedule(K), [1.0])
     results["selectors_train_prompts"] = selector_control(policy, seen_value, seen, K, S, noise, args.seeds)
     write_json(args.out, results)
     lines = [f"Command: `{results['command']}` ({machine()}). {about}. Held-out prompts x "
              f"{args.seeds} seeds, strict accuracy (mean ± s.e. over prompts) and the `shapes` reward; the sampler is the "
              f"training one ({K} steps, the first {S} stochastic); per final image: denoiser passes (NFE), critic "
-             "forward + backward passes, reward calls.", "",
+             "forward + backward passes, reward calls. " + (
+                 f"grad and grad+bon guide with s = {guidance:g}, the best grad+bon at 4x on {len(seen)} training prompts "
+                 f"(every 4th, {args.seeds} seeds of their own) among s = " + ", ".join(
+                     f"{k} ({r['strict']:.3f})" for k, r in sweep.items()) + "." if sweep else f"Guidance scale s = {guidance:g}."), "",
              "| method | N | NFE | critic passes | reward calls | strict | shapes reward |", "|---|---|---|---|---|---|---|"]
     for method, rows in results["methods"].items():
         for n, r in rows.items():
@@ -130,15 +146,52 @@ def main():
                          f"{r['strict']:.3f} ± {r['strict_se']:.3f} | {r['reward']:.3f} |")
     lines += ["", f"![strict accuracy against NFE](bench/results/{args.out}.png)", "",
               "Targets at 4x NFE: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()) + ".", "",
+              "proxy-smc chooses its final particle by the reward itself, smc by the critic. The matched control: smc "
+              "with the final choice by the reward too, weighting the window's states only (as proxy-smc does), so that "
+              "the two differ in the resampling potential alone:", "",
+              "| N | NFE | smc, final choice by the reward | proxy-smc | bon by the reward (oracle selector, below) |",
+              "|---|---|---|---|---|",
+              *[f"| {n} | {r['nfe']:.0f} | {r['strict']:.3f} ± {r['strict_se']:.3f} | "
+                f"{results['methods']['proxy-smc'][n]['strict']:.3f} ± {results['methods']['proxy-smc'][n]['strict_se']:.3f} | "
+                f"{results['selectors']['the reward itself (oracle)'][n]['strict']:.3f} |"
+                for n, r in results["smc_select_reward"].items()], "",
               f"The control: best-of-N by each selector on the same {MULTS[-1]} candidates per prompt and seed (the first N "
               "of them), the unsteered sampler; strict accuracy of the chosen image (mean ± s.e. over prompts):", "",
               *selector_table(results["selectors"]), "",
               f"The same control on {len(seen)} training prompts (every 4th), the prompts whose rollouts the critic was "
               "trained on:", "", *selector_table(results["selectors_train_prompts"])]
-    title = ("Steering the base model with a critic fitted to its rollouts, at equal NFE (built-in world)" if fitted
-             else "Steering with the critic at equal NFE (built-in world)")
+    title = ("Steering the base model with a critic fitted to its rollouts, at equal NFE (built-in world" if fitted
+             else "Steering with the critic at equal NFE (built-in world") + (
+             ")" if S == 5 else f"; a longer stochastic window, {S} of {K} steps)")   # 5: train.py's window here
     write_section(args.out.replace("_", "-"), f"## {title}\n\n" + "\n".join(lines))
     print("\n".join(lines))
+
+
+def scorer(metas):
+    """The shapes reward of images of these prompts (idx: each image's prompt), as steer.steer calls it."""
+    import toy
+    return lambda images, idx: toy.check(images.cpu(), [metas[i] for i in idx])[1]
+
+
+def run_method(policy, prompts, metas, method, n, K, noise, S, value, score, select, args, terminal,
+               guidance=0.0, seed0=0):
+    """One steering method at N = n over the prompts x args.seeds seeds (seed0, seed0 + 1, ...): its
+    row of the table (NFE per final image, strict accuracy mean ± s.e. over prompts, the shapes reward)."""
+    import steer
+    import toy
+    strict, reward, nfe = [], [], None
+    for seed in range(seed0, seed0 + args.seeds):
+        g = torch.Generator().manual_seed(seed)
+        out = steer.steer(policy, prompts, method, n, K, noise, S, value=value, score=score, select=select,
+                          guidance=guidance, lam=args.lam, generator=g, terminal=terminal)
+        s, r = toy.check(out.images, metas)
+        strict.append(s.float()), reward.append(r)
+        nfe = out.nfe
+    strict, reward = torch.stack(strict), torch.stack(reward)             # (seeds, P)
+    per_prompt = strict.mean(0)
+    return {"nfe": nfe["denoiser"], "critic_passes": nfe["critic_forward"] + nfe["critic_backward"],
+            "reward_calls": nfe["reward"], "strict": strict.mean().item(),
+            "strict_se": per_prompt.std().item() / math.sqrt(len(per_prompt)), "reward": reward.mean().item()}
 
 
 def selector_table(selectors):
