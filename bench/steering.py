@@ -245,7 +245,9 @@ def plot(results, path):
         es = [r["strict_se"] for r in rows.values()]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
     ax.set_xscale("log", base=2), ax.set_xlabel("denoiser passes per final image"), ax.set_ylabel("held-out strict accuracy")
-    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)    # none and bon at N = 1 are one sampler: the same point
+    ax.set_title(("the base model, a critic fitted to its rollouts" if results["policy"] == "base" else "an RL policy and its critic")
+                 + f"; guidance s = {results['guidance']:g}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
