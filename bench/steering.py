@@ -31,6 +31,7 @@ import os
 import torch
 
 from common import machine, write_json, write_section
+from cli import finite_float          # after common, which puts the repository root on sys.path
 
 MULTS = (1, 2, 4, 8)
 SWEEP_SEEDS = 2000    # the guidance sweep's first seed; the evaluation uses 0.., the selector control 1000..
@@ -47,11 +48,9 @@ def main():
     p.add_argument("--out", default="steering", help="bench/results/OUT.json and .png, and the section OUT of BENCHMARKS.md")
     args = p.parse_args()
     try:
-        scales = [float(x) for x in args.guidance.split(",")]
-    except ValueError:
-        scales = [math.nan]
-    if not all(math.isfinite(x) and x >= 0 for x in scales):
-        p.exit(2, f"error: --guidance must be finite scales >= 0 separated by commas, got {args.guidance!r}\n")
+        scales = [finite_float(min=0)(x) for x in args.guidance.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.exit(2, f"error: --guidance {e}\n")
     import critic as critic_module
     import rollout
     import steer
@@ -69,14 +68,13 @@ def main():
     text = " --critic-text" if config.get("critic_text") else ""    # its head also reads the prompt's tokens
     noise = config.get("noise_level") or rollout.TRAIN_NOISE[policy.sampler]
     value = steer.critic_value_fn(critic, base, prompts, policy.schedule(K), [1.0])
-    score = scorer(metas)
     # the guidance scale s, chosen on training prompts (every 4th) with seeds of their own: grad+bon at 4x
     seen = toy.prompts("train")[::4][:len(metas)]
     seen_value = steer.critic_value_fn(critic, base, [m["prompt"] for m in seen], policy.schedule(K), [1.0])
     sweep = {}
     for s in scales if len(scales) > 1 else []:
-        sweep[str(s)] = run_method(policy, [m["prompt"] for m in seen], seen, "grad+bon", 4, K, noise, S, seen_value,
-                                   scorer(seen), "critic", args, terminal, guidance=s, seed0=SWEEP_SEEDS)
+        sweep[str(s)] = run_method(policy, seen, "grad+bon", 4, K, noise, S, seen_value, "critic", args, terminal,
+                                   guidance=s, seed0=SWEEP_SEEDS)
         print("guidance sweep, training prompts, grad+bon 4, s =", s, json.dumps(sweep[str(s)]), flush=True)
     guidance = max(scales, key=lambda s: sweep[str(s)]["strict"]) if sweep else scales[0]   # ties: the first
 
@@ -107,7 +105,7 @@ def main():
     plan = [("none", 1), ("grad", 1)] + [(m, n) for m in ("bon", "smc", "grad+bon", "proxy-smc") for n in MULTS[1:]]
     plan.insert(2, ("bon", 1))
     for method, n in plan:
-        row = run_method(policy, prompts, metas, method, n, K, noise, S, value, score,
+        row = run_method(policy, metas, method, n, K, noise, S, value,
                          "reward" if method == "proxy-smc" else args.select, args, terminal, guidance=guidance)
         results["methods"].setdefault(method, {})[str(n)] = row
         print(method, n, json.dumps(row), flush=True)
@@ -122,19 +120,16 @@ def main():
     results["targets"] = targets
     # proxy-smc chooses its final particle by the reward itself (FK-steering has the reward at inference),
     # critic-smc by the critic: the matched control gives critic-smc the same final choice and the same
-    # weighted states (the window only), so the two differ in the resampling potential alone
-    results["smc_select_reward"] = {}
-    for n in MULTS[1:]:
-        results["smc_select_reward"][str(n)] = run_method(policy, prompts, metas, "smc", n, K, noise, S, value, score,
-                                                          "reward", args, terminal=False)
-        print("smc (final choice by the reward)", n, json.dumps(results["smc_select_reward"][str(n)]), flush=True)
-    # grad+bon's candidates are guided up the same critic that then chooses among them: the same final
-    # choice by the reward measures the guided candidates apart from the critic's choice
-    results["grad_bon_select_reward"] = {}
-    for n in MULTS[1:]:
-        results["grad_bon_select_reward"][str(n)] = run_method(policy, prompts, metas, "grad+bon", n, K, noise, S, value,
-                                                               score, "reward", args, terminal, guidance=guidance)
-        print("grad+bon (final choice by the reward)", n, json.dumps(results["grad_bon_select_reward"][str(n)]), flush=True)
+    # weighted states (the window only), so the two differ in the resampling potential alone. grad+bon's
+    # candidates are guided up the same critic that then chooses among them: the same final choice by
+    # the reward measures the guided candidates apart from the critic's choice
+    for key, method, terminal_, guidance_ in (("smc_select_reward", "smc", False, 0.0),
+                                              ("grad_bon_select_reward", "grad+bon", terminal, guidance)):
+        results[key] = {}
+        for n in MULTS[1:]:
+            results[key][str(n)] = run_method(policy, metas, method, n, K, noise, S, value, "reward", args, terminal_,
+                                              guidance=guidance_)
+            print(f"{method} (final choice by the reward)", n, json.dumps(results[key][str(n)]), flush=True)
     results["selectors"] = selector_control(policy, value, metas, K, S, noise, args.seeds)
     # the same control on as many training prompts (every 4th), whose rollouts the critic learned from:
     # it separates a critic that ranks badly from one that ranks well only on what it has seen
@@ -151,7 +146,7 @@ def main():
     for method, rows in results["methods"].items():
         for n, r in rows.items():
             lines.append(f"| {method} | {n} | {r['nfe']:.0f} | {r['critic_passes']:.0f} | {r['reward_calls']:.0f} | "
-                         f"{r['strict']:.3f} ± {r['strict_se']:.3f} | {r['reward']:.3f} |")
+                         f"{se(r)} | {r['reward']:.3f} |")
     lines += ["", f"![strict accuracy against NFE](bench/results/{args.out}.png)", "",
               "Targets at 4x NFE: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()) + ".", "",
               "proxy-smc chooses its final particle by the reward itself, smc by the critic. The matched control: smc "
@@ -188,12 +183,13 @@ def scorer(metas):
     return lambda images, idx: toy.check(images.cpu(), [metas[i] for i in idx])[1]
 
 
-def run_method(policy, prompts, metas, method, n, K, noise, S, value, score, select, args, terminal,
-               guidance=0.0, seed0=0):
-    """One steering method at N = n over the prompts x args.seeds seeds (seed0, seed0 + 1, ...): its
-    row of the table (NFE per final image, strict accuracy mean ± s.e. over prompts, the shapes reward)."""
+def run_method(policy, metas, method, n, K, noise, S, value, select, args, terminal, guidance=0.0, seed0=0):
+    """One steering method at N = n over the prompts of metas x args.seeds seeds (seed0, seed0 + 1, ...):
+    its row of the table (NFE per final image, strict accuracy mean ± s.e. over prompts, the shapes
+    reward). value: the critic's value function for those prompts, in their order."""
     import steer
     import toy
+    prompts, score = [m["prompt"] for m in metas], scorer(metas)
     strict, reward, nfe = [], [], None
     for seed in range(seed0, seed0 + args.seeds):
         g = torch.Generator().manual_seed(seed)
@@ -212,7 +208,7 @@ def run_method(policy, prompts, metas, method, n, K, noise, S, value, score, sel
 def selector_table(selectors):
     """Markdown rows of selector_control's output: one row per selector, one column per N."""
     return (["| selector | " + " | ".join(f"N = {n}" for n in MULTS) + " |", "|---|" + "---|" * len(MULTS)]
-            + [f"| {name} | " + " | ".join(f"{r['strict']:.3f} ± {r['strict_se']:.3f}" for r in by_n.values()) + " |"
+            + [f"| {name} | " + " | ".join(se(r) for r in by_n.values()) + " |"
                for name, by_n in selectors.items()])
 
 

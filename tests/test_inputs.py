@@ -124,7 +124,7 @@ BAD = [
     ("eval.py", ["--steer", "bon", "--critic", "run-bad-critic"], "critic.safetensors: not a loadable safetensors file"),
     # bench/critic_fit.py, bench/steering.py
     ("bench/critic_fit.py", ["--sde-steps", "10"], "--sde-steps must be in 1..9"),
-    ("bench/steering.py", ["--run", "no-such-run", "--guidance", "1,nan"], "--guidance must be finite scales >= 0"),
+    ("bench/steering.py", ["--run", "no-such-run", "--guidance", "1,nan"], "--guidance must be finite and >= 0, got nan"),
 ]
 
 
