@@ -180,16 +180,18 @@ def main(argv=None):
         write_json((args.out or os.path.join("bench", "results", "gpu_throughput.json")).removesuffix(".json"), out)
     if args.size == "full":
         write_section("gpu-throughput", report(out))
+    print(report(out).split("\n\n")[-1])
     return out
 
 
 def report(out):
-    rows = ["| model | images/s (rollout) | s / iteration | rollout / value pass / update (s) | peak GB | MFU |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | images/s (rollout) | s / iteration | rollout / value pass / update (s) | peak GB | MFU "
+            "| first update's max abs(ratio - 1) |", "|---|---|---|---|---|---|---|"]
     for model, r in out["models"].items():
         mfu = f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOPs" if r["mfu"] is not None else "n/a"
         rows.append(f"| {model} | {r['images_per_s_rollout']:.2f} | {r['iteration_s']:.2f} | {r['rollout_s']:.2f} / "
-                    f"{r['value_pass_s']:.2f} / {r['update_s']:.2f} | {r['peak_gb']:.1f} | {mfu} |")
+                    f"{r['value_pass_s']:.2f} / {r['update_s']:.2f} | "
+                    f"{'n/a' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} | {mfu} | {r['ratio_dev_first']:.1e} |")
     first = next(iter(out["models"].values()))["per_rank"]
     return (f"## GPU throughput of one training iteration (full-size random weights)\n\nCommand: `{out['command']}` on "
             f"{out['machine']}. Per rank, as on 8 GPUs: {first}; bf16, gradient checkpointing, rewards and text "

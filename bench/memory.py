@@ -243,8 +243,8 @@ activations (`--eval-batch` images at a time, no gradients) and the VAE decode o
   {ok(ratio['weights'] <= t['one_base_ratio'])} ({ok(ratio['with_gradients_and_adam'] <= t['one_base_ratio'])} with the optimiser).
 - The text encoders ({out['encoders_gb']:.1f} GB in bf16, T5-XXL most of it) are on the GPU only while every
   prompt is encoded once (`Backbone.cache_prompts`), then moved to the CPU; `--no-t5` leaves T5 unloaded.
-- Not yet checked on a GPU: no GPU was lent to this project so far (`bench/gpu_throughput.py --size full`
-  measures the peak with `torch.cuda.max_memory_allocated`)."""
+- Not yet checked on a GPU: no GPU was lent to this project so far (`bench/gpu_throughput.py --size full`,
+  one step of `bench/gpu_check.sh`, measures the peak with `torch.cuda.max_memory_allocated`)."""
 
 
 if __name__ == "__main__":

@@ -352,3 +352,30 @@ def test_memory_bench_builds_the_published_architectures():
     backbone.net.add_adapter(lora_config(backbone, 4, 8), adapter_name="policy")
     peft_count = sum(p.numel() for n, p in backbone.net.named_parameters() if "lora_" in n)
     assert memory.lora_count(load_backbone("tiny-dit").net, "flow", 4) == peft_count
+
+
+def gpu_check(*argv, nproc=2):
+    """bench/gpu_check.sh as a user runs it; its exit code and output."""
+    import subprocess
+    env = {**os.environ, "PYTHON": sys.executable, "NPROC": str(nproc), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), *argv], env=env, capture_output=True,
+                         text=True, timeout=900)
+    return out.returncode, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_refuses_a_machine_without_a_gpu_and_a_used_log_dir(tmp_path):
+    code, text = gpu_check(str(tmp_path / "logs"))
+    assert code == 2 and text.startswith("error: no CUDA GPU") and not (tmp_path / "logs").exists()
+    (tmp_path / "used").mkdir(), (tmp_path / "used" / "old.log").write_text("kept")
+    code, text = gpu_check("--cpu", str(tmp_path / "used"))
+    assert code == 2 and "is not empty" in text and os.listdir(tmp_path / "used") == ["old.log"]
+
+
+@pytest.mark.slow
+def test_gpu_check_passes_every_step_on_the_cpu(tmp_path):
+    """The GPU check's own steps (torchrun straight and resumed, eval with grad+bon, throughput) with
+    --cpu: 1.5 minutes, so marked slow; on a CPU the resumed run's metrics equal the straight run's."""
+    code, text = gpu_check("--cpu", str(tmp_path / "logs"))
+    assert code == 0 and "all passed on 2 x cpu" in text, text[-3000:]
+    assert "largest relative difference resumed vs straight: 0\n" in text
