@@ -92,18 +92,19 @@ def resumed_config(args, argv, build_parser):
 
 def claim_run_dir(args):
     """The run directory, never overwritten: a new one (runs/ALGO-MODEL-TIME by default), or this very
-    run stopped before its first checkpoint (then args.resume is set and it starts again), or the
-    --resume run with iterations left to do; else a ConfigError."""
+    run rerun by the same command (then args.resume is set and it continues from its checkpoint, or
+    starts again if it stopped before the first), or the --resume run; the run continued must have
+    iterations left to do. Else a ConfigError."""
     if not args.resume:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.run_dir = args.run_dir or os.path.join("runs", f"{args.algo}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
         cfg_path = os.path.join(args.run_dir, "config.json")
         if os.path.isfile(cfg_path):
-            same = strip(cli.read_json(cfg_path)) == strip(vars(args))
-            if not same or find_checkpoint(args.run_dir):
-                raise ConfigError(f"--run-dir {args.run_dir} already holds {'this' if same else 'a different'} run "
-                                  f"(never overwritten){'; continue it with --resume ' + args.run_dir if same else ''}")
-            args.resume = args.run_dir            # this run, stopped before its first checkpoint: start it again
+            if strip(cli.read_json(cfg_path)) != strip(vars(args)):
+                raise ConfigError(f"--run-dir {args.run_dir} already holds a different run (never overwritten)")
+            # the same command again (a requeued job, torchrun --max-restarts, a rerun by hand): the flags are the
+            # run's own, so continue it where it stopped, as --resume would
+            args.resume = args.run_dir
         elif os.path.isdir(args.run_dir) and os.listdir(args.run_dir):
             raise ConfigError(f"--run-dir {args.run_dir} is not empty and holds no run (never overwritten)")
     blocked = cli.unwritable(args.run_dir)
@@ -112,7 +113,7 @@ def claim_run_dir(args):
     if args.resume:
         done = checkpoint_iteration(args.run_dir, critic=args.algo == "ppo")
         if done >= args.iters:
-            raise ConfigError(f"--resume {args.run_dir}: the run is already at iteration {done}, "
+            raise ConfigError(f"{args.run_dir}: the run is already at iteration {done}, "
                               f"{'its last' if done == args.iters else 'past'} --iters {args.iters}: nothing to do; "
                               f"pass --iters N with N > {done} to continue it")
 

@@ -102,8 +102,9 @@ def comm_device(device):
 
 
 def collective(op, t):
-    """Every collective of training goes through here: 'sum' (all-reduce, in place and returned) or
-    'gather' ((n, ...) on every rank -> (world * n, ...) in rank order). t is moved to the device the
+    """Every collective of training goes through here: 'sum' (all-reduce, in place and returned),
+    'gather' ((n, ...) on every rank -> (world * n, ...) in rank order) or 'broadcast' (rank 0's t on
+    every rank, in place and returned). t is moved to the device the
     backend serves and the result comes back on t's device, so a CPU tensor (a flag, the advantage
     statistics, rewards scored on CPU) is safe under NCCL."""
     if world_size() == 1:
@@ -112,6 +113,10 @@ def collective(op, t):
     if op == "sum":
         dist.all_reduce(x)
         t.copy_(x)                                  # in place, as dist.all_reduce
+        return t
+    if op == "broadcast":
+        dist.broadcast(x, src=0)
+        t.copy_(x)
         return t
     if op == "gather":
         out = [torch.empty_like(x) for _ in range(world_size())]
@@ -134,6 +139,19 @@ def setup_distributed(device):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def rank0_text(text):
+    """Rank 0's string on every rank: what each rank would otherwise name for itself, such as the
+    default run directory, named by the time on each rank's clock (ranks a second apart would
+    checkpoint into different directories)."""
+    if world_size() == 1:
+        return text
+    n = collective("broadcast", torch.tensor([len(text.encode())]))
+    data = torch.zeros(int(n), dtype=torch.uint8)
+    if rank() == 0:
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    return bytes(collective("broadcast", data).tolist()).decode()
 
 
 def all_gather(t):

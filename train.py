@@ -5,7 +5,8 @@ update (ppo.py), with value pretraining, logging, sample grids, checkpoints and 
 Launch:
   python train.py                          # the built-in world: tiny-dit, shapes reward, critic-PPO, CPU
   python train.py --algo grpo              # the GRPO baseline on the same budget
-  python train.py --resume runs/NAME       # continue a run exactly where it stopped
+  python train.py --resume runs/NAME       # continue a run exactly where it stopped (or rerun its own
+                                           # command, with --run-dir: how a requeued job continues)
   torchrun --standalone --nproc_per_node=8 train.py --model sd3.5m --rewards hps,clip --prompts geneval
   torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
 Defaults are tuned for the built-in world (see --help); each flag's help names the paper's or
@@ -22,8 +23,9 @@ rng_rank{r}.pt) and, at the end,
 pipeline/ (tiny models: a diffusers directory loadable as --model, LoRA merged in) and/or
 policy_lora/ (the LoRA adapter, loadable with pipe.load_lora_weights for SD models).
 A checkpoint is saved after iteration 1, every --save-every and at the end. SIGINT / SIGTERM finish
-the iteration, save one and exit 130 / 143. A run stopped before its first checkpoint starts again
-(--resume, or the same command); 3 skipped updates in a row stop a diverging run, unsaved.
+the iteration, save one and exit 130 / 143. The same command (same --run-dir and flags) continues a
+stopped run, as --resume does, or starts it again if it stopped before its first checkpoint; another
+command's run there is never overwritten. 3 skipped updates in a row stop a diverging run, unsaved.
 
 | paper (METHOD.md) | here |
 |---|---|
@@ -415,6 +417,7 @@ def train(args, spec, train_prompts, heldout):
     from models import load_backbone
     rank, world, device = ppo.setup_distributed(args.device)
     master = rank == 0
+    args.run_dir = ppo.rank0_text(args.run_dir)                  # one run: rank 0's (the default name is a time)
     log = print if master else (lambda *a, **k: None)
     seed = args.seed * world + rank                               # DiT: a different stream per rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)

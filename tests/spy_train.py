@@ -1,7 +1,8 @@
 """train.py under torchrun, watched (for tests/test_train.py): every tensor collective must be
 made by ppo.collective (the one helper that moves tensors to the device the backend serves; a
 call from anywhere else raises), and each rank's training draws (its prompts and its initial
-noise) are appended to $SPY_DIR/rank{r}.jsonl, one line per rollout.
+noise) are appended to $SPY_DIR/rank{r}.jsonl, one line per rollout. SPY_CLOCK_SKEW (below) sets
+the ranks' clocks apart.
 
 Run: torchrun --nproc_per_node 2 tests/spy_train.py TRAIN_FLAGS..."""
 import json
@@ -47,4 +48,19 @@ def recorded(backbone, prompts, num_steps, noise_level, *args, **kwargs):
 
 
 rollout.sample = recorded
+
+# SPY_CLOCK_SKEW=S: rank r's clock reads r x S seconds late, as ranks that start on either side of a second, or
+# nodes whose clocks differ, read them; the default run directory is named by the time
+if os.environ.get("SPY_CLOCK_SKEW"):
+    import datetime  # noqa: E402
+    import types  # noqa: E402
+
+    import checkpoint  # noqa: E402
+
+    class Skewed(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(seconds=float(os.environ["SPY_CLOCK_SKEW"])
+                                                                  * int(os.environ["RANK"]))
+    checkpoint.datetime = types.SimpleNamespace(datetime=Skewed)
 sys.exit(train.main(sys.argv[1:]))

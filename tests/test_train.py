@@ -222,9 +222,10 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     assert (exported - trained).abs().max() < 1e-5, ((exported - trained).abs().max(), (trained - base).abs().max())
 
 
-@pytest.mark.parametrize("replay", [[], ["--critic-replay", "3", "--critic-text"]])
-def test_resume_is_exact(tmp_path, replay):
-    """2 iterations, then --resume to 4 == 4 iterations straight: same metrics, same weights. At a
+@pytest.mark.parametrize("replay, how", [([], "--resume"), (["--critic-replay", "3", "--critic-text"], "same command")])
+def test_resume_is_exact(tmp_path, capsys, replay, how):
+    """2 iterations, then --resume to 4 (or the same command with --iters 4, as a requeued job or
+    torchrun --max-restarts reruns it) == 4 iterations straight: same metrics, same weights. At a
     constant learning rate: extending a run stretches the default cosine over the new --iters. With
     --critic-replay the value head's kept states must come back too, with --critic-text their text tokens
     as well (else iteration 3's head trains on one batch instead of three, and the critic differs)."""
@@ -232,7 +233,12 @@ def test_resume_is_exact(tmp_path, replay):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert run([*common, "--run-dir", straight]) == 0
     assert run([*common, "--run-dir", resumed, "--iters", "2"]) == 0
-    assert run(["--resume", resumed, "--iters", "4"]) == 0
+    if how == "--resume":
+        assert run(["--resume", resumed, "--iters", "4"]) == 0
+    else:
+        assert run([*common, "--run-dir", resumed]) == 0 and "resumed from iteration 2" in capsys.readouterr().out
+        assert run([*common, "--run-dir", resumed]) == 2                  # done: nothing to do, nothing touched
+        assert "already at iteration 4" in capsys.readouterr().err
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
     a, b = rows(straight), rows(resumed)
     assert [drop(r) for r in a] == [drop(r) for r in b]
@@ -319,13 +325,13 @@ def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
     assert all(torch.equal(policy[k], base[k]) for k in policy)
 
 
-def torchrun(argv, spy_dir):
+def torchrun(argv, spy_dir, cwd=ROOT, **env):
     """train.py on 2 processes (gloo on CPU), watched by tests/spy_train.py; each rank's draws."""
     os.makedirs(spy_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join("tests", "spy_train.py"), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SPY_DIR": spy_dir}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           os.path.join(ROOT, "tests", "spy_train.py"), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SPY_DIR": spy_dir, **env}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [[json.loads(line) for line in open(os.path.join(spy_dir, f"rank{r}.jsonl"))] for r in range(2)]
 
@@ -357,6 +363,19 @@ def test_torchrun_two_processes(tmp_path, capsys):
     assert run(["--resume", resumed, "--iters", "6"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "2 process(es), not 1" in err, err
+
+
+def test_torchrun_ranks_share_the_default_run_directory(tmp_path):
+    """Without --run-dir the run is named by the time. Ranks that read their clocks on either side of
+    a second (here rank 1's reads 5 s late) still write one run: rank 0's, each rank's RNG states in
+    its checkpoint, so --resume continues it."""
+    spy = str(tmp_path / "spy")
+    torchrun(["--iters", "1", *TINY, "--batch-size", "4", "--minibatch-size", "6"], spy, cwd=str(tmp_path),
+             SPY_CLOCK_SKEW="5")
+    runs = os.listdir(tmp_path / "runs")
+    assert len(runs) == 1, runs
+    ckpt = tmp_path / "runs" / runs[0] / "checkpoint"
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("rng_")) == ["rng_rank0.pt", "rng_rank1.pt"]
 
 
 def test_reward_goes_up(tmp_path, monkeypatch):
