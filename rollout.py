@@ -196,17 +196,26 @@ def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=N
         sde_steps=sde_steps if sde_steps is not None and sde_steps < K else None)
 
 
-@torch.no_grad()
-def sample_seeded(backbone, prompts, seeds, num_steps, batch=64, net=None):
-    """The deterministic sampler's images of prompts x seeds, for evaluation: a fresh generator
-    per seed, so an image depends on its seed and its place in prompts, not on the other seeds
-    asked for. (S*P, 3, H, W) on the CPU, seed-major."""
-    images = []
-    for seed in seeds:
+def seeded_noise(backbone, prompts, seeds, batch=64):
+    """The evaluation's units: (offset, prompts, x_T) for each seed and each chunk of `batch` prompts,
+    in seed-major order (offset: the chunk's first image among the S*P). A fresh generator per seed,
+    so an image depends on its seed and its place in prompts, not on the other seeds asked for. x_T
+    is what sample() would draw itself: drawn for every unit, whether or not it is then sampled, so a
+    rank that samples some units (eval.heldout_metrics) makes the images one process makes."""
+    for s, seed in enumerate(seeds):
         g = torch.Generator(backbone.device).manual_seed(seed)
         for i in range(0, len(prompts), batch):
-            images.append(sample(backbone, prompts[i:i + batch], num_steps, 0.0, generator=g, net=net).images.cpu())
-    return torch.cat(images)
+            part = prompts[i:i + batch]
+            yield s * len(prompts) + i, part, randn_tensor((len(part), *backbone.latent_shape), generator=g,
+                                                           device=backbone.device, dtype=backbone.dtype)
+
+
+@torch.no_grad()
+def sample_seeded(backbone, prompts, seeds, num_steps, batch=64, net=None):
+    """The deterministic sampler's images of prompts x seeds, for evaluation (seeded_noise's units).
+    (S*P, 3, H, W) on the CPU, seed-major."""
+    return torch.cat([sample(backbone, part, num_steps, 0.0, net=net, latents=x_T).images.cpu()
+                      for _, part, x_T in seeded_noise(backbone, prompts, seeds, batch)])
 
 
 def chain_picture(backbone, traj, i=0):

@@ -466,9 +466,10 @@ def train(args, spec, train_prompts, heldout):
     if master:
         with open(os.path.join(args.run_dir, "samples", "prompts.txt"), "w") as f:
             f.write("\n".join(m["prompt"] for m in grid_metas) + "\n")
-    if master and start == 0:                     # the base model: where every curve starts
-        rows.append({"iter": 0, "images": 0, "time/total_train_s": 0.0,
-                     **heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds))})
+    # the base model: where every curve starts (every rank evaluates its share)
+    base = heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)) if start == 0 else None
+    if master and start == 0:
+        rows.append({"iter": 0, "images": 0, "time/total_train_s": 0.0, **base})
         save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", "iter_0000.png"))
         with open(os.path.join(args.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps(rows[0]) + "\n")
@@ -584,9 +585,9 @@ def train(args, spec, train_prompts, heldout):
         train_time = time.perf_counter() - t0
         row.update({"time/iter_s": train_time, "time/per_image_s": train_time / args.batch_size})
         row["time/total_train_s"] = (rows[-1]["time/total_train_s"] if rows else 0.0) + train_time
-        # 5. evaluation, samples, checkpoints (rank 0; the others wait)
+        # 5. evaluation (every rank, its share), samples, checkpoints (rank 0; the others wait)
         last = it + 1 == args.iters
-        if master and ((it + 1) % args.eval_every == 0 or last):
+        if (it + 1) % args.eval_every == 0 or last:
             row.update(heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)))
         if master and ((it + 1) % args.sample_every == 0 or last):
             save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"))

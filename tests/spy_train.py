@@ -1,8 +1,9 @@
 """train.py under torchrun, watched (for tests/test_train.py): every tensor collective must be
 made by ppo.collective (the one helper that moves tensors to the device the backend serves; a
 call from anywhere else raises), and each rank's training draws (its prompts and its initial
-noise) are appended to $SPY_DIR/rank{r}.jsonl, one line per rollout. SPY_CLOCK_SKEW (below) sets
-the ranks' clocks apart.
+noise) are appended to $SPY_DIR/rank{r}.jsonl, one line per rollout, and the prompts of its
+deterministic samples (evaluation, grids) to rank{r}_eval.jsonl. SPY_CLOCK_SKEW (below) sets the
+ranks' clocks apart.
 
 Run: torchrun --nproc_per_node 2 tests/spy_train.py TRAIN_FLAGS..."""
 import json
@@ -44,6 +45,9 @@ def recorded(backbone, prompts, num_steps, noise_level, *args, **kwargs):
     if noise_level:                                # a training rollout (evaluation and grids run at 0)
         with open(os.path.join(os.environ["SPY_DIR"], f"rank{os.environ['RANK']}.jsonl"), "a") as f:
             f.write(json.dumps({"prompts": list(prompts), "noise": traj.latents[:, 0].flatten()[:8].tolist()}) + "\n")
+    else:
+        with open(os.path.join(os.environ["SPY_DIR"], f"rank{os.environ['RANK']}_eval.jsonl"), "a") as f:
+            f.write(json.dumps({"prompts": list(prompts)}) + "\n")
     return traj
 
 

@@ -365,17 +365,26 @@ def test_torchrun_two_processes(tmp_path, capsys):
     assert err.startswith("error:") and err.count("\n") == 1 and "2 process(es), not 1" in err, err
 
 
-def test_torchrun_ranks_share_the_default_run_directory(tmp_path):
+def test_torchrun_shares_the_run_directory_and_the_evaluation(tmp_path):
     """Without --run-dir the run is named by the time. Ranks that read their clocks on either side of
     a second (here rank 1's reads 5 s late) still write one run: rank 0's, each rank's RNG states in
-    its checkpoint, so --resume continues it."""
+    its checkpoint, so --resume continues it. The held-out evaluation is split over the ranks (21
+    prompts x 2 seeds in chunks of 8, 8 and 5: 6 units, 3 each) and gives one process's figures."""
     spy = str(tmp_path / "spy")
-    torchrun(["--iters", "1", *TINY, "--batch-size", "4", "--minibatch-size", "6"], spy, cwd=str(tmp_path),
-             SPY_CLOCK_SKEW="5")
+    flags = ["--iters", "1", *TINY, "--batch-size", "4", "--minibatch-size", "6", "--eval-seeds", "2",
+             "--eval-batch", "8"]
+    torchrun(flags, spy, cwd=str(tmp_path), SPY_CLOCK_SKEW="5")
     runs = os.listdir(tmp_path / "runs")
     assert len(runs) == 1, runs
     ckpt = tmp_path / "runs" / runs[0] / "checkpoint"
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("rng_")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    # rank 1 sampled its half of each evaluation (the base model's and iteration 1's), no more
+    sampled = [len(json.loads(line)["prompts"]) for line in open(os.path.join(spy, "rank1_eval.jsonl"))]
+    assert sampled == [8, 8, 5] * 2, sampled
+    assert run([*flags, "--run-dir", str(tmp_path / "one")]) == 0
+    two, one = rows(str(tmp_path / "runs" / runs[0]))[0], rows(str(tmp_path / "one"))[0]
+    evals = [k for k in one if k.startswith("eval/")]
+    assert "eval/heldout_strict" in evals and all(two[k] == pytest.approx(one[k], rel=1e-12) for k in evals)
 
 
 def test_reward_goes_up(tmp_path, monkeypatch):
