@@ -340,15 +340,29 @@ def test_torchrun_two_processes(tmp_path, capsys):
     """The DDP path end to end (gloo on CPU): two ranks, one shared run directory. Every tensor
     collective goes through ppo.collective (spy_train.py raises otherwise); the ranks draw different
     prompts and noise, before and after a resume; 2 + 2 iterations resumed == 4 straight, per rank's
-    draws and in every metric; resuming on another number of processes is refused."""
+    draws and in every metric; resuming on another number of processes is refused.
+    The straight run has no --run-dir, so it is named by the time, and rank 1's clock reads 5 s late
+    (as ranks on either side of a second, or nodes' clocks, read): both ranks still write rank 0's run.
+    The held-out evaluation is split over the ranks (21 prompts x 2 seeds in chunks of 8, 8 and 5: 6
+    units, 3 each) and gives one process's figures."""
     # a constant lr: extending a run with --resume --iters stretches a cosine over the new length
     common = ["--iters", "4", *TINY, "--batch-size", "4", "--minibatch-size", "6", "--save-every", "2",
-              "--eval-every", "2", "--lr-schedule", "constant"]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    a = torchrun([*common, "--run-dir", straight], str(tmp_path / "spy_straight"))
+              "--eval-every", "2", "--lr-schedule", "constant", "--eval-seeds", "2", "--eval-batch", "8"]
+    a = torchrun(common, str(tmp_path / "spy_straight"), cwd=str(tmp_path), SPY_CLOCK_SKEW="5")
+    assert len(os.listdir(tmp_path / "runs")) == 1, os.listdir(tmp_path / "runs")
+    straight, resumed = str(tmp_path / "runs" / os.listdir(tmp_path / "runs")[0]), str(tmp_path / "resumed")
+    # rank 1 sampled its half of each evaluation (the base model's, iteration 2's and 4's), no more
+    sampled = [len(json.loads(line)["prompts"]) for line in open(tmp_path / "spy_straight" / "rank1_eval.jsonl")]
+    assert sampled == [8, 8, 5] * 3, sampled
+    import toy
+    from models import load_backbone
+    strict, score = toy.evaluate(load_backbone("tiny-dit", "cpu"), train.load_prompts("shapes", 0)[1], seeds=(0, 1),
+                                 num_steps=3)                   # one process, the base model
+    assert rows(straight)[0]["eval/heldout_strict"] == pytest.approx(strict, abs=1e-6)
+    assert rows(straight)[0]["eval/heldout_score"] == pytest.approx(score, abs=1e-6)
     torchrun([*common, "--iters", "2", "--run-dir", resumed], str(tmp_path / "spy_resumed"))
-    for r in range(2):
-        assert os.path.isfile(os.path.join(resumed, "checkpoint", f"rng_rank{r}.pt"))
+    for r, d in ((r, d) for r in range(2) for d in (straight, resumed)):
+        assert os.path.isfile(os.path.join(d, "checkpoint", f"rng_rank{r}.pt"))
     b = torchrun(["--resume", resumed, "--iters", "4"], str(tmp_path / "spy_resumed"))
     assert len(a[0]) == len(a[1]) == len(b[0]) == len(b[1]) == 4          # one training rollout per iteration
     for it in range(4):
@@ -363,28 +377,6 @@ def test_torchrun_two_processes(tmp_path, capsys):
     assert run(["--resume", resumed, "--iters", "6"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "2 process(es), not 1" in err, err
-
-
-def test_torchrun_shares_the_run_directory_and_the_evaluation(tmp_path):
-    """Without --run-dir the run is named by the time. Ranks that read their clocks on either side of
-    a second (here rank 1's reads 5 s late) still write one run: rank 0's, each rank's RNG states in
-    its checkpoint, so --resume continues it. The held-out evaluation is split over the ranks (21
-    prompts x 2 seeds in chunks of 8, 8 and 5: 6 units, 3 each) and gives one process's figures."""
-    spy = str(tmp_path / "spy")
-    flags = ["--iters", "1", *TINY, "--batch-size", "4", "--minibatch-size", "6", "--eval-seeds", "2",
-             "--eval-batch", "8"]
-    torchrun(flags, spy, cwd=str(tmp_path), SPY_CLOCK_SKEW="5")
-    runs = os.listdir(tmp_path / "runs")
-    assert len(runs) == 1, runs
-    ckpt = tmp_path / "runs" / runs[0] / "checkpoint"
-    assert sorted(f for f in os.listdir(ckpt) if f.startswith("rng_")) == ["rng_rank0.pt", "rng_rank1.pt"]
-    # rank 1 sampled its half of each evaluation (the base model's and iteration 1's), no more
-    sampled = [len(json.loads(line)["prompts"]) for line in open(os.path.join(spy, "rank1_eval.jsonl"))]
-    assert sampled == [8, 8, 5] * 2, sampled
-    assert run([*flags, "--run-dir", str(tmp_path / "one")]) == 0
-    two, one = rows(str(tmp_path / "runs" / runs[0]))[0], rows(str(tmp_path / "one"))[0]
-    evals = [k for k in one if k.startswith("eval/")]
-    assert "eval/heldout_strict" in evals and all(two[k] == pytest.approx(one[k], rel=1e-12) for k in evals)
 
 
 def test_reward_goes_up(tmp_path, monkeypatch):
