@@ -59,8 +59,9 @@ def heldout_metrics(args, backbone, policy_net, mixer, heldout, seeds):
     partial credit of the built-in world's checker, and the raw mean of every reward and monitor.
     Called on every rank: rank r samples and scores units r, r + world, ... of rollout.seeded_noise
     (chunks of --eval-batch prompts of one seed, the images one process makes) and the sums are
-    added over ranks. So 8 GPUs evaluate in an eighth of the time, and no rank idles at a collective
-    for the whole evaluation (past NCCL's 10-minute timeout on SD3.5-M's 800 images)."""
+    added over ranks. So 8 GPUs evaluate in about an eighth of the time, and no rank waits at a
+    collective for the whole evaluation (SD3.5-M's 800 held-out images take minutes on one GPU, near
+    NCCL's 10-minute watchdog)."""
     import ppo
     import toy
     names = mixer.names + mixer.monitor                            # monitors too: reward hacking shows here

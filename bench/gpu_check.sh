@@ -23,8 +23,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 
-device=cuda size=full
-if [ "${1:-}" = "--cpu" ]; then device=cpu size=tiny; shift; fi
+device=cuda
+if [ "${1:-}" = "--cpu" ]; then device=cpu; shift; fi
 if [ "$device" = cuda ]; then
     gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)") || exit 2
     if [ "$gpus" = 0 ]; then echo "error: no CUDA GPU visible to $PY (bench/gpu_check.sh --cpu checks the script itself)"; exit 2; fi
