@@ -147,10 +147,9 @@ def rank0_text(text):
     checkpoint into different directories)."""
     if world_size() == 1:
         return text
-    n = collective("broadcast", torch.tensor([len(text.encode())]))
-    data = torch.zeros(int(n), dtype=torch.uint8)
-    if rank() == 0:
-        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    n = int(collective("broadcast", torch.tensor([len(data)])))              # rank 0's length
+    data = data if rank() == 0 else torch.zeros(n, dtype=torch.uint8)
     return bytes(collective("broadcast", data).tolist()).decode()
 
 
