@@ -31,7 +31,7 @@ from models import geometry
 
 # flags a resumed run may change; every other one comes from the run's config.json
 RESUMABLE = ("iters", "resume", "device", "eval_every", "sample_every", "save_every", "print_config", "report_to",
-             "eval_batch", "gradient_checkpointing")
+             "eval_batch", "gradient_checkpointing", "dist_timeout", "threads")
 
 
 class ConfigError(cli.InputError):
@@ -100,6 +100,10 @@ def claim_run_dir(args):
         args.run_dir = args.run_dir or os.path.join("runs", f"{args.algo}-{os.path.basename(args.model.rstrip('/'))}-{stamp}")
         cfg_path = os.path.join(args.run_dir, "config.json")
         if os.path.isfile(cfg_path):
+            world = cli.read_json(cfg_path).get("world_size", 1)
+            if world != args.world_size:
+                raise ConfigError(f"--run-dir {args.run_dir}: the run trained on {world} process(es), not "
+                                  f"{args.world_size}; continue it with the same world size")
             if strip(cli.read_json(cfg_path)) != strip(vars(args)):
                 raise ConfigError(f"--run-dir {args.run_dir} already holds a different run (never overwritten)")
             # the same command again (a requeued job, torchrun --max-restarts, a rerun by hand): the flags are the
@@ -111,11 +115,16 @@ def claim_run_dir(args):
     if blocked:
         raise ConfigError(f"--run-dir {args.run_dir}: {blocked} is not a writable directory")
     if args.resume:
-        done = checkpoint_iteration(args.run_dir, critic=args.algo == "ppo")
-        if done >= args.iters:
+        done = checkpoint_iteration(args.run_dir, critic=args.algo == "ppo" and args.critic == "learned")
+        if done >= args.iters and not (done == args.iters and not exported(args.run_dir)):   # else: export it again
             raise ConfigError(f"{args.run_dir}: the run is already at iteration {done}, "
                               f"{'its last' if done == args.iters else 'past'} --iters {args.iters}: nothing to do; "
                               f"pass --iters N with N > {done} to continue it")
+
+
+def exported(run_dir):
+    """Whether a run has written its final policy (export_final): pipeline/ or policy_lora/."""
+    return any(os.path.isdir(os.path.join(run_dir, d)) for d in ("pipeline", "policy_lora"))
 
 
 def find_checkpoint(run_dir):
@@ -182,6 +191,7 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
     final, tmp, old = (os.path.join(args.run_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     policy = policy_state(args, policy_net)
     refuse_non_finite(policy, f"iteration {it}: the policy")      # the same weights on every rank: all refuse
+    critic = critic if critic is not None and critic.learned else None     # the controls (--critic none, ...) hold nothing
     critic_state = critic.state_dict_to_save() if critic is not None else {}
     refuse_non_finite(critic_state, f"iteration {it}: the critic")
     rank = ppo.rank()
@@ -215,9 +225,11 @@ def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
     from safetensors.torch import load_file
     path = find_checkpoint(args.run_dir)
     load_policy_state(args, policy_net, load_file(os.path.join(path, "policy.safetensors")))
-    if critic is not None:
+    if critic is not None and critic.learned:
         critic.load_saved(load_file(os.path.join(path, "critic.safetensors")))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    # on the CPU: every rank would otherwise put rank 0's optimiser states on cuda:0 (where they were saved); the
+    # optimisers move them onto their parameters' device, and a GPU run resumes on a CPU-only machine too
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     opt_policy.load_state_dict(state["opt_policy"])
     if opt_critic is not None:
         opt_critic.load_state_dict(state["opt_critic"])
@@ -227,7 +239,7 @@ def load_checkpoint(args, policy_net, critic, opt_policy, opt_critic, mixer):
     mixer.load_state_dict(state["mixer"])
     rng_path = os.path.join(path, f"rng_rank{ppo.rank()}.pt")
     if os.path.isfile(rng_path):                   # this rank's own RNG states (older one-rank runs: in state.pt)
-        state["rngs"] = torch.load(rng_path, weights_only=True)
+        state["rngs"] = torch.load(rng_path, map_location="cpu", weights_only=True)
     return state
 
 
@@ -283,10 +295,13 @@ def merged_policy(net):
 def rng_states(prompt_rng, gen, shuffle):
     """Every random stream of this rank: Python's, NumPy's, torch's, the prompt draws, the rollout
     noise (gen) and the minibatch order (shuffle)."""
-    return {"python": random.getstate(), "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-                                                   *np.random.get_state()[2:]],
-            "torch": torch.get_rng_state(), "prompt": prompt_rng.getstate(), "gen": gen.get_state(),
-            "shuffle": shuffle.get_state()}
+    states = {"python": random.getstate(), "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                                                     *np.random.get_state()[2:]],
+              "torch": torch.get_rng_state(), "prompt": prompt_rng.getstate(), "gen": gen.get_state(),
+              "shuffle": shuffle.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():     # this rank's GPU's default stream too
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
 def resume(args, policy_net, critic, opt_policy, opt_critic, mixer, prompt_rng, gen, shuffle, master, replay=None):
@@ -306,12 +321,16 @@ def resume(args, policy_net, critic, opt_policy, opt_critic, mixer, prompt_rng, 
     random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
     np.random.set_state(("MT19937", r["numpy"][0].numpy().astype(np.uint32), *r["numpy"][1:]))
     torch.set_rng_state(r["torch"]), gen.set_state(r["gen"]), shuffle.set_state(r["shuffle"])
+    if "cuda" in r and torch.cuda.is_available():
+        torch.cuda.set_rng_state(r["cuda"])
     prompt_rng.setstate((r["prompt"][0], tuple(r["prompt"][1]), r["prompt"][2]))
+    # rank 0 alone reads the metrics (only it logs them) and drops the lines logged after the checkpoint,
+    # rewriting the file whole (a rename): another rank reading while it is rewritten in place would see half a file
     rows, metrics = [], os.path.join(args.run_dir, "metrics.jsonl")
-    if os.path.isfile(metrics):                 # drop lines logged after the checkpoint
+    if master and os.path.isfile(metrics):
         rows = [json.loads(line) for line in open(metrics)]
         rows = [row for row in rows if row["iter"] <= state["iteration"]]
-        if master:
-            with open(metrics, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(metrics + ".tmp", metrics)
     return state["iteration"], state["images"], rows

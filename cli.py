@@ -1,13 +1,15 @@
 """Command-line plumbing shared by every entry point (train.py, eval.py, pretrain.py, toy.py,
 rollout.py, critic.py): bad input gets one line on stderr and exit code 2, before any run directory
 is created or any model is loaded. One helper per kind of check:
-  integer(min), finite_float(min, max, above), device, output_file(exts)   argparse type= checks
+  integer(min, max), finite_float(min, max, above), device, output_file(exts), nonempty, SEED
+                              argparse type= checks
   unwritable(path)            a directory a run or file can be written to
   read_text(flag, path)       a readable UTF-8 text file (prompt lists)
   read_json(path)             a JSON file that parses
   safetensors_keys(path)      a safetensors file whose header is whole (no tensor is read)
   check_component(dir, cls)   a saved model of class cls that looks loadable (no tensor is read)
   check_pipeline(path)        a diffusers pipeline directory whose components all do
+  add_threads(parser), set_threads(threads, device)   --threads: torch's CPU threads
 This module imports only the standard library at the top (torch and safetensors inside the checks
 that need them), so every entry point answers bad flags in the time it takes to import torch."""
 import argparse
@@ -46,17 +48,28 @@ class Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- type= checks
 
-def integer(min=1):
-    """type=: an integer >= min."""
+def integer(min=1, max=None):
+    """type=: an integer >= min (and <= max)."""
     def check(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer >= {min}, got {text!r}") from None
-        if value < min:
-            raise argparse.ArgumentTypeError(f"must be >= {min}, got {value}")
+        if value < min or (max is not None and value > max):
+            raise argparse.ArgumentTypeError(f"must be >= {min}" + (f" and <= {max}" if max is not None else "")
+                                             + f", got {value}")
         return value
     return check
+
+
+SEED = integer(0, 2 ** 31 - 1)      # --seed everywhere: numpy takes seeds in [0, 2^32); rank r adds world * seed + r
+
+
+def nonempty(text):
+    """type=: a path or name that is not the empty string (--run-dir '' is not 'no --run-dir')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
 
 
 def finite_float(min=None, max=None, above=None):
@@ -102,6 +115,8 @@ def output_file(*exts):
     def check(text):
         if not text.lower().endswith(exts):
             raise argparse.ArgumentTypeError(f"must be a file ending in {', '.join(exts)}, got {text!r}")
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"must be a file, got {text!r}: a directory of that name exists")
         folder = os.path.dirname(os.path.abspath(text))
         if not os.path.isdir(folder) or unwritable(folder):
             raise argparse.ArgumentTypeError(f"must be in a writable directory, got {text!r}: {folder} is not "
@@ -213,3 +228,27 @@ def check_pipeline(path):
         if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[0] is not None:
             check_component(os.path.join(path, name), entry[1])
     return spec.get("_class_name")
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+THREADS_HELP = ("CPU threads torch computes with (default: 1 on a CPU device, unless OMP_NUM_THREADS is set: the "
+                "built-in world's tiny models run no slower on one thread alone, and torch's spinning threads "
+                "make a run beside any other busy process many times slower; BENCHMARKS.md 'Threads'; on a GPU "
+                "device, torch's own default)")
+
+
+def add_threads(parser):
+    parser.add_argument("--threads", type=integer(1), default=None, help=THREADS_HELP)
+
+
+def set_threads(threads, device):
+    """torch.set_num_threads: --threads if given; else 1 on a CPU device, unless OMP_NUM_THREADS says
+    otherwise. Returns the number in use."""
+    import torch
+    if threads is None and str(device).startswith("cpu") and "OMP_NUM_THREADS" not in os.environ:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+

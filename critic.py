@@ -41,7 +41,7 @@ import torch.nn as nn
 
 import cli
 import rollout
-from models import load_backbone
+from models import Schedule, load_backbone
 
 POLICY, CRITIC = "policy", "critic"           # adapter names on a shared LoRA base
 
@@ -56,7 +56,7 @@ class ValueHead(nn.Module):
     attends over the feature tokens (and, with text_dim = T, over the L text tokens of the prompt,
     projected to width D), then an MLP to R outputs, one per reward (section 6)."""
 
-    def __init__(self, dim, temb_dim, num_rewards=1, text_dim=None):
+    def __init__(self, dim, temb_dim, num_rewards=1, text_dim=None, adaln=True):
         super().__init__()
         self.text_proj = nn.Linear(text_dim, dim) if text_dim else None
         num_heads = max(1, dim // 64) if dim % max(1, dim // 64) == 0 else 1
@@ -64,17 +64,24 @@ class ValueHead(nn.Module):
         self.norm_tokens = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm_pooled = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, 4 * dim))
+        # adaln=False: the ablation of the paper's first stabiliser (train.py --critic-adaln off): plain norms,
+        # the head then learns the noise level only from what the tokens themselves show of it
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, 4 * dim)) if adaln else None
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_rewards))
         # DiT's initialisation: modulation starts as the identity, and the last layer at zero,
         # so V_phi = 0 exactly at the start and the first updates do not fight a random output
-        nn.init.zeros_(self.adaLN_modulation[-1].weight), nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        if adaln:
+            nn.init.zeros_(self.adaLN_modulation[-1].weight), nn.init.zeros_(self.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.mlp[-1].weight), nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, tokens, temb, text=None):
         if self.text_proj is not None:      # the prompt's tokens join the image's as keys and values
             tokens = torch.cat([tokens, self.text_proj(text)], 1)                           # (B, N + L, D)
-        shift_t, scale_t, shift_p, scale_p = self.adaLN_modulation(temb).chunk(4, dim=-1)   # 4 x (B, D)
+        if self.adaLN_modulation is None:
+            mod = torch.zeros(len(tokens), 4 * tokens.shape[-1], device=tokens.device)    # (B, 4D): no modulation
+        else:
+            mod = self.adaLN_modulation(temb)                                              # (B, 4D)
+        shift_t, scale_t, shift_p, scale_p = mod.chunk(4, dim=-1)                         # 4 x (B, D)
         h = modulate(self.norm_tokens(tokens), shift_t, scale_t)                          # (B, N, D)
         pooled = self.attn(self.query.expand(len(h), -1, -1), h, h, need_weights=False)[0]  # (B, 1, D)
         pooled = modulate(self.norm_pooled(pooled), shift_p, scale_p)[:, 0]               # (B, D)
@@ -139,9 +146,12 @@ class Critic(nn.Module):
     """V_phi(x_t, t, c) -> (B, R). `lora=False`: a full trainable copy of backbone.net;
     `lora=True`: a 'critic' LoRA adapter added to backbone.net itself (not registered as a
     submodule here, so state_dict() holds only what is trained: head and, for a copy, the net).
-    `text=True`: the head also reads the prompt's text tokens."""
+    `text=True`: the head also reads the prompt's text tokens; `adaln=False`: its norms are not
+    modulated by the noise level (an ablation)."""
+    learned = True                                  # trained by ppo.update, saved in checkpoints
+    cost = {}                                       # what values() spends beyond its passes: nothing
 
-    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False):
+    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True):
         super().__init__()
         self.lora, self.text = lora, text
         if lora:
@@ -152,7 +162,7 @@ class Critic(nn.Module):
         else:
             self.net = copy.deepcopy(backbone.net).requires_grad_(True)   # eval mode kept: no dropout
         D, E, T = feature_dims(backbone)
-        self.head = ValueHead(D, E, num_rewards, T if text else None)
+        self.head = ValueHead(D, E, num_rewards, T if text else None, adaln=adaln)
 
     @property
     def backbone_net(self):
@@ -235,12 +245,114 @@ def load(backbone, run_dir):
     import os
     from safetensors.torch import load_file
     config = json.load(open(os.path.join(run_dir, "config.json")))
+    if config.get("critic", "learned") != "learned":
+        raise cli.InputError(f"{run_dir} trained with --critic {config['critic']}: it has no learned critic to load")
     names = [n for n in config["rewards"].split(",") if n.strip()]
     rank = config.get("lora_rank") or 0
     critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64,
-                    text=bool(config.get("critic_text")))
+                    text=bool(config.get("critic_text")), adaln=config.get("critic_adaln", "on") == "on")
     critic.load_saved(load_file(os.path.join(run_dir, "checkpoint", "critic.safetensors")))
     return critic.to(backbone.device)
+
+
+# ----------------------------------------------------------------------------- the controls
+# Three critics that learn nothing, for the ablations a reader of the paper asks for (train.py --critic).
+# Each answers Critic.values' call with (B, F, R) in the units of the normalised rewards, so GAE and
+# the PPO update are the same code for all four kinds.
+
+KINDS = ("learned", "none", "proxy", "oracle")
+
+
+class NoCritic:
+    """V = 0 (train.py --critic none): with gamma = lambda = 1 every step of a trajectory gets the same
+    advantage, its normalised return: REINFORCE with the batch-normalised return as baseline."""
+    learned = False
+
+    def __init__(self, num_rewards=1):
+        self.num_rewards, self.cost = num_rewards, {}    # cost: what the last values() spent beyond the rollout
+
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False):
+        B, K = traj.log_probs.shape
+        return torch.zeros(B, (steps or K) + bool(last), self.num_rewards)
+
+
+class ProxyCritic(NoCritic):
+    """V(x_k) = the normalised reward of the decoded clean-image prediction at x_k,
+    r(decode(x0_hat(x_k))) (train.py --critic proxy): the pixel-space critic of the paper's Fig. 2,
+    the dense reward of SDPO and the potential of FK-steering (steer.py's proxy-smc). score(images,
+    prompts, metas) -> (N, R) normalised rewards. One decode and reward call per state, no denoiser pass."""
+
+    def __init__(self, num_rewards, score, chunk=256):
+        super().__init__(num_rewards)
+        self.score, self.chunk = score, chunk
+
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False):
+        B, K = traj.log_probs.shape
+        cols = list(range(steps or K)) + ([K - 1] if last else [])
+        x0_hat = traj.pred_x0[:, cols].flatten(0, 1)                             # (B*F, C, h, w), row b*F + f
+        rows = torch.arange(B).repeat_interleave(len(cols))                      # (B*F,) their trajectories
+        self.cost = {"critic/reward_calls": len(rows)}
+        return score_latents(backbone, self.score, x0_hat, traj, rows, self.chunk).view(B, len(cols), -1)
+
+
+class OracleCritic(NoCritic):
+    """V(x_k) = the mean normalised reward of M fresh continuations of the current policy from x_k
+    (train.py --critic oracle --oracle-continuations M): unbiased for V^pi(x_k), so it bounds what any
+    critic can give. The continuations run the rollout's own sampler (its SDE window, then the
+    deterministic tail) with the policy's weights, on common random numbers: continuation m of
+    trajectory b takes the noise Z[m, b, j] at step j whichever state it started from, so V(x_k) and
+    V(x_{k+1}) differ by what step k's own noise did (the actual step against Z[m, b, k]), not by the
+    independent noise of every later step. Costs M partial rollouts per trained state (reported as
+    critic/continuation_images, apart from the training images). score: as ProxyCritic's;
+    generator: the run's rollout noise stream, so a resumed run draws the same continuations."""
+
+    def __init__(self, num_rewards, score, policy_net, M, generator=None, chunk=256):
+        super().__init__(num_rewards)
+        self.score, self.policy_net, self.M, self.generator, self.chunk = score, policy_net, M, generator, chunk
+
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False):
+        assert not last, "the oracle values the SDE window's states only (after it the return is fixed)"
+        B, K = traj.log_probs.shape
+        S, M = steps or K, self.M
+        schedule = Schedule(traj.timesteps, traj.levels)
+        Z = rollout.randn_tensor((M, B, S, *traj.latents.shape[2:]), generator=self.generator,
+                                 device=traj.latents.device, dtype=traj.latents.dtype)     # (M, B, S, C, h, w)
+        m, b, k = (t.flatten() for t in torch.meshgrid(torch.arange(M), torch.arange(B), torch.arange(S), indexing="ij"))
+        x = traj.latents[b, k].clone()                       # (M*B*S, C, h, w): continuation (m, b) from state k
+        passes = 0
+        with adapter(self.policy_net, POLICY) as net:
+            for j in range(K):                               # every continuation started by step j takes it
+                live = (k <= j).nonzero().flatten()
+                for rows in live.split(self.chunk):
+                    jj = torch.full((len(rows),), j, dtype=torch.long)
+                    x[rows] = rollout.step(backbone, x[rows], jj, traj.cond.index(b[rows]), schedule,
+                                           rollout.step_noise(traj.noise_level, traj.sde_steps, jj), traj.cfg_scale,
+                                           net=net, noise=Z[m[rows], b[rows], j] if j < S else None)[0]
+                passes += len(live)
+        self.cost = {"critic/continuation_images": M * B * S, "critic/continuation_denoiser_passes": passes}
+        return score_latents(backbone, self.score, x, traj, b, self.chunk).view(M, B, S, -1).mean(0)   # (B, S, R)
+
+
+def score_latents(backbone, score, latents, traj, rows, chunk):
+    """score(decode(latents)) in chunks -> (N, R) on the CPU: latents (N, C, h, w) of the trajectories rows (N,)."""
+    out = []
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk].tolist()
+        out.append(score(backbone.decode(latents[s:s + chunk]), [traj.prompts[i] for i in r],
+                         [traj.metas[i] for i in r] if traj.metas else None).float().cpu())
+    return torch.cat(out)
+
+
+def build(kind, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True, score=None,
+          policy_net=None, continuations=8, generator=None):
+    """One critic of KINDS by name: what train.py --critic chooses."""
+    if kind == "learned":
+        return Critic(backbone, num_rewards, lora=lora, rank=rank, alpha=alpha, text=text, adaln=adaln).to(backbone.device)
+    if kind == "none":
+        return NoCritic(num_rewards)
+    if kind == "proxy":
+        return ProxyCritic(num_rewards, score)
+    return OracleCritic(num_rewards, score, policy_net, continuations, generator)
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -320,7 +432,8 @@ def fit(backbone, critic, rollouts, lr=1e-4, head_lr=1e-3, minibatch=32, generat
             idx, j = mb // K, mb % K
             loss = regress(critic, backbone, traj, idx, j, G[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with adapter(critic.backbone_net, CRITIC):    # checkpointed blocks re-run in backward: with this adapter
+                loss.backward()
             nn.utils.clip_grad_norm_(critic.trainable_parameters(), 1.0)
             opt.step()
     return stats.mean[0].float(), stats.std()[0].float()
@@ -344,7 +457,7 @@ def main(argv=None):
     p.add_argument("--minibatch", type=cli.integer(1), default=32, help="states per optimiser step")
     p.add_argument("--eval-batches", type=cli.integer(1), default=4,
                    help="fresh batches to measure explained variance on")
-    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed")
     args = p.parse_args(argv)
     if args.sde_steps is not None and args.sde_steps > args.steps:
         p.exit(2, f"error: --sde-steps must be between 1 and --steps ({args.steps}), got {args.sde_steps}\n")

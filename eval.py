@@ -45,7 +45,8 @@ import rollout
 import steer
 from cli import finite_float, integer
 from critic import POLICY, adapter
-from models import PRECISIONS, check_resolution, default_precision, default_resolution, load_backbone, resolve
+from models import PRECISIONS, check_precision, check_resolution, default_precision, default_resolution, load_backbone, \
+    resolve
 
 PARTIAL, PARTIAL_MARK = ".partial", ".eval-in-progress"   # where an evaluation is written before it becomes --out
 
@@ -54,22 +55,27 @@ PARTIAL, PARTIAL_MARK = ".partial", ".eval-in-progress"   # where an evaluation 
 # (train.py; METHOD.md section 8): held-out metrics, sample grids, the reward curve, tensorboard / wandb
 
 @torch.no_grad()
-def heldout_metrics(args, backbone, policy_net, mixer, heldout, seeds):
+def heldout_metrics(args, backbone, policy_net, mixer, heldout, seeds, stop=None):
     """Held-out prompts x seeds with the deterministic sampler (noise 0): strict accuracy and
     partial credit of the built-in world's checker, and the raw mean of every reward and monitor.
     Called on every rank: rank r samples and scores units r, r + world, ... of rollout.seeded_noise
     (chunks of --eval-batch prompts of one seed, the images one process makes) and the sums are
     added over ranks. So 8 GPUs evaluate in about an eighth of the time, and no rank waits at a
     collective for the whole evaluation (SD3.5-M's 800 held-out images take minutes on one GPU, near
-    NCCL's 10-minute watchdog)."""
+    NCCL's 10-minute watchdog). stop: a callable, checked before each unit; once it is true on any
+    rank the evaluation ends early and returns {} (train.py's SIGTERM: torchrun SIGKILLs its workers
+    --shutdown-timeout seconds later, and a checkpoint must be written before that)."""
     import ppo
     import toy
     names = mixer.names + mixer.monitor                            # monitors too: reward hacking shows here
-    # (count, strict, partial credit, each reward's raw score, reward failures), summed in float64
-    sums, error = torch.zeros(4 + len(names), dtype=torch.float64), None
+    # (count, strict, partial credit, each reward's raw score, reward failures, stopped), summed in float64
+    sums, error = torch.zeros(5 + len(names), dtype=torch.float64), None
     with adapter(policy_net, POLICY) as net:
         units = rollout.seeded_noise(backbone, [m["prompt"] for m in heldout], seeds, args.eval_batch)
         for u, (offset, prompts, x_T) in enumerate(units):
+            if stop is not None and stop():
+                sums[-1] = 1
+                break
             if u % ppo.world_size() != ppo.rank():
                 continue
             images = rollout.sample(backbone, prompts, args.eval_num_steps, 0.0, net=net, latents=x_T).images.cpu()
@@ -79,10 +85,12 @@ def heldout_metrics(args, backbone, policy_net, mixer, heldout, seeds):
                 strict, score = toy.check(images, metas)
                 sums[1:3] += torch.stack([strict.double().sum(), score.double().sum()])
             try:
-                sums[3:-1] += mixer.score(images, prompts, metas, names)[0].double().sum(0)
+                sums[3:-2] += mixer.score(images, prompts, metas, names)[0].double().sum(0)
             except rewards.RewardError as e:
-                error, sums[-1] = e, sums[-1] + 1
-    count, strict, score, *raw, failed = ppo.all_reduce_sum(sums).tolist()
+                error, sums[-2] = e, sums[-2] + 1
+    count, strict, score, *raw, failed, stopped = ppo.all_reduce_sum(sums).tolist()
+    if stopped:
+        return {}
     out = {"eval/heldout_strict": strict / count, "eval/heldout_score": score / count} if args.shapes_world else {}
     if failed:
         if ppo.rank() == 0:
@@ -93,9 +101,10 @@ def heldout_metrics(args, backbone, policy_net, mixer, heldout, seeds):
 
 
 @torch.no_grad()
-def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1)):
+def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1), iteration=0):
     """A labelled grid of the deterministic sampler: one column per prompt (its text above it),
-    one row per seed; in the built-in world each image is framed green (pass) or red (fail)."""
+    one row per seed; in the built-in world each image is framed green (pass) or red (fail). Its
+    heading names the run, model, algorithm, rewards and iteration (run_title)."""
     import grid
     with adapter(policy_net, POLICY) as net:
         images = rollout.sample_seeded(backbone, [m["prompt"] for m in grid_metas], seeds, args.eval_num_steps,
@@ -105,7 +114,16 @@ def save_samples(args, backbone, policy_net, grid_metas, path, seeds=(0, 1)):
         import toy
         marks = toy.check(images, list(grid_metas) * len(seeds))[0].tolist()
     grid.save_grid(path, images, len(grid_metas), titles=[m["prompt"] for m in grid_metas], marks=marks,
-                   row_titles=[f"seed {s}" for s in seeds])
+                   row_titles=[f"seed {s}" for s in seeds],
+                   heading=f"{run_title(args)}, iteration {iteration}: held-out prompts, deterministic sampler")
+
+
+def run_title(args):
+    """One line naming a train.py run: its directory, model, algorithm (and critic), rewards."""
+    algo = args.algo + (f" (--critic {args.critic})" if args.algo == "ppo" and getattr(args, "critic", "learned")
+                        != "learned" else "")
+    return (f"{os.path.basename(os.path.normpath(args.run_dir))}: {algo} on {os.path.basename(args.model.rstrip('/'))}, "
+            f"rewards {args.rewards}")
 
 
 class Reporter:
@@ -138,7 +156,7 @@ class Reporter:
             (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
 
 
-def plot_rewards(run_dir, rows):
+def plot_rewards(run_dir, rows, title=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -151,6 +169,8 @@ def plot_rewards(run_dir, rows):
     if ev:
         ax.plot([r["images"] for r in ev], [r["eval/heldout_strict"] for r in ev], "o-", label="held-out strict accuracy")
     ax.set_xlabel("images generated"), ax.set_ylabel("reward / accuracy"), ax.grid(alpha=0.3), ax.legend()
+    if rows:
+        ax.set_title(f"{title}{', ' if title else ''}iteration {rows[-1]['iter']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "reward.png"), dpi=100)
     plt.close(fig)
@@ -163,13 +183,14 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="base model: tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers "
                                                  "directory (default: the --policy run's, else tiny-dit)")
-    g.add_argument("--policy", default=None, metavar="RUN_DIR", help="a train.py run whose final policy to sample "
+    g.add_argument("--policy", type=cli.nonempty, default=None, metavar="RUN_DIR", help="a train.py run whose final policy to sample "
                                                                     "(default: the base model)")
-    g.add_argument("--critic", default=None, metavar="RUN_DIR",
+    g.add_argument("--critic", type=cli.nonempty, default=None, metavar="RUN_DIR",
                    help="a train.py critic-PPO run whose critic steers (default: --policy if it has one, else, on "
                         "the built-in world, the newest run under runs/ with a critic for --model)")
     g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
+    cli.add_threads(g)
     g.add_argument("--mixed-precision", choices=tuple(PRECISIONS), default=None,
                    help="dtype of the model and reward weights: bf16 | fp16 | no (fp32) (default: bf16 on CUDA, no on CPU)")
     g.add_argument("--resolution", type=integer(8), default=None,
@@ -189,6 +210,9 @@ def build_parser():
                    help="smc: weights exp(lam (V(x') - V(x))), values in reward-std units")
     g.add_argument("--resample-every", type=integer(1), default=1,
                    help="smc: resampling opportunity every N window steps")
+    g.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="do not also sample --steer none (same seeds and sampler) to print the steered figures beside "
+                        "the unsteered ones (that costs one more image per prompt and seed)")
     g.add_argument("--steer-weights", default=None,
                    help="weights of the critic's heads (and of the rewards for --select reward), e.g. hps=1,clip=0.5 "
                         "(default: the critic run's training weights)")
@@ -197,18 +221,23 @@ def build_parser():
                    help="denoising steps K (default: the run's --num-steps, else 10)")
     g.add_argument("--sde-steps", type=integer(1), default=None,
                    help="stochastic steps S, the first of K: the critic's window (default: the run's, else 5)")
-    g.add_argument("--noise-level", type=finite_float(min=0), default=None,
-                   help="SDE noise a / DDIM eta (default: the training noise)")
+    g.add_argument("--noise-level", type=finite_float(min=0, max=1), default=None,
+                   help="SDE noise a / DDIM eta, in [0, 1] as train.py's (default: the training noise)")
     g = p.add_argument_group("prompts and rewards")
-    g.add_argument("--prompts", default="heldout", help="heldout | train (the built-in world's split) | geneval | a .txt or .jsonl")
+    g.add_argument("--prompts", default="heldout",
+                   help="heldout | train (the built-in world's split) | geneval (GenEval's 553 official prompts, "
+                        "data/geneval; --seeds 4 is its protocol; written in its layout to OUT/geneval for the "
+                        "official evaluator) | a .txt or .jsonl")
     g.add_argument("--max-prompts", type=integer(1), default=None, help="use only the first N prompts")
     g.add_argument("--rewards", default=None, help="comma list of rewards to report (default: shapes on the built-in "
                                                  "world, else the critic run's)")
     g.add_argument("--reward-path", action="append", default=[], metavar="NAME[.PART]=PATH", help="as in train.py")
+    rewards.add_geneval_args(g)
     g.add_argument("--seeds", type=integer(1), default=4, help="seeds per prompt")
     g.add_argument("--eval-batch", type=integer(1), default=64,
                    help="prompts sampled (each with its N candidates) per call, per seed")
-    g.add_argument("--out", default=None, help="output directory (default runs/eval-STEER-MODEL-TIME); never overwritten")
+    g.add_argument("--out", type=cli.nonempty, default=None,
+                   help="output directory (default runs/eval-STEER-MODEL-TIME); never overwritten")
     return p
 
 
@@ -246,8 +275,8 @@ def load_prompts(source, max_prompts):
     if source in ("heldout", "train"):
         import toy
         metas = toy.prompts(source)
-    elif source == "geneval":
-        metas = geneval.prompts(200, seed=1)
+    elif source == "geneval":                      # the benchmark itself: GenEval's 553 official prompts
+        metas = list(geneval.official())
     elif os.path.isfile(source):
         try:
             text = cli.read_text("--prompts", source)             # a binary file fails here, in one line
@@ -284,11 +313,13 @@ def configure(args):
         except cli.InputError as e:
             fail(str(e) if os.path.isdir(exported) else f"--policy {args.policy}: {e}")
     wants_critic = steer.needs_critic(args.steer, args.select)
+    args.critic_source = "--critic" if args.critic else ""
     if args.critic is None and wants_critic:
         if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")):
-            args.critic = args.policy
+            args.critic, args.critic_source = args.policy, "the --policy run's own"
         elif shapes_world:
             args.critic = newest_critic(args.model)
+            args.critic_source = f"the newest run under runs/ with a critic for {args.model}"
         if args.critic is None:
             fail(f"--steer {args.steer} with --select {args.select} needs a critic: pass --critic RUN_DIR (a train.py "
                  f"--algo ppo run on {args.model}), or --select reward")
@@ -306,6 +337,8 @@ def configure(args):
         args.critic = None                        # its run still sets the sampler's defaults below
     source = critic_cfg or policy_cfg or {}
     args.mixed_precision = args.mixed_precision or default_precision(args.device)
+    if check_precision(args.mixed_precision, args.device):
+        fail(check_precision(args.mixed_precision, args.device))
     args.resolution = args.resolution or source.get("resolution") or default_resolution(args.model)
     if check_resolution(args.model, args.resolution):
         fail(check_resolution(args.model, args.resolution))
@@ -313,7 +346,9 @@ def configure(args):
     if args.no_t5 and kind != "StableDiffusion3Pipeline":
         fail(f"--no-t5: {args.model} is not an SD3 pipeline (only SD3 has a T5 encoder)")
     args.num_steps = args.num_steps or source.get("num_steps") or 10
-    args.sde_steps = min(args.sde_steps or source.get("sde_steps") or min(5, args.num_steps), args.num_steps)
+    if args.sde_steps is not None and args.sde_steps > args.num_steps:          # as train.py: never clamped silently
+        fail(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
+    args.sde_steps = min(args.sde_steps or source.get("sde_steps") or 5, args.num_steps)
     # a critic trained on x_{t_1} too (train.py --critic-terminal) chooses there: the image is fixed
     args.terminal = bool((critic_cfg or {}).get("critic_terminal")) and args.sde_steps < args.num_steps
     args.critic_rewards = [r for r in (critic_cfg or {}).get("rewards", "").split(",") if r]
@@ -335,8 +370,9 @@ def configure(args):
     args.weights = weights
     args.reward_names = names + [n for n in weights if n not in names and args.select == "reward"]
     try:      # names and local weight paths checked here; nothing is loaded yet
-        args.spec = rewards.parse_reward_args(argparse.Namespace(rewards=",".join(args.reward_names),
-                                                                 reward_path=args.reward_path))
+        args.spec = rewards.parse_reward_args(argparse.Namespace(
+            rewards=",".join(args.reward_names), reward_path=args.reward_path, geneval_threshold=args.geneval_threshold,
+            geneval_counting_threshold=args.geneval_counting_threshold))
         args.metas = load_prompts(args.prompts, args.max_prompts)
         rewards.check_metadata(args.reward_names, args.metas, [m["prompt"] for m in args.metas])
     except rewards.RewardError as e:
@@ -378,7 +414,6 @@ def evaluate(args):
     backbone = load_policy(args)
     noise = args.noise_level if args.noise_level is not None else rollout.TRAIN_NOISE[backbone.sampler]
     metas, prompts = args.metas, [m["prompt"] for m in args.metas]
-    value = None
     if args.critic:
         critic_backbone = load_backbone(args.model, args.device, **model_kwargs(args))   # the base it was trained on
         critic = critic_module.load(critic_backbone, args.critic).eval()
@@ -397,22 +432,25 @@ def evaluate(args):
                 total += wn * torch.as_tensor(scorers[n](images, [prompts[i] for i in idx], [metas[i] for i in idx])).float().cpu()
         return total
 
-    rows, grids = [], []
-    for seed in range(args.seeds):
+    def sample(method, seed):
+        """One seed of every prompt with a steering method: a Steered, --eval-batch prompts at a time."""
+        value, chunks = None, []
         g = torch.Generator(args.device).manual_seed(seed)
-        chunks = []
-        for c in range(0, len(prompts), args.eval_batch):               # --eval-batch prompts at a time
+        for c in range(0, len(prompts), args.eval_batch):
             part = prompts[c:c + args.eval_batch]
             if args.critic:
                 value = steer.critic_value_fn(critic, critic_backbone, part, backbone.schedule(args.num_steps), w)
-            chunks.append(steer.steer(backbone, part, args.steer, args.n, args.num_steps, noise, args.sde_steps,
+            chunks.append(steer.steer(backbone, part, method, args.n, args.num_steps, noise, args.sde_steps,
                                       value=value, score=lambda images, idx, c=c: score(images, idx + c),
                                       select=args.select, guidance=args.guidance, lam=args.lam,
                                       resample_every=args.resample_every, generator=g, terminal=args.terminal))
-        out = steer.Steered(**{f: torch.cat([getattr(o, f) for o in chunks]) for f in
-                               ("images", "latents", "candidates", "chosen", "scores")},
-                            nfe={k: sum(o.nfe[k] * len(o.chosen) for o in chunks) / len(prompts) for k in chunks[0].nfe})
-        per = {}
+        return steer.Steered(**{f: torch.cat([getattr(o, f) for o in chunks]) for f in
+                                ("images", "latents", "candidates", "chosen", "scores")},
+                             nfe={k: sum(o.nfe[k] * len(o.chosen) for o in chunks) / len(prompts) for k in chunks[0].nfe})
+
+    def judge(out, seed):
+        """Every reward of the chosen images, one row per prompt."""
+        per, rows = {}, []
         for n, fn in scorers.items():
             per[n] = torch.as_tensor(fn(out.images, prompts, metas)).float().cpu()
             per[n + "/strict"] = getattr(fn, "last_strict", None)
@@ -423,17 +461,31 @@ def evaluate(args):
                 if per[n + "/strict"] is not None:
                     row[n + "/strict"] = bool(per[n + "/strict"][i])
             rows.append(row)
+        return rows
+
+    def summarise(rows):
+        out = {}
+        for n in scorers:
+            for key in (n, n + "/strict"):
+                vals = torch.tensor([float(r[key]) for r in rows if key in r])
+                if len(vals):
+                    se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+                    out[key] = {"mean": vals.mean().item(), "se": se, "images": len(vals)}
+        return out
+
+    rows, unsteered, grids = [], [], []
+    for seed in range(args.seeds):
+        out = sample(args.steer, seed)
+        rows += judge(out, seed)
+        if args.steer != "none" and args.compare:      # the same policy, seeds and sampler, unsteered: the gain's base
+            unsteered += judge(sample("none", seed), seed)
         if seed == 0:
             grids.append(out)
         if args.prompts == "geneval" or args.prompts.endswith(".jsonl"):
             write_geneval(work, metas, out.images, seed)
-    summary = {}
-    for n in scorers:
-        for key in (n, n + "/strict"):
-            vals = torch.tensor([float(r[key]) for r in rows if key in r])
-            if len(vals):
-                se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
-                summary[key] = {"mean": vals.mean().item(), "se": se, "images": len(vals)}
+    summary = summarise(rows)
+    if unsteered:
+        summary["unsteered"] = summarise(unsteered)
     summary["nfe_per_image"] = rows[0]["nfe"]
     config = {k: v for k, v in vars(args).items() if k not in ("metas", "spec")}
     write_json(os.path.join(work, "results.json"), {"config": config, "images": rows})
@@ -481,6 +533,7 @@ def write_json(path, data):
 
 def main(argv=None):
     args = configure(build_parser().parse_args(argv))
+    cli.set_threads(args.threads, args.device)
     try:
         summary = evaluate(args)
     except ValueError as e:                      # cli.InputError (models, rewards) and the steering's own checks
@@ -488,13 +541,36 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"interrupted; nothing was written to {args.out} (rerun the same command)", file=sys.stderr)
         return 130
-    nfe = summary.pop("nfe_per_image")
-    print(f"{args.out}: --steer {args.steer} (N={args.n if args.steer not in ('none', 'grad') else 1}, select "
-          f"{args.select}) on {args.model}{' + ' + args.policy if args.policy else ''}, {len(args.metas)} prompts x "
+    nfe, unsteered = summary.pop("nfe_per_image"), summary.pop("unsteered", {})
+    N = args.n if args.steer not in ("none", "grad") else 1
+    print(f"{args.out}: --steer {args.steer} (N={N}" + (f", select {args.select}" if N > 1 else "")
+          + (f", guidance {args.guidance:g}" if "grad" in args.steer else "") + f"), {len(args.metas)} prompts x "
           f"{args.seeds} seeds; per image: {nfe['denoiser']:.0f} denoiser passes, {nfe['critic_forward']:.0f} critic "
           f"forward, {nfe['critic_backward']:.0f} backward, {nfe['reward']:.0f} reward calls")
+    print(f"  policy: {args.policy + ' (its final policy)' if args.policy else 'the base model ' + args.model}")
+    print(f"  critic: {args.critic + (' (' + args.critic_source + ')' if args.critic_source else '') if args.critic else 'none'}")
+    print(f"  sampler: {args.num_steps} steps, the first {args.sde_steps} stochastic (noise level "
+          f"{args.noise_level if args.noise_level is not None else 'the training one'}), the rest deterministic"
+          + ("; the critic chooses at x_(t_1), the last state" if args.terminal and N > 1 else ""))
     for key, s in summary.items():
-        print(f"  {key}: {s['mean']:.4f} ± {s['se']:.4f} ({s['images']} images)")
+        proxy = " [the in-process proxy (OWLv2 + CLIP), not the GenEval score]" if key.startswith("geneval") else ""
+        line = f"  {key}{proxy}: {s['mean']:.4f} ± {s['se']:.4f} ({s['images']} images)"
+        if key in unsteered:
+            u = unsteered[key]
+            line += (f"; unsteered (--steer none, same policy, seeds and sampler): {u['mean']:.4f} ± {u['se']:.4f}, "
+                     f"gain {s['mean'] - u['mean']:+.4f}")
+        print(line)
+    if os.path.isdir(os.path.join(args.out, "geneval")):
+        print(official_geneval_commands(args.out))
+
+
+def official_geneval_commands(out):
+    """How to score OUT/geneval with GenEval's official evaluator (its repository, with the detector its
+    evaluation/download_models.sh fetches): the figure to put beside published GenEval numbers."""
+    images, results = os.path.join(out, "geneval"), os.path.join(out, "geneval_results.jsonl")
+    return ("GenEval's layout is in " + images + "; the official score (from a clone of github.com/djghosh13/geneval):\n"
+            f"  python evaluation/evaluate_images.py {images} --outfile {results} --model-path MODELS_DIR\n"
+            f"  python evaluation/summary_scores.py {results}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ objects read from pixels) both judge through verdict(); they differ only in how 
 
 Test: tests/test_geneval.py
 """
+import functools
 import json
 import math
+import os
 
 from cli import InputError
 
@@ -43,6 +45,8 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 POSITION_THRESHOLD = 0.1
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+# GenEval's official 553 prompts (data/geneval: its evaluation_metadata.jsonl, MIT licence): the benchmark
+OFFICIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval", "evaluation_metadata.jsonl")
 
 
 def article(name):
@@ -82,11 +86,30 @@ def _sample(tag, rng):
     raise MetadataError(f"unknown GenEval tag {tag!r}; choose from {', '.join(TAGS)}")
 
 
-def prompts(n, seed=0, tags=TAGS):
-    """n GenEval-style prompts with metadata; each prompt's task type drawn uniformly from tags."""
+@functools.lru_cache(maxsize=1)
+def official():
+    """GenEval's 553 official prompts with their metadata (data/geneval/evaluation_metadata.jsonl): what
+    published GenEval figures are measured on (eval.py --prompts geneval)."""
+    return tuple(read_metadata(OFFICIAL))
+
+
+def prompts(n, seed=0, tags=TAGS, exclude=()):
+    """n GenEval-style prompts with metadata from GenEval's own templates; each prompt's task type drawn
+    uniformly from tags. Never one of GenEval's official prompts (official()): RL papers keep the
+    benchmark out of training, so a policy is never evaluated on what it trained on; nor one in exclude.
+    So no single_object prompt is ever drawn (all 80 possible ones are official), and counting keeps
+    160 of its 240."""
     import numpy as np
     rng = np.random.default_rng(seed)
-    return [_sample(tags[rng.integers(len(tags))], rng) for _ in range(n)]
+    skip = {m["prompt"] for m in official()} | set(exclude)
+    out, misses = [], 0
+    while len(out) < n:
+        md = _sample(tags[rng.integers(len(tags))], rng)
+        if md["prompt"] not in skip:
+            out.append(md)
+        elif (misses := misses + 1) > 100 * n + 10_000:     # e.g. tags=("single_object",): all official
+            raise MetadataError(f"task types {', '.join(tags)}: no prompt outside GenEval's official ones to draw")
+    return out
 
 
 def read_metadata(path, coco=True):

@@ -2,7 +2,7 @@
 
 save_grid() lays images out in rows and columns, writes each column's title (the prompt) above
 it, an optional caption under each image (a score, a step) and an optional pass/fail mark (a green
-or red frame with a tick or a cross), enlarging small images with nearest-neighbour so the built-in
+or red frame, with a tick or a cross under the image, never over it), enlarging small images with nearest-neighbour so the built-in
 world's 32 px boards stay sharp and readable. Used by train.py's sample grids, rollout.py's chain
 picture and eval.py's results. Test: tests/test_rollout.py (the chain picture).
 """
@@ -37,7 +37,7 @@ def save_grid(path, images, ncol, titles=None, captions=None, marks=None, cell=1
     wrapped = [textwrap.wrap(t, chars) or [""] for t in (titles or [])]
     top = line + 4 if heading else 0
     head = top + ((max(len(w) for w in wrapped) * line + 6) if titles else 4)
-    foot = (line + 4) if captions else 0
+    foot = (line + 4) if captions or marks is not None else 0      # the tick or cross sits under the board
     left = (max(font.getlength(t) for t in row_titles) + 10) if row_titles else 0
     pad, frame = 6, 3
     W = int(left + ncol * (side + 2 * frame + pad) + pad)
@@ -59,16 +59,18 @@ def save_grid(path, images, ncol, titles=None, captions=None, marks=None, cell=1
             draw.rectangle([x, y, x + side + 2 * frame - 1, y + side + 2 * frame - 1], fill=PASS if mark else FAIL)
         pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         canvas.paste(Image.fromarray(pixels).resize((side, side), Image.NEAREST), (x + frame, y + frame))
-        if mark is not None:       # a tick or a cross in the corner, drawn, so no glyph font is needed
-            s, x0, y0 = max(8, side // 8), x + side + frame - max(8, side // 8) - 2, y + frame + 2
-            draw.rectangle([x0 - 2, y0 - 2, x0 + s + 2, y0 + s + 2], fill="white")
+        offset = 0
+        if mark is not None:       # a tick or a cross under the board (over it, it hid a corner cell: the 4th object
+            s = min(max(8, side // 8), line - 4)               # of a "four ..." prompt), drawn: no glyph font needed
+            x0, y0 = x + frame, y + side + 2 * frame + 3
+            offset = s + 6
             if mark:
                 draw.line([(x0, y0 + s // 2), (x0 + s // 3, y0 + s), (x0 + s, y0)], fill=PASS, width=2)
             else:
                 draw.line([(x0, y0), (x0 + s, y0 + s)], fill=FAIL, width=2)
                 draw.line([(x0, y0 + s), (x0 + s, y0)], fill=FAIL, width=2)
         if captions:
-            draw.text((x + frame, y + side + 2 * frame + 1), captions[i], fill=INK, font=font)
+            draw.text((x + frame + offset, y + side + 2 * frame + 1), captions[i], fill=INK, font=font)
     for r, text in enumerate(row_titles or []):
         y = head + r * (side + 2 * frame + foot + pad) + side // 2
         draw.text((4, y), text, fill=INK, font=font)

@@ -53,6 +53,14 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32
 GEOMETRY = {"sd3.5m": (1024, 16, 384 * 2 * 8), "sd1.5": (512, 64, None)}
 
 
+def check_precision(name, device):
+    """None, or why --mixed-precision `name` cannot run on `device` (fp16 needs a GPU: diffusers' pipelines,
+    and many CPU kernels, do not run fp16 on the CPU)."""
+    if name == "fp16" and torch.device(device).type == "cpu":
+        return "--mixed-precision fp16 needs a GPU (the CPU has no fp16 kernels for these models); use bf16 or no"
+    return None
+
+
 def default_precision(device):
     """bf16 on CUDA (the peers' choice), fp32 elsewhere (CPU bf16 is slow and gains no memory that matters)."""
     return "bf16" if torch.device(device).type == "cuda" else "no"
@@ -274,12 +282,17 @@ class Backbone:
         return seen["tokens"], seen["temb"]
 
     # --------------------------------------------------------------- images
+    DECODE_CHUNK = 8   # images per VAE call: SD3.5-M's VAE holds ~0.4 GB of activations per 512 px image
+
     def decode(self, x0):
         """Clean latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], through the pipeline's
-        VAE with its scaling and shift factors (the one decode path of every backbone)."""
+        VAE with its scaling and shift factors (the one decode path of every backbone), DECODE_CHUNK
+        images at a time: an evaluation chunk of --eval-batch 64 at 512 px in one call would hold
+        ~24 GB of activations (and on the CPU, smaller calls are faster per image too)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        images = [self.vae.decode(part, return_dict=False)[0].float() for part in z.split(self.DECODE_CHUNK)]
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
     # --------------------------------------------------------------- the noise grid
     def schedule(self, num_steps):
@@ -379,4 +392,17 @@ def load_backbone(name_or_path, device="cpu", dtype=torch.float32, no_t5=False, 
     if type(pipe).__name__ != kind:
         raise BackboneError(f"{name_or_path} loaded as {type(pipe).__name__}, expected {kind}")
     pipe.set_progress_bar_config(disable=True)
+    fp32_matmuls(device, dtype)
     return Backbone(pipe.to(device), name_or_path, device, dtype, resolution)
+
+
+def fp32_matmuls(device, dtype):
+    """How fp32 matrix products and convolutions run on a CUDA device: TF32 ("tf32") under bf16 / fp16
+    weights, where the fp32 LoRA adapters (peft casts their input up to fp32) would otherwise take true
+    fp32 GEMMs beside a base that is bf16 anyway; full fp32 ("ieee") when --mixed-precision no asks for
+    it. Rollout and recompute run the same kernels either way. None (untouched) on other devices."""
+    if torch.device(device).type != "cuda":
+        return None
+    mode = "ieee" if dtype == torch.float32 else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = mode
+    return mode

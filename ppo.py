@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 import rollout
-from critic import POLICY, adapter, regress, value_loss
+from critic import CRITIC, POLICY, adapter, regress, value_loss
 
 
 def gae(rewards, values, gamma=1.0, gae_lambda=1.0):
@@ -129,12 +129,15 @@ def all_reduce_sum(t):
     return collective("sum", t)
 
 
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process."""
+def setup_distributed(device, timeout_minutes=30):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. timeout_minutes:
+    how long a collective waits for the other ranks (NCCL's own default, 10 minutes, can pass while a
+    node with a cold weight cache loads SD3.5-M before the base model's evaluation)."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
+    import datetime
     cuda = torch.device(device).type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -311,16 +314,21 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                         ratio_dev_first = ((ratio - 1).abs() * mask).max().item()
                     logs["approx_kl"].append(masked_mean((ratio - 1) - logratio, mask).item())
                     logs["clipfrac"].append(masked_mean(((ratio - 1).abs() > args.clip_range).float(), mask).item())
-                grad_norm, skip = optimiser_step(loss, policy_params, opt_policy, args.max_grad_norm)
+                # each backward under the adapter its forward ran with: under --gradient-checkpointing diffusers
+                # re-runs every block during backward, and peft's LoRA layers read the adapter active *then*
+                with adapter(policy_net, POLICY):
+                    grad_norm, skip = optimiser_step(loss, policy_params, opt_policy, args.max_grad_norm)
                 skipped += skip
                 logs["pg_loss"].append(pg_loss.item()), logs["kl_loss"].append(kl_loss.item())
                 logs["grad_norm/policy"].append(grad_norm)
             take = len(mb) if critic_pairs is None else max(0, min(len(mb), critic_pairs - start))
-            if critic is not None and take:
+            if critic is not None and critic.learned and take:    # not the controls (critic.py): they learn nothing
                 mb_idx, mb_j = mb_idx[:take], mb_j[:take]
                 v_loss = regress(critic, backbone, traj, mb_idx, mb_j, returns[mb_idx, mb_j],   # critic.fit's loss
                                  old_values[mb_idx, mb_j], args.vf_clip)
-                grad_norm, skip = optimiser_step(v_loss, critic.trainable_parameters(), opt_critic, args.max_grad_norm)
+                with adapter(critic.backbone_net, CRITIC):           # (see the policy's backward)
+                    grad_norm, skip = optimiser_step(v_loss, critic.trainable_parameters(), opt_critic,
+                                                     args.max_grad_norm)
                 skipped += skip
                 logs["value_loss"].append(v_loss.item()), logs["grad_norm/critic"].append(grad_norm)
     out = {f"losses/{k}": sum(v) / len(v) for k, v in logs.items() if v}

@@ -255,7 +255,7 @@ def main(argv=None):
     p.add_argument("--batch", type=cli.integer(2), default=None, help="scenes per step (default: 64 vae, 128 dit/unet)")
     p.add_argument("--lr", type=cli.finite_float(above=0), default=None,
                    help="AdamW learning rate, cosine decay (default 2e-3 vae, 5e-4 else)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, scenes and noise")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of weights, scenes and noise")
     p.add_argument("--kl-weight", type=cli.finite_float(min=0), default=1e-4,
                    help="vae: weight of the per-element KL term")
     p.add_argument("--code-weight", type=cli.finite_float(min=0), default=1.0,
@@ -263,7 +263,7 @@ def main(argv=None):
     p.add_argument("--decoder-steps", type=cli.integer(0), default=1000, help="vae: phase-2 steps hardening the decoder")
     p.add_argument("--decoder-noise", type=cli.finite_float(min=0), default=0.3,
                    help="vae: std of the latent noise in phase 2")
-    p.add_argument("--init", default=None,
+    p.add_argument("--init", type=cli.nonempty, default=None,
                    help="start from this saved autoencoder (vae, e.g. with --steps 0) or pipeline (dit/unet: continue "
                         "with a fresh optimiser and schedule)")
     p.add_argument("--truthful", type=cli.finite_float(min=0, max=1), default=0.5,
@@ -271,7 +271,8 @@ def main(argv=None):
     p.add_argument("--vae", default=VAE_DIR, help="the autoencoder the denoiser works in (from --model vae)")
     p.add_argument("--eval-every", type=cli.integer(0), default=0,
                    help="print held-out accuracy every N steps (0: only at the end)")
-    p.add_argument("--out", default=None, help="output directory (default: checkpoints/MODEL); never overwritten")
+    p.add_argument("--out", type=cli.nonempty, default=None,
+                   help="output directory (default: checkpoints/MODEL); never overwritten")
     p.add_argument("--curve", type=cli.output_file(".json"), default=None,
                    help="write the --eval-every accuracies to this JSON file")
     args = p.parse_args(argv)
@@ -292,6 +293,11 @@ def main(argv=None):
             cli.check_component(args.init, "AutoencoderKL")
         elif args.init and cli.check_pipeline(args.init) != "ShapesPipeline":
             raise cli.InputError(f"--init {args.init}: not a ShapesPipeline (a pretrain.py --model {args.model} output)")
+        elif args.init:                           # the denoiser it holds must be the one --model trains
+            key = "transformer" if args.model == "tiny-dit" else "unet"
+            if (cli.read_json(os.path.join(args.init, "model_index.json")).get(key) or [None])[0] is None:
+                raise cli.InputError(f"--init {args.init}: holds no {key}, so it is not a --model {args.model} "
+                                     f"pipeline (tiny-dit has a transformer, tiny-unet a unet)")
     except cli.InputError as e:
         p.exit(2, f"error: {e}\n")
     args.batch = args.batch or (64 if args.model == "vae" else 128)

@@ -40,9 +40,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import cli
 import geneval
 from cli import InputError
 
+GENEVAL_THRESHOLDS = (0.3, 0.9)     # GenEval's evaluator: a box's score to count, and on counting prompts
 REWARDS = ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes")
 NEEDS_METADATA = ("geneval", "shapes")
 
@@ -78,7 +80,8 @@ def add_reward_args(parser):
     g = parser.add_argument_group("rewards")
     paths = "; ".join(f"{name}{'.' + part if part else ''}: {default}"
                       for name, parts in WEIGHTS.items() for part, (_, default) in parts.items())
-    g.add_argument("--rewards", default="shapes", help=f"comma list to train on, from: {', '.join(REWARDS)}")
+    g.add_argument("--rewards", default=None, help=f"comma list to train on, from: {', '.join(REWARDS)} (default: "
+                   "shapes, the checker, on the built-in world; hps,clip, the design card's, on real models)")
     g.add_argument("--reward-weights", default=None,
                    help="comma list, one weight per --rewards entry, applied to the normalised rewards (default all 1)")
     g.add_argument("--reward-path", action="append", default=[], metavar="NAME[.PART]=PATH",
@@ -86,11 +89,22 @@ def add_reward_args(parser):
                         "hps/clip take an open_clip state_dict file; the others a save_pretrained folder "
                         "(aesthetic: the MLP head .pth)")
     g.add_argument("--monitor-rewards", default="", help="comma list scored for logging only (to watch for reward hacking)")
+    add_geneval_args(g)
     g.add_argument("--clip-model", default="ViT-H-14", help="open_clip architecture of the clip reward (default %(default)s)")
     g.add_argument("--clip-pretrained", default="laion2b_s32b_b79k",
                    help="open_clip pretrained tag of the clip reward, fetched from the hub (default %(default)s; "
                         "or --reward-path clip=FILE)")
     return g
+
+
+def add_geneval_args(g):
+    """The geneval reward's thresholds (train.py and eval.py): GenEval's own values by default."""
+    g.add_argument("--geneval-threshold", type=cli.finite_float(min=0, max=1), default=GENEVAL_THRESHOLDS[0],
+                   help="geneval reward (an in-process proxy, not the benchmark): detector score a box needs to "
+                        "count (default GenEval's 0.3; its evaluator uses Mask2Former, this reward OWLv2, whose "
+                        "sigmoid scores are calibrated differently, and colours from the box crop, not the mask)")
+    g.add_argument("--geneval-counting-threshold", type=cli.finite_float(min=0, max=1), default=GENEVAL_THRESHOLDS[1],
+                   help="geneval reward: the score a box needs on counting prompts (default GenEval's 0.9)")
 
 
 @dataclasses.dataclass
@@ -136,6 +150,9 @@ def parse_reward_args(args):
             raise RewardError(f"--reward-weights has {len(weights)} values for {len(names)} rewards ({','.join(names)})")
         if not all(math.isfinite(w) for w in weights):
             raise RewardError(f"--reward-weights {args.reward_weights!r}: weights must be finite")
+        if not any(weights):
+            raise RewardError(f"--reward-weights {args.reward_weights!r}: every weight is 0, so the total reward is "
+                              "0 whatever the images")
     paths = {}
     for item in getattr(args, "reward_path", None) or []:
         key, sep, path = item.partition("=")
@@ -152,7 +169,9 @@ def parse_reward_args(args):
         _check_path(key, WEIGHTS[name][part][0], os.path.expanduser(path))
         paths.setdefault(name, {})[part] = os.path.expanduser(path)
     opts = {"clip": {"arch": getattr(args, "clip_model", "ViT-H-14"),
-                     "pretrained": getattr(args, "clip_pretrained", "laion2b_s32b_b79k")}}
+                     "pretrained": getattr(args, "clip_pretrained", "laion2b_s32b_b79k")},
+            "geneval": {"threshold": getattr(args, "geneval_threshold", GENEVAL_THRESHOLDS[0]),
+                        "counting_threshold": getattr(args, "geneval_counting_threshold", GENEVAL_THRESHOLDS[1])}}
     return RewardSpec(names, weights, monitor, paths, opts)
 
 
@@ -277,9 +296,11 @@ def _open_clip_scorer(model, tokenizer, device, dtype):
     @torch.no_grad()
     def fn(images, prompts, metadata=None):
         x = _to_pixels(images, size, cfg["mean"], cfg["std"], device, dtype, cfg.get("interpolation", "bicubic"))
-        image_features = model.encode_image(x, normalize=True)                                  # (B, D)
-        text_features = model.encode_text(tokenizer(list(prompts)).to(device), normalize=True)  # (B, D)
-        return (image_features * text_features).sum(-1).float().cpu()
+        # fp32 from the embeddings on: in bf16 the cosine itself would be rounded to steps of ~0.002, a
+        # visible share of a prompt's spread of scores (the peers' advantages are differences of them)
+        image_features = _unit(model.encode_image(x).float())                                  # (B, D)
+        text_features = _unit(model.encode_text(tokenizer(list(prompts)).to(device)).float())  # (B, D)
+        return (image_features * text_features).sum(-1).cpu()
     return fn
 
 
@@ -333,9 +354,9 @@ def pickscore(device, dtype, path=None, processor_path=None, model=None, tokeniz
     def fn(images, prompts, metadata=None):
         x = _to_pixels(images, size, OPENAI_MEAN, OPENAI_STD, device, dtype)
         text = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-        image_embeds = _unit(_pooled(model.get_image_features(pixel_values=x)))   # (B, D)
-        text_embeds = _unit(_pooled(model.get_text_features(**text)))            # (B, D)
-        return (model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float().cpu()
+        image_embeds = _unit(_pooled(model.get_image_features(pixel_values=x)).float())   # (B, D), fp32 from here:
+        text_embeds = _unit(_pooled(model.get_text_features(**text)).float())            # bf16 steps near 22: 0.125
+        return (model.logit_scale.float().exp() * (image_embeds * text_embeds).sum(-1)).cpu()
     return fn
 
 
@@ -357,14 +378,14 @@ def aesthetic_score(device, dtype, path=None, clip_path=None, model=None):
     except Exception as e:
         raise RewardError(f"could not load the aesthetic head {path or AESTHETIC_URL} ({_first_line(e)}); "
                           "without network access pass --reward-path aesthetic=PATH") from e
-    head = head.to(device, dtype).eval()
+    head = head.to(device, torch.float32).eval()      # fp32 (0.6 M parameters): in bf16 its score has steps of 0.03
     size = model.config.vision_config.image_size
 
     @torch.no_grad()
     def fn(images, prompts=None, metadata=None):
         x = _to_pixels(images, size, OPENAI_MEAN, OPENAI_STD, device, dtype)
-        embed = _unit(_pooled(model.get_image_features(pixel_values=x)))     # (B, 768)
-        return head.layers(embed).squeeze(-1).float().cpu()
+        embed = _unit(_pooled(model.get_image_features(pixel_values=x)).float())     # (B, 768)
+        return head.layers(embed).squeeze(-1).cpu()
     return fn
 
 
@@ -412,19 +433,31 @@ def check_metadata(names, metadata_list, prompts=None):
         mds = metadata_list if metadata_list is not None else [None] * max(1, len(prompts or []))
         for i, md in enumerate(mds):
             problem = geneval.metadata_problem(md, coco=name == "geneval")
+            if not problem and name == "shapes":       # the checker sees only its own world's shapes and colours
+                import toy
+                asked = [c for c in (md or {}).get("include", []) + (md or {}).get("exclude", [])]
+                alien = [c["class"] for c in asked if c["class"] not in toy.SHAPES]
+                alien += [c["color"] for c in asked if c.get("color") and c["color"] not in toy.COLORS]
+                if alien:
+                    problem = (f"the built-in world's checker knows {', '.join(toy.SHAPES)} in "
+                               f"{', '.join(toy.COLORS)}, not {alien[0]!r} (use the geneval reward on real models)")
             if problem:
                 prompt = prompts[i] if prompts and i < len(prompts) else (md or {}).get("prompt", f"#{i}")
                 raise RewardError(f"reward '{name}' needs prompt metadata; prompt {prompt!r}: {problem}")
 
 
-def geneval_score(device, dtype, path=None, clip_path=None, threshold=0.2, counting_threshold=0.3, nms_iou=0.5,
-                  max_objects=16, position_threshold=geneval.POSITION_THRESHOLD, classes=geneval.COCO_CLASSES,
+def geneval_score(device, dtype, path=None, clip_path=None, threshold=GENEVAL_THRESHOLDS[0],
+                  counting_threshold=GENEVAL_THRESHOLDS[1], nms_iou=0.5, max_objects=16,
+                  position_threshold=geneval.POSITION_THRESHOLD, classes=geneval.COCO_CLASSES,
                   detector=None, detector_tokenizer=None, clip=None, clip_tokenizer=None):
-    """GenEval in-process: OWLv2 boxes, CLIP zero-shot colour of each box crop, GenEval's rules.
-    Returns the partial credit; fn.last_strict holds GenEval's strict pass/fail.
-    Departures from GenEval: an open-vocabulary detector instead of Mask2Former (so box crops
-    without masks for colour, and per-class NMS because OWLv2 predicts one box per patch); the
-    thresholds (0.2, counting 0.3) are untuned guesses for OWLv2's sigmoid scores, not GenEval's."""
+    """GenEval in-process, a PROXY of it for training (not the benchmark's score): OWLv2 boxes, CLIP
+    zero-shot colour of each box crop, GenEval's rules. Returns the partial credit; fn.last_strict holds
+    GenEval's strict pass/fail. How it differs from GenEval's official evaluator: an open-vocabulary
+    detector (OWLv2) instead of Mask2Former, so colours are read from the raw box crop, where GenEval's
+    colour classifier sees the object's mask on grey, and per-class NMS (OWLv2 predicts one box per
+    patch); the thresholds default to GenEval's (--geneval-threshold 0.3, --geneval-counting-threshold
+    0.9), but OWLv2's sigmoid scores are calibrated differently from Mask2Former's. A GenEval figure
+    to put beside published ones comes from the official evaluator on eval.py's OUT/geneval."""
     from torchvision.ops import batched_nms
     from transformers import CLIPModel, Owlv2ForObjectDetection
     if detector is None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import cli
-from models import PRECISIONS, Cond, Schedule, default_precision, load_backbone
+from models import PRECISIONS, Cond, Schedule, check_precision, default_precision, load_backbone
 
 # the training rollouts' noise by sampler: Flow-GRPO's SDE a = 0.7 (flow), DDPO's eta = 1 (DDIM)
 TRAIN_NOISE = {"flow": 0.7, "ddim": 1.0}
@@ -59,6 +59,8 @@ class Trajectory:
     noise_level, cfg_scale, sde_steps: the sampler settings, which a recompute must reuse;
                 only the first sde_steps steps are stochastic (None: all K), the rest are the
                 deterministic sampler (Flow-GRPO-Fast / MixGRPO's SDE window, see sample())
+    metas       list[dict] (B) or None: the prompts' metadata, for rewards that read it (the
+                shapes checker), e.g. a critic that scores images itself (critic.OracleCritic)
     """
     prompts: list
     cond: Cond
@@ -73,6 +75,7 @@ class Trajectory:
     noise_level: float
     cfg_scale: float
     sde_steps: int = None
+    metas: list = None
 
 
 def gaussian_log_prob(x_next, mu, std):
@@ -105,10 +108,12 @@ def ddim_mean_std(x, eps, abar, abar_prev, eta):
     return mu, std_t, x0_hat
 
 
-def step(backbone, x_t, j, cond, schedule, noise_level, cfg_scale=1.0, x_next=None, generator=None, net=None):
+def step(backbone, x_t, j, cond, schedule, noise_level, cfg_scale=1.0, x_next=None, generator=None, net=None,
+         noise=None):
     """One sampler step for states x_t (B, C, H, W) at step indices j (B,) (they may differ
     across the batch, as in a PPO minibatch). Samples x_next if it is None, else scores the
-    given one. noise_level: a float, or (B,) per state (0 = a deterministic step).
+    given one. noise_level: a float, or (B,) per state (0 = a deterministic step). noise: the
+    step's z (B, C, H, W) when the caller draws it (common random numbers), else drawn from generator.
     Returns x_next, log_prob (B,), mu, std (B,), pred_x0."""
     j = j.cpu()
     if torch.is_tensor(noise_level):
@@ -129,7 +134,8 @@ def step(backbone, x_t, j, cond, schedule, noise_level, cfg_scale=1.0, x_next=No
     if x_next is None:
         x_next = mu
         if (std > 0).any():
-            z = randn_tensor(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = noise if noise is not None else randn_tensor(mu.shape, generator=generator, device=mu.device,
+                                                             dtype=mu.dtype)
             x_next = mu + std.view(-1, 1, 1, 1) * z
     # a step with std = 0 is deterministic: no density, log_prob 0 and no policy gradient
     safe = torch.where(std > 0, std, torch.ones_like(std))
@@ -158,7 +164,7 @@ def step_noise(noise_level, sde_steps, j):
 
 @torch.no_grad()
 def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=None, net=None, cond=None,
-           sde_steps=None, latents=None):
+           sde_steps=None, latents=None, metas=None):
     """Roll out len(prompts) trajectories of num_steps steps. The initial noise is drawn with
     diffusers' randn_tensor, exactly as its pipelines draw it, so a seeded generator gives the
     pipeline's own samples at noise_level = 0.
@@ -167,7 +173,8 @@ def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=N
     (the layout GenEval checks); the late ones only sharpen, and their tiny std (~1e-3 at the
     last flow step) gives the largest log-prob gradients, nearly all noise, so they are left out.
     latents: the initial noise x_{t_K} (B, C, H, W), as diffusers pipelines take it (e.g. shared
-    by the samples of a group, as DanceGRPO does); None = drawn from generator."""
+    by the samples of a group, as DanceGRPO does); None = drawn from generator. metas: the prompts'
+    metadata, kept in the Trajectory."""
     cond = cond if cond is not None else backbone.encode(prompts)
     schedule = backbone.schedule(num_steps)
     B, K = len(prompts), num_steps
@@ -193,7 +200,7 @@ def sample(backbone, prompts, num_steps, noise_level, cfg_scale=1.0, generator=N
         stds=torch.stack(stds).cpu(),             # (K,)
         timesteps=schedule.timesteps, levels=schedule.levels,
         images=backbone.decode(x), noise_level=noise_level, cfg_scale=cfg_scale,
-        sde_steps=sde_steps if sde_steps is not None and sde_steps < K else None)
+        sde_steps=sde_steps if sde_steps is not None and sde_steps < K else None, metas=metas)
 
 
 def seeded_noise(backbone, prompts, seeds, batch=64):
@@ -239,16 +246,21 @@ def main(argv=None):
     # sampling
     p.add_argument("--prompt", default="two red circles", help="the prompt to roll out")
     p.add_argument("--steps", type=cli.integer(1), default=10, help="denoising steps K")
-    p.add_argument("--noise-level", type=cli.finite_float(min=0), default=None,
+    p.add_argument("--noise-level", type=cli.finite_float(min=0, max=1), default=None,
                    help="SDE noise a (flow, default 0.7) or DDIM eta (default 1.0); 0 = deterministic")
-    p.add_argument("--cfg", type=cli.finite_float(), default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the step noise")
+    p.add_argument("--cfg", type=cli.finite_float(min=1), default=1.0,
+                   help="classifier-free guidance scale w: 1 = off (the conditional prediction alone), w > 1 = "
+                        "uncond + w (cond - uncond); below 1 is not guidance")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of the initial noise and the step noise")
     # output
     p.add_argument("--out", type=cli.output_file(".png", ".jpg", ".jpeg"), default="trajectory.png",
                    help="where to save the chain picture (PNG or JPEG)")
     args = p.parse_args(argv)
+    precision = args.mixed_precision or default_precision(args.device)
+    if check_precision(precision, args.device):
+        p.exit(2, f"error: {check_precision(precision, args.device)}\n")
     try:
-        backbone = load_backbone(args.model, args.device, PRECISIONS[args.mixed_precision or default_precision(args.device)])
+        backbone = load_backbone(args.model, args.device, PRECISIONS[precision])
     except cli.InputError as e:
         p.exit(2, f"error: {e}\n")
     noise = args.noise_level if args.noise_level is not None else TRAIN_NOISE[backbone.sampler]

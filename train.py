@@ -63,12 +63,13 @@ import geneval
 import ppo
 import rewards
 import rollout
+import critic as critic_module
 from cli import finite_float, integer
-from critic import CRITIC, POLICY, Critic, adapter, adapter_params, explained_variance, \
+from critic import CRITIC, POLICY, adapter, adapter_params, explained_variance, \
     explained_variance_by_noise, lora_config, noise_fraction
 from checkpoint import ConfigError, NonFiniteError
-from eval import Reporter, heldout_metrics, plot_rewards, save_samples
-from models import PRECISIONS, check_resolution, default_precision, default_resolution, resolve
+from eval import Reporter, heldout_metrics, plot_rewards, run_title, save_samples
+from models import PRECISIONS, check_precision, check_resolution, default_precision, default_resolution, resolve
 
 ALGOS = ("ppo", "grpo", "raft")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -78,6 +79,7 @@ def build_parser():
     g.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers directory")
     g.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
+    cli.add_threads(g)
     g.add_argument("--lora-rank", type=integer(0), default=None,
                    help="LoRA rank of the policy and critic adapters on the shared frozen base; 0 = train full "
                         "copies (default: 16 for the built-in tiny models, 32 otherwise, the peers' value; a full "
@@ -116,10 +118,13 @@ def build_parser():
                         "sampler (Flow-GRPO-Fast's SDE window; default: 5 for the built-in world, all K otherwise)")
     g.add_argument("--eval-num-steps", type=integer(1), default=None,
                    help="deterministic steps in evaluation (default: 10 for the built-in world; 40 for SD models, the paper's)")
-    g.add_argument("--noise-level", type=finite_float(min=0), default=None,
-                   help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's)")
-    g.add_argument("--cfg", type=finite_float(), default=1.0,
-                   help="CFG scale in training rollouts (1 = off: the paper trains CFG-free)")
+    g.add_argument("--noise-level", type=finite_float(min=0, max=1), default=None,
+                   help="SDE noise a (flow, default 0.7, Flow-GRPO's) or DDIM eta (default 1.0, DDPO's), in [0, 1]: "
+                        "DDIM's eta is defined there, and above ~1.4 the flow SDE's step mean turns negative on a "
+                        "10-step grid")
+    g.add_argument("--cfg", type=finite_float(min=1), default=1.0,
+                   help="classifier-free guidance scale w in training rollouts: 1 = off, the conditional prediction "
+                        "alone (the paper trains CFG-free); w > 1 = uncond + w (cond - uncond); below 1 is not guidance")
     g.add_argument("--lr", type=finite_float(above=0), default=None,
                    help="policy AdamW learning rate (default: 1e-3 for the built-in world, measured: 1e-4 barely moves "
                         "it in 60 iterations, 3e-3 drifts off the world's boards; 3e-4 for SD models, the peers' value "
@@ -128,6 +133,21 @@ def build_parser():
                    help="policy learning rate over --iters: cosine decays it to 0 at the last iteration (default for "
                         "the built-in world: at a constant 1e-3 its accuracy peaks near 3,500 images, then falls); "
                         "constant (default for SD models, as the peers)")
+    g = p.add_argument_group("critic (--algo ppo)")
+    g.add_argument("--critic", choices=critic_module.KINDS, default="learned",
+                   help="what V(x_t) is in the advantages: learned (the paper's critic, trained here) | none (V = 0: "
+                        "REINFORCE with the batch-normalised return; every step of a trajectory gets the same "
+                        "advantage at lambda = 1) | proxy (the normalised reward of the decoded clean-image prediction "
+                        "at x_t: the pixel-space critic of the paper's Fig. 2, FK-steering's potential) | oracle (the "
+                        "mean reward of --oracle-continuations fresh continuations of the current policy from x_t: a "
+                        "bound on what any critic can give, not a method; its extra images are logged apart). Only "
+                        "'learned' trains and saves a critic")
+    g.add_argument("--oracle-continuations", type=integer(1), default=8,
+                   help="M, the continuations per state of --critic oracle (common random numbers across a "
+                        "trajectory's states; the estimate's variance is Var(R | x_t) / M)")
+    g.add_argument("--critic-adaln", choices=("on", "off"), default="on",
+                   help="the value head's AdaLN noise-level modulation, the paper's first stabiliser (off: its "
+                        "ablation; the second is --value-warmup)")
     g.add_argument("--critic-lr", type=finite_float(above=0), default=1e-4,
                    help="critic AdamW learning rate (its backbone copy or adapter)")
     g.add_argument("--critic-head-lr", type=finite_float(above=0), default=1e-3,
@@ -146,17 +166,19 @@ def build_parser():
                    help="clip the value update around V_old (0 = off)")
     g.add_argument("--kl-coef", type=finite_float(min=0), default=0.0,
                    help="beta of the KL penalty to the frozen base on step means")
-    g.add_argument("--value-warmup", type=integer(0), default=2,
-                   help="iterations W of critic-only training before policy updates")
+    g.add_argument("--value-warmup", type=integer(0), default=None,
+                   help="iterations W of critic-only training before policy updates, the paper's second stabiliser "
+                        "(default: 2 for --critic learned, 0 for the critics that learn nothing)")
     g.add_argument("--epochs", type=integer(1), default=1, help="passes over each batch")
     g.add_argument("--minibatch-size", type=integer(1), default=80,
                    help="(trajectory, step) pairs per optimiser step, all ranks together")
     g.add_argument("--critic-fraction", type=finite_float(above=0, max=1), default=0.1,
                    help="share of the (trajectory, step) pairs the critic's backbone trains on each iteration (its "
                         "cost per image; the head sees them all, --head-epochs); 1 during value warm-up")
-    g.add_argument("--head-epochs", type=integer(0), default=1,
+    g.add_argument("--head-epochs", type=integer(0), default=None,
                    help="passes of the value head alone over every state per iteration, on the features the "
-                        "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off)")
+                        "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off; default 1 for "
+                        "--critic learned)")
     g.add_argument("--critic-replay", type=integer(1), default=1,
                    help="iterations M whose states the value head's passes (--head-epochs) cover: this batch's and "
                         "the M - 1 before it (their features and targets kept on the CPU). 1 = this batch only. "
@@ -176,18 +198,21 @@ def build_parser():
                         "On the built-in world 4 collapsed the policy (held-out 0.30 ± 0.06 over 5 seeds, below the base "
                         "model's 0.35): a few kept samples seen many times")
     g.add_argument("--max-grad-norm", type=finite_float(above=0), default=1.0, help="gradient clipping")
-    g.add_argument("--seed", type=int, default=0, help="base seed (rank r uses seed * world + r)")
+    g.add_argument("--seed", type=cli.SEED, default=0, help="base seed (rank r uses seed * world + r)")
     g = rewards.add_reward_args(p)
     g.add_argument("--prompts", default=None,
-                   help="shapes (the built-in world's train/held-out split) | geneval (GenEval-style prompts) | "
+                   help="shapes (the built-in world's train/held-out split) | geneval (prompts from GenEval's "
+                        "templates, never one of its 553 official prompts, which eval.py --prompts geneval reports) | "
                         "a .txt (one prompt a line) or GenEval .jsonl file (every 10th held out) (default: shapes "
                         "for the built-in world; geneval for SD models, the paper's benchmark)")
     g.add_argument("--train-tags", default=None,
                    help="train on the prompts of these metadata tags only, comma-separated (e.g. counting); "
                         "held-out evaluation keeps every tag, so it measures the transfer")
     g = p.add_argument_group("logging")
-    g.add_argument("--run-dir", default=None, help="output directory (default runs/ALGO-MODEL-TIME); never overwritten")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    g.add_argument("--run-dir", type=cli.nonempty, default=None,
+                   help="output directory (default runs/ALGO-MODEL-TIME); never overwritten")
+    g.add_argument("--resume", type=cli.nonempty, default=None, metavar="RUN_DIR",
+                   help="continue this run from its last checkpoint")
     g.add_argument("--eval-every", type=integer(1), default=10,
                    help="held-out evaluation every N iterations (and at the end)")
     g.add_argument("--eval-seeds", type=integer(1), default=4, help="images per held-out prompt in evaluation")
@@ -196,6 +221,9 @@ def build_parser():
     g.add_argument("--sample-every", type=integer(1), default=20,
                    help="save a sample grid every N iterations (and at the end)")
     g.add_argument("--save-every", type=integer(1), default=20, help="checkpoint every N iterations (and at the end)")
+    g.add_argument("--dist-timeout", type=integer(1), default=30,
+                   help="torchrun: minutes a collective waits for the other ranks before the run fails (NCCL's "
+                        "default, 10, can pass while a node with a cold cache loads the weights)")
     g.add_argument("--report-to", choices=REPORTERS, default="none",
                    help="also send each iteration's metrics to tensorboard (RUN_DIR/tensorboard) or wandb (its package "
                         "must be installed; offline: WANDB_MODE=offline); metrics.jsonl is always written")
@@ -211,8 +239,9 @@ def load_prompts(source, seed=0):
     if source == "shapes":
         import toy
         return toy.prompts("train"), toy.prompts("heldout")
-    if source == "geneval":
-        return geneval.prompts(2000, seed=seed), geneval.prompts(200, seed=seed + 1)
+    if source == "geneval":       # GenEval's templates, never its 553 official prompts; held-out ones unseen in training
+        train = geneval.prompts(2000, seed=seed)
+        return train, geneval.prompts(200, seed=seed + 1, exclude=[m["prompt"] for m in train])
     if not os.path.isfile(source):
         raise ConfigError(f"--prompts {source!r}: not shapes, geneval or an existing file")
     text = cli.read_text("--prompts", source)                    # a binary file fails here, in one line
@@ -233,8 +262,12 @@ def configure(args, argv):
         args = checkpoint.resumed_config(args, argv, build_parser)
     if args.algo not in ALGOS:
         raise ConfigError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGOS)}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" not in os.environ:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not: start a multi-process run "
+                          "with torchrun (e.g. torchrun --nproc_per_node=8 train.py ...), or unset WORLD_SIZE")
     _, kind = resolve(args.model)                                  # BackboneError if unknown
     args.shapes_world = kind == "ShapesPipeline"
+    args.rewards = args.rewards if args.rewards is not None else ("shapes" if args.shapes_world else "hps,clip")
     spec = rewards.parse_reward_args(args)                          # RewardError if bad
     # defaults by model: the built-in world's tuned values, or the paper's and peers' for SD models (see --help)
     defaults = {"prompts": "shapes", "num_steps": 10, "eval_num_steps": 10, "lr": 1e-3, "clip_range": 1e-2,
@@ -257,6 +290,11 @@ def configure(args, argv):
         args.sde_steps = min(5, args.num_steps) if args.shapes_world else args.num_steps
     if args.mixed_precision is None:
         args.mixed_precision = default_precision(args.device)
+    if check_precision(args.mixed_precision, args.device):
+        raise ConfigError(check_precision(args.mixed_precision, args.device))
+    if "shapes" in spec.names + spec.monitor and not args.shapes_world:
+        raise ConfigError(f"reward 'shapes' is the built-in world's checker (its 32 px boards); {args.model} is not "
+                          "a built-in world model: use hps, clip, pickscore, geneval ...")
     if args.resolution is None:
         args.resolution = default_resolution(args.model)
     bad_size = check_resolution(args.model, args.resolution)
@@ -272,11 +310,25 @@ def configure(args, argv):
     # each flag's own range is its type= check (build_parser); what is left relates flags to each other
     if args.sde_steps > args.num_steps:
         raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
+    learned = args.algo == "ppo" and args.critic == "learned"
+    for name, flag, default in (("value_warmup", "--value-warmup", 2), ("head_epochs", "--head-epochs", 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, default if learned else 0)
+        elif getattr(args, name) and not learned:
+            raise ConfigError(f"{flag} {getattr(args, name)}: only --algo ppo --critic learned has a critic to train")
+    if not learned:
+        for name, flag in (("critic_terminal", "--critic-terminal"), ("critic_text", "--critic-text")):
+            if getattr(args, name):
+                raise ConfigError(f"{flag}: only --algo ppo --critic learned has a value head "
+                                  f"(here --algo {args.algo} --critic {args.critic})")
+        if args.critic_replay > 1 or args.critic_adaln != "on":
+            raise ConfigError("--critic-replay and --critic-adaln: only --algo ppo --critic learned has a value head "
+                              f"(here --algo {args.algo} --critic {args.critic})")
+    if args.critic != "learned" and args.algo != "ppo":
+        raise ConfigError(f"--critic {args.critic}: --algo {args.algo} uses no critic (only ppo does)")
     if args.critic_terminal and (args.sde_steps == args.num_steps or args.algo != "ppo" or not args.head_epochs):
         raise ConfigError("--critic-terminal needs --algo ppo, --head-epochs >= 1 (the head learns x_(t_1)) and an SDE "
                           f"window shorter than the sampler (--sde-steps {args.sde_steps} < --num-steps {args.num_steps})")
-    if args.critic_text and args.algo != "ppo":
-        raise ConfigError(f"--critic-text: --algo {args.algo} has no critic (only ppo does)")
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError(f"--algo grpo needs --group-size >= 2 (its baseline is the group mean), got {args.group_size}")
     # derived sizes: asserted to divide evenly, as DDPO does
@@ -310,11 +362,14 @@ def configure(args, argv):
 
 # ----------------------------------------------------------------------------- models
 
-def build(args, backbone, num_rewards):
-    """Policy, frozen reference, critic (None for GRPO) and their optimisers.
+def build(args, backbone, num_rewards, mixer=None, generator=None):
+    """Policy, frozen reference, critic (None for GRPO and RAFT) and their optimisers.
     Full copies (tiny models): policy = a trainable copy, reference = backbone.net untouched,
     critic = another copy + head. LoRA: 'policy' and 'critic' adapters on the one frozen
-    backbone.net, whose adapters-off forward is the reference."""
+    backbone.net, whose adapters-off forward is the reference. --critic none / proxy / oracle:
+    a critic that learns nothing (critic.py's controls; no optimiser); the proxy and the oracle
+    score images with the mixer, normalised by its statistics, and the oracle continues with the
+    policy and draws its noise from the rollout's generator."""
     torch.manual_seed(args.seed)                  # same initial head / adapters on every rank
     if args.lora_rank:
         backbone.net.add_adapter(lora_config(backbone, args.lora_rank, args.lora_alpha), adapter_name=POLICY)
@@ -326,8 +381,12 @@ def build(args, backbone, num_rewards):
         policy_params = list(policy_net.parameters())
     critic = None
     if args.algo == "ppo":
-        critic = Critic(backbone, num_rewards, lora=bool(args.lora_rank), rank=args.lora_rank or 32,
-                        alpha=args.lora_alpha or 64, text=args.critic_text).to(backbone.device)
+        score = mixer and (lambda images, prompts, metas: mixer(images, prompts, metas, update_stats=False)["normalised"])
+        critic = critic_module.build(args.critic, backbone, num_rewards, lora=bool(args.lora_rank),
+                                     rank=args.lora_rank or 32, alpha=args.lora_alpha or 64, text=args.critic_text,
+                                     adaln=args.critic_adaln == "on", score=score, policy_net=policy_net,
+                                     continuations=args.oracle_continuations, generator=generator)
+    learned = critic if critic is not None and critic.learned else None
     if args.lora_rank:
         backbone.net.set_adapter(POLICY)          # what an unwrapped forward of the base runs
         for p in adapter_params(backbone.net, POLICY) + adapter_params(backbone.net, CRITIC):
@@ -340,14 +399,14 @@ def build(args, backbone, num_rewards):
         cast_training_params(backbone.net)        # its trainable parameters: the policy and critic adapters
     else:
         policy_net.float()
-        if critic is not None:
-            critic.float()
+        if learned is not None:
+            learned.float()
     if args.gradient_checkpointing:
-        for net in filter(None, (policy_net, critic.backbone_net if critic is not None else None)):
+        for net in filter(None, (policy_net, learned.backbone_net if learned is not None else None)):
             net.enable_gradient_checkpointing()
     # weight decay 1e-4 as Flow-GRPO; Adam's eps 1e-8 (the log-prob gradients are small)
     opt_policy = torch.optim.AdamW(policy_params, lr=args.lr, weight_decay=1e-4)
-    opt_critic = torch.optim.AdamW(critic.param_groups(args.critic_lr, args.critic_head_lr), weight_decay=0.0) if critic else None
+    opt_critic = torch.optim.AdamW(learned.param_groups(args.critic_lr, args.critic_head_lr), weight_decay=0.0) if learned else None
     if args.mixed_precision == "fp16":            # fp16 gradients underflow without a loss scale
         for opt in filter(None, (opt_policy, opt_critic)):
             opt.loss_scale = ppo.LossScale()
@@ -365,6 +424,7 @@ def main(argv=None):
         if args.print_config:
             print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
             return 0
+        cli.set_threads(args.threads, args.device)
         STOP.clear()
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -415,7 +475,7 @@ def stopped(args, signum, when):
 
 def train(args, spec, train_prompts, heldout):
     from models import load_backbone
-    rank, world, device = ppo.setup_distributed(args.device)
+    rank, world, device = ppo.setup_distributed(args.device, args.dist_timeout)
     master = rank == 0
     args.run_dir = ppo.rank0_text(args.run_dir)                  # one run: rank 0's (the default name is a time)
     log = print if master else (lambda *a, **k: None)
@@ -444,14 +504,17 @@ def train(args, spec, train_prompts, heldout):
     backbone.offload_text_encoders()
     noise_level = args.noise_level if args.noise_level is not None else rollout.TRAIN_NOISE[backbone.sampler]
     weights = mixer.weights                                       # (R,)
-    policy_net, ref_net, critic, opt_policy, opt_critic = build(args, backbone, len(spec.names))
     prompt_rng = random.Random(seed)
-    gen = torch.Generator(device).manual_seed(seed)              # rollout noise
+    gen = torch.Generator(device).manual_seed(seed)              # rollout noise (and the oracle critic's)
+    policy_net, ref_net, critic, opt_policy, opt_critic = build(args, backbone, len(spec.names), mixer, gen)
+    if world > 1:                 # build seeded every rank alike (the same head and adapters); now each its own stream
+        torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 12345)        # minibatch order
 
     start, images_seen, rows = 0, 0, []
     replay = collections.deque(maxlen=args.critic_replay)        # the value head's recent data (--critic-replay)
-    if args.resume and checkpoint.find_checkpoint(args.run_dir) is None:
+    # rank 0's view of the run directory decides for every rank (another node's file cache may lag behind)
+    if args.resume and not ppo.rank0_text("yes" if checkpoint.find_checkpoint(args.run_dir) else ""):
         log(f"{args.run_dir} stopped before its first checkpoint: starting it again from its config.json")
     elif args.resume:
         start, images_seen, rows = checkpoint.resume(args, policy_net, critic, opt_policy, opt_critic, mixer,
@@ -470,7 +533,8 @@ def train(args, spec, train_prompts, heldout):
     base = heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)) if start == 0 else None
     if master and start == 0:
         rows.append({"iter": 0, "images": 0, "time/total_train_s": 0.0, **base})
-        save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", "iter_0000.png"))
+        save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", "iter_0000.png"),
+                     iteration=0)
         with open(os.path.join(args.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps(rows[0]) + "\n")
         report.log(rows[0])
@@ -490,7 +554,7 @@ def train(args, spec, train_prompts, heldout):
         prompts = [m["prompt"] for m in metas]
         with adapter(policy_net, POLICY) as net:
             traj = rollout.sample(backbone, prompts, args.num_steps, noise_level, args.cfg, generator=gen, net=net,
-                                  sde_steps=args.sde_steps)
+                                  sde_steps=args.sde_steps, metas=metas)
         B, K = len(prompts), args.sde_steps              # the trained steps: the SDE window
         F = K + 1 if args.critic_terminal else K         # the states the value head learns: and x_{t_1}
         # 2. rewards: every rank's raw scores gathered before normalising (identical statistics everywhere)
@@ -522,13 +586,15 @@ def train(args, spec, train_prompts, heldout):
             mask = (traj.stds[:K] > 0).expand(B, K)                                            # (B, K)
             returns = old_values = features = None
             if args.algo == "ppo":
+                t_values = time.perf_counter()
                 with torch.no_grad():
-                    # the head's inputs are kept only if the head trains on them (--head-epochs)
+                    # any kind of critic (--critic); the head's inputs are kept only if the head trains on them
                     old_values = critic.values(backbone, traj, keep_features=args.head_epochs > 0, steps=K,
                                                last=args.critic_terminal)
                     if args.head_epochs:
                         old_values, features = old_values
                     old_values = old_values.cpu()                                               # (B, F, R)
+                row.update({"time/critic_values_s": time.perf_counter() - t_values, **critic.cost})
                 # with an SDE window the reward arrives at its last step: the deterministic tail maps
                 # x_{t_S} to x_0, so the state after the window is worth R exactly (terminal, as x_0)
                 adv, returns = ppo.gae(normalised, old_values[:, :K], args.gamma, args.gae_lambda)   # (B, K, R) each
@@ -587,10 +653,12 @@ def train(args, spec, train_prompts, heldout):
         row["time/total_train_s"] = (rows[-1]["time/total_train_s"] if rows else 0.0) + train_time
         # 5. evaluation (every rank, its share), samples, checkpoints (rank 0; the others wait)
         last = it + 1 == args.iters
-        if (it + 1) % args.eval_every == 0 or last:
-            row.update(heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds)))
-        if master and ((it + 1) % args.sample_every == 0 or last):
-            save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"))
+        if (it + 1) % args.eval_every == 0 or last:            # cut short by a stop signal: no figures this time
+            row.update(heldout_metrics(args, backbone, policy_net, mixer, heldout, range(args.eval_seeds),
+                                       stop=lambda: bool(STOP)))
+        if master and not STOP and ((it + 1) % args.sample_every == 0 or last):
+            save_samples(args, backbone, policy_net, grid_metas, os.path.join(args.run_dir, "samples", f"iter_{it + 1:04d}.png"),
+                         iteration=it + 1)
         if master:
             rows.append(row)
             with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
@@ -606,7 +674,7 @@ def train(args, spec, train_prompts, heldout):
                     parts.append(f"{name} {row[key]:.3g}")
             bar.write(" | ".join(parts + [f"{train_time:.1f}s"] + (["warm-up"] if row.get("warmup") else [])))
             if (it + 1) % args.eval_every == 0 or last:
-                plot_rewards(args.run_dir, rows)
+                plot_rewards(args.run_dir, rows, run_title(args))
         # the first checkpoint early (a run killed soon after it starts resumes, not restarts), then every
         # --save-every, at the end, and when a signal asked to stop (every rank stops at the same iteration)
         stopping = ppo.all_reduce_sum(torch.tensor([float(bool(STOP))])).item() > 0
@@ -618,7 +686,7 @@ def train(args, spec, train_prompts, heldout):
         if stopping and not last:
             return stopped(args, STOP[0] if STOP else signal.SIGTERM, f"after iteration {it + 1} of {args.iters}, "
                            "checkpoint saved")
-    if master and args.iters > start:
+    if master and (args.iters > start or not checkpoint.exported(args.run_dir)):   # or an export cut off before
         log(f"saved {checkpoint.export_final(args, backbone, policy_net)}; metrics in {os.path.join(args.run_dir, 'metrics.jsonl')}")
     if master:
         report.close()

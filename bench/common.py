@@ -53,12 +53,13 @@ def resolved_config(argv, world_size=8):
     """train.py's own resolved configuration of `argv` as each of `world_size` torchrun ranks sees it
     (WORLD_SIZE set while it resolves, then restored): the per-rank sizes the benchmarks model."""
     import train
-    before = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world_size)
+    before = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
+    os.environ.update(WORLD_SIZE=str(world_size), RANK="0")          # as torchrun sets them for rank 0
     try:
         return train.configure(train.build_parser().parse_args(argv), argv)[0]
     finally:
-        os.environ.pop("WORLD_SIZE") if before is None else os.environ.__setitem__("WORLD_SIZE", before)
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def split_train_flags(argv):

@@ -26,7 +26,9 @@ from common import ROOT, machine, write_json, write_section
 sys.path.insert(0, ROOT)
 
 
-def run(model, images, batch, lr, rank, every, eval_seeds, seed):
+def run(model, images, batch, lr, rank, every, eval_seeds, seed, schedule="cosine"):
+    """One seed: (held-out strict accuracy every `every` images, the final adapter's strict accuracy on
+    the training prompts)."""
     import rollout
     import toy
     from critic import POLICY, adapter, adapter_params, lora_config
@@ -41,13 +43,14 @@ def run(model, images, batch, lr, rank, every, eval_seeds, seed):
         p.requires_grad_(True)
     steps = images // batch
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    decay = (lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))) if schedule == "cosine" else (lambda i: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     train, held = toy.prompts("train"), toy.prompts("heldout")
 
-    def heldout_strict():
+    def heldout_strict(metas=held):
         with torch.no_grad(), adapter(backbone.net, POLICY) as net:
-            x = rollout.sample_seeded(backbone, [m["prompt"] for m in held], range(eval_seeds), 10, batch=64, net=net)
-        return toy.check(x, list(held) * eval_seeds)[0].float().mean().item()
+            x = rollout.sample_seeded(backbone, [m["prompt"] for m in metas], range(eval_seeds), 10, batch=64, net=net)
+        return toy.check(x, list(metas) * eval_seeds)[0].float().mean().item()
 
     curve, t0 = [heldout_strict()], time.time()
     for i in range(steps):
@@ -65,7 +68,7 @@ def run(model, images, batch, lr, rank, every, eval_seeds, seed):
             curve.append(heldout_strict())
             print(f"seed {seed}: {(i + 1) * batch} images, held-out strict {curve[-1]:.3f} ({time.time() - t0:.0f}s)",
                   flush=True)
-    return curve
+    return curve, heldout_strict(train)
 
 
 def main():
@@ -78,10 +81,19 @@ def main():
     p.add_argument("--every", type=int, default=640, help="images between held-out evaluations")
     p.add_argument("--eval-seeds", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="the learning rate over the run")
+    p.add_argument("--save", default=None, help="write the first seed's curve to this JSON file and stop (what "
+                   "bench/credit.py's perfect-data rows read), instead of this script's own section")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    curves = [run(args.model, args.images, args.batch, args.lr, args.lora_rank, args.every, args.eval_seeds, s)
-              for s in args.seeds]                                                   # (seeds, points)
+    runs = [run(args.model, args.images, args.batch, args.lr, args.lora_rank, args.every, args.eval_seeds, s,
+                args.schedule) for s in args.seeds]
+    curves = [curve for curve, _ in runs]                                           # (seeds, points)
+    if args.save:
+        write_json(args.save.removesuffix(".json"), {"images": [i * args.every for i in range(len(curves[0]))],
+                                                     "heldout_strict": curves[0], "train_strict": runs[0][1],
+                                                     "config": vars(args)})
+        return
     C = torch.tensor(curves)
     mean, se = C.mean(0), C.std(0) / math.sqrt(len(args.seeds)) if len(args.seeds) > 1 else torch.zeros(C.shape[1])
     images = [i * args.every for i in range(C.shape[1])]

@@ -1,14 +1,17 @@
 """train.py under torchrun, watched (for tests/test_train.py): every tensor collective must be
 made by ppo.collective (the one helper that moves tensors to the device the backend serves; a
 call from anywhere else raises), and each rank's training draws (its prompts and its initial
-noise) are appended to $SPY_DIR/rank{r}.jsonl, one line per rollout, and the prompts of its
-deterministic samples (evaluation, grids) to rank{r}_eval.jsonl. SPY_CLOCK_SKEW (below) sets the
-ranks' clocks apart.
+noise, and the state of its global torch RNG) are appended to $SPY_DIR/rank{r}.jsonl, one line per rollout, and the prompts of its
+deterministic samples (evaluation, grids) to rank{r}_eval.jsonl; a rank other than 0 that opens
+metrics.jsonl raises. SPY_CLOCK_SKEW (below) sets the ranks' clocks apart.
 
 Run: torchrun --nproc_per_node 2 tests/spy_train.py TRAIN_FLAGS..."""
+import hashlib
 import json
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
@@ -44,7 +47,8 @@ def recorded(backbone, prompts, num_steps, noise_level, *args, **kwargs):
     traj = sample(backbone, prompts, num_steps, noise_level, *args, **kwargs)
     if noise_level:                                # a training rollout (evaluation and grids run at 0)
         with open(os.path.join(os.environ["SPY_DIR"], f"rank{os.environ['RANK']}.jsonl"), "a") as f:
-            f.write(json.dumps({"prompts": list(prompts), "noise": traj.latents[:, 0].flatten()[:8].tolist()}) + "\n")
+            f.write(json.dumps({"prompts": list(prompts), "noise": traj.latents[:, 0].flatten()[:8].tolist(),
+                                "torch_rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()}) + "\n")
     else:
         with open(os.path.join(os.environ["SPY_DIR"], f"rank{os.environ['RANK']}_eval.jsonl"), "a") as f:
             f.write(json.dumps({"prompts": list(prompts)}) + "\n")
@@ -52,6 +56,17 @@ def recorded(backbone, prompts, num_steps, noise_level, *args, **kwargs):
 
 
 rollout.sample = recorded
+
+# only rank 0 reads or writes metrics.jsonl (a resume rewrites it: a rank reading meanwhile would see half a file)
+if os.environ["RANK"] != "0":
+    import builtins  # noqa: E402
+    _open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if str(file).endswith("metrics.jsonl"):
+            raise RuntimeError(f"rank {os.environ['RANK']} opened {file}: only rank 0 may")
+        return _open(file, *args, **kwargs)
+    builtins.open = guarded
 
 # SPY_CLOCK_SKEW=S: rank r's clock reads r x S seconds late, as ranks that start on either side of a second, or
 # nodes whose clocks differ, read them; the default run directory is named by the time

@@ -155,6 +155,67 @@ def test_one_critic_fitting_path(backbones, monkeypatch):
     assert (mean.item(), std.item()) == pytest.approx((R.mean().item(), R.std(unbiased=False).item()))
 
 
+def _score(images, prompts, metas):
+    """A reward of the images alone, deterministic and (N, 1): their mean brightness."""
+    return images.mean(dim=(1, 2, 3))[:, None]
+
+
+def test_the_oracle_is_the_mean_reward_of_its_continuations(backbones):
+    """--critic oracle: V(x_k) is the mean of M continuations' rewards from x_k, each continuation
+    (m, b) taking the noise Z[m, b, j] at step j whichever state it started from (common random
+    numbers), through the rollout's own sampler (SDE window, then deterministic) and the policy's net.
+    Recomputed here by hand from the same draw of Z. With the deterministic sampler every
+    continuation is the trajectory itself: V(x_k) = R at every state."""
+    b = backbones["tiny-dit"]()
+    K, S, M = 4, 3, 3
+    g = torch.Generator().manual_seed(0)
+    traj = rollout.sample(b, PROMPTS, K, 0.7, generator=g, sde_steps=S)
+    oracle = critic_module.build("oracle", b, score=_score, policy_net=b.net, continuations=M,
+                                 generator=torch.Generator().manual_seed(1))
+    values = oracle.values(b, traj, steps=S)
+    assert values.shape == (3, S, 1) and oracle.cost["critic/continuation_images"] == M * 3 * S
+    Z = rollout.randn_tensor((M, 3, S, *b.latent_shape), generator=torch.Generator().manual_seed(1))
+    schedule = b.schedule(K)
+    for i in range(3):
+        for k in range(S):
+            x = traj.latents[i:i + 1, k].repeat(M, 1, 1, 1)                      # (M, C, h, w)
+            for j in range(k, K):
+                jj = torch.full((M,), j)
+                with torch.no_grad():
+                    x = rollout.step(b, x, jj, traj.cond.index(torch.tensor([i] * M)), schedule, 0.7 if j < S else 0.0,
+                                     noise=Z[:, i, j] if j < S else None)[0]
+            torch.testing.assert_close(values[i, k, 0], _score(b.decode(x), None, None).mean(), rtol=1e-4, atol=1e-5)
+    assert values[:, 0].std() > 0 and not torch.allclose(values[:, 0], values[:, -1])
+    ode = rollout.sample(b, PROMPTS, K, 0.0, generator=g)
+    torch.testing.assert_close(oracle.values(b, ode), _score(ode.images, None, None)[:, None].expand(3, K, 1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_proxy_scores_the_predicted_clean_image(backbones):
+    """--critic proxy: V(x_k) = r(decode(x0_hat(x_k))), the trajectory's own clean-image predictions."""
+    b = backbones["tiny-unet"]()
+    traj = rollout.sample(b, PROMPTS, 4, 1.0, generator=torch.Generator().manual_seed(0))
+    proxy = critic_module.build("proxy", b, score=_score)
+    values = proxy.values(b, traj, steps=3, last=True)                            # states 0, 1, 2 and x_(t_1)
+    expected = torch.stack([_score(b.decode(traj.pred_x0[:, j]), None, None) for j in (0, 1, 2, 3)], 1)
+    torch.testing.assert_close(values, expected)
+
+
+def test_no_critic_is_zero_and_adaln_off_ignores_the_noise_level(backbones):
+    """--critic none: V = 0 at every state; --critic-adaln off: the head reads no timestep embedding."""
+    b = backbones["tiny-dit"]()
+    traj = rollout.sample(b, PROMPTS, 3, 0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(critic_module.build("none", b, num_rewards=2).values(b, traj), torch.zeros(3, 3, 2))
+    for adaln in (True, False):
+        critic = Critic(b, adaln=adaln)
+        with torch.no_grad():
+            for p in critic.head.parameters():
+                p.normal_(std=0.5)
+        tokens, temb = critic.features(b, traj.latents[:, 1], traj.timesteps[[1, 1, 1]], traj.cond)
+        moved = not torch.allclose(critic.head(tokens, temb), critic.head(tokens, temb + 1))
+        assert moved == adaln and (critic.head.adaLN_modulation is None) == (not adaln)
+
+
 def test_explained_variance():
     y = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert explained_variance(y, y) == pytest.approx(1.0)

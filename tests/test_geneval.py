@@ -95,7 +95,8 @@ def test_geneval_partial_is_one_exactly_when_strict():
 def test_geneval_prompts_and_metadata_file(tmp_path):
     md = geneval.prompts(200, seed=7)
     assert md == geneval.prompts(200, seed=7) and md != geneval.prompts(200, seed=8)
-    assert {m["tag"] for m in md} == set(geneval.TAGS)
+    # every one of the 80 single-object prompts ("a photo of a bench") is an official one: none is drawn
+    assert {m["tag"] for m in md} == set(geneval.TAGS) - {"single_object"}
     rewards.check_metadata(["geneval"], md, [m["prompt"] for m in md])
     by_tag = {m["tag"]: m for m in md}
     assert by_tag["counting"]["exclude"][0]["count"] == by_tag["counting"]["include"][0]["count"] + 1
@@ -136,3 +137,43 @@ def test_closed_world_counts_exactly():
                              for i, c in enumerate(("circle", "circle", "square"))], md, threshold=0.0,
                             counting_threshold=0.0)[0]
     assert two and not three and not extra
+
+
+def test_the_official_prompts_ship_and_training_never_sees_them():
+    """data/geneval holds GenEval's 553 official prompts (with its licence); eval.py --prompts geneval
+    evaluates exactly them; train.py --prompts geneval draws from GenEval's templates but never one of
+    them, and its held-out prompts are not among its training prompts."""
+    import os
+
+    import eval as evaluation
+    import train
+    official = geneval.official()
+    assert len(official) == 553 and {m["tag"] for m in official} == set(geneval.TAGS)
+    assert os.path.isfile(os.path.join(os.path.dirname(geneval.OFFICIAL), "LICENSE"))
+    assert [m["prompt"] for m in evaluation.load_prompts("geneval", None)] == [m["prompt"] for m in official]
+    names = {m["prompt"] for m in official}
+    for seed in (0, 1):
+        train_metas, heldout = train.load_prompts("geneval", seed)
+        seen = {m["prompt"] for m in train_metas}
+        assert len(train_metas) == 2000 and len(heldout) == 200
+        assert not seen & names and not {m["prompt"] for m in heldout} & (names | seen)
+    # the generator does make official prompts (its templates are GenEval's): they are skipped, not absent
+    import numpy as np
+    rng = np.random.default_rng(0)
+    assert any(geneval._sample(geneval.TAGS[rng.integers(6)], rng)["prompt"] in names for _ in range(500))
+
+
+def test_the_geneval_reward_takes_the_official_thresholds_by_default():
+    import argparse
+
+    import rewards
+    p = argparse.ArgumentParser()
+    rewards.add_reward_args(p)
+    spec = rewards.parse_reward_args(p.parse_args(["--rewards", "geneval"]))
+    assert spec.build_kwargs("geneval") == {"threshold": 0.3, "counting_threshold": 0.9}
+    spec = rewards.parse_reward_args(p.parse_args(["--rewards", "geneval", "--geneval-threshold", "0.2",
+                                                   "--geneval-counting-threshold", "0.5"]))
+    assert spec.build_kwargs("geneval") == {"threshold": 0.2, "counting_threshold": 0.5}
+    import inspect
+    defaults = inspect.signature(rewards.geneval_score).parameters
+    assert (defaults["threshold"].default, defaults["counting_threshold"].default) == (0.3, 0.9)

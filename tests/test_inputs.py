@@ -73,6 +73,7 @@ def world(tmp_path_factory):
     broken(world, "run-truncated", os.path.join(world, "run"), "checkpoint/policy.safetensors", policy[:len(policy) // 2])
     broken(world, "run-bad-critic", os.path.join(world, "run"), "checkpoint/critic.safetensors", b"\0" * 100)
     make_tiny_sd3(os.path.join(world, "sd3"))
+    os.makedirs(os.path.join(world, "adir.png"))
     return world
 
 
@@ -92,8 +93,8 @@ BAD = [
     pytest.param("train.py", ["--device", "cuda"], "no CUDA GPU is visible", marks=NO_GPU),
     ("train.py", ["--device", "tpu9"], "--device must be a torch device (accepted: cpu, cuda, cuda:N, mps), got 'tpu9'"),
     ("train.py", ["--lr", "inf"], "--lr must be finite and > 0, got inf"),
-    ("train.py", ["--noise-level", "-1"], "--noise-level must be finite and >= 0, got -1"),
-    ("train.py", ["--noise-level", "nan"], "--noise-level must be finite and >= 0, got nan"),
+    ("train.py", ["--noise-level", "-1"], "--noise-level must be finite and >= 0 and <= 1, got -1"),
+    ("train.py", ["--noise-level", "nan"], "--noise-level must be finite and >= 0 and <= 1, got nan"),
     ("train.py", ["--gamma", "2"], "--gamma must be finite and > 0 and <= 1, got 2"),
     # toy.py, pretrain.py
     ("toy.py", ["eval", "--seeds", "0"], "--seeds must be >= 1, got 0"),
@@ -104,9 +105,9 @@ BAD = [
     ("rollout.py", ["--out", "missing/chain.png"], "is not a writable directory"),
     ("rollout.py", ["--out", "/proc/chain.png"], "/proc is not a writable directory"),
     ("rollout.py", ["--out", "chain.txt"], "must be a file ending in .png"),
-    ("rollout.py", ["--noise-level", "-1"], "--noise-level must be finite and >= 0, got -1"),
-    ("rollout.py", ["--noise-level", "nan"], "--noise-level must be finite and >= 0, got nan"),
-    ("rollout.py", ["--cfg", "nan"], "--cfg must be finite, got nan"),
+    ("rollout.py", ["--noise-level", "-1"], "--noise-level must be finite and >= 0 and <= 1, got -1"),
+    ("rollout.py", ["--noise-level", "nan"], "--noise-level must be finite and >= 0 and <= 1, got nan"),
+    ("rollout.py", ["--cfg", "nan"], "--cfg must be finite and >= 1, got nan"),
     ("rollout.py", ["--model", "unet-in-transformer"], "weights are not a SD3Transformer2DModel's"),
     # critic.py
     ("critic.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
@@ -119,9 +120,37 @@ BAD = [
     ("eval.py", ["--prompts", "binary.txt"], "--prompts binary.txt: not a UTF-8 text file"),
     ("eval.py", ["--rewards", "hps"], "pass --reward-path hps=PATH"),
     ("eval.py", ["--device", "tpu9"], "--device must be a torch device"),
-    ("eval.py", ["--noise-level", "nan"], "--noise-level must be finite and >= 0, got nan"),
+    ("eval.py", ["--noise-level", "nan"], "--noise-level must be finite and >= 0 and <= 1, got nan"),
     ("eval.py", ["--out", "/proc/eval"], "/proc is not a writable directory"),
     ("eval.py", ["--steer", "bon", "--critic", "run-bad-critic"], "critic.safetensors: not a loadable safetensors file"),
+    # what a newcomer tripped on: each at its root, for every entry point that takes the flag
+    ("rollout.py", ["--out", "adir.png"], "a directory of that name exists"),
+    ("pretrain.py", ["--model", "tiny-dit", "--init", os.path.join(ROOT, "checkpoints", "tiny-unet"), "--out", "p"],
+     "holds no transformer, so it is not a --model tiny-dit pipeline"),
+    ("train.py", ["--seed", "-1"], "--seed must be >= 0 and <= 2147483647, got -1"),
+    ("rollout.py", ["--seed", "-1"], "--seed must be >= 0"),
+    ("critic.py", ["--seed", "-1"], "--seed must be >= 0"),
+    ("pretrain.py", ["--seed", "-1"], "--seed must be >= 0"),
+    ("eval.py", ["--sde-steps", "20", "--num-steps", "10"], "--sde-steps 20 exceeds --num-steps 10"),
+    ("train.py", ["--prompts", "geneval"], "the built-in world's checker knows circle, square, triangle"),
+    ("eval.py", ["--prompts", "geneval"], "the built-in world's checker knows circle, square, triangle"),
+    ("train.py", ["--model", "sd3", "--rewards", "shapes"], "reward 'shapes' is the built-in world's checker"),
+    ("train.py", ["--rewards", "shapes,jpeg", "--reward-weights", "0,0"], "every weight is 0"),
+    ("train.py", ["--model", "tiny-unet", "--noise-level", "5"], "--noise-level must be finite and >= 0 and <= 1, got 5"),
+    ("eval.py", ["--noise-level", "1.5"], "--noise-level must be finite and >= 0 and <= 1"),
+    ("rollout.py", ["--noise-level", "2"], "--noise-level must be finite and >= 0 and <= 1"),
+    ("train.py", ["--cfg", "-3"], "--cfg must be finite and >= 1, got -3"),
+    ("rollout.py", ["--cfg", "0.5"], "--cfg must be finite and >= 1, got 0.5"),
+    ("train.py", ["--run-dir", ""], "--run-dir must not be empty"),
+    ("train.py", ["--resume", ""], "--resume must not be empty"),
+    ("eval.py", ["--out", ""], "--out must not be empty"),
+    ("eval.py", ["--policy", ""], "--policy must not be empty"),
+    ("pretrain.py", ["--out", ""], "--out must not be empty"),
+    ("train.py", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU"),
+    ("eval.py", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU"),
+    ("rollout.py", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU"),
+    ("train.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
+    ("train.py", ["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
     # bench/critic_fit.py, bench/steering.py
     ("bench/critic_fit.py", ["--sde-steps", "10"], "--sde-steps must be in 1..9"),
     ("bench/steering.py", ["--run", "no-such-run", "--guidance", "1,nan"], "--guidance must be finite and >= 0, got nan"),
@@ -131,6 +160,14 @@ BAD = [
 def row_id(row):
     script, argv = (row.values if hasattr(row, "values") else row)[:2]
     return f"{script} {' '.join(argv)}"
+
+
+def test_world_size_without_torchrun_is_one_line_and_writes_nothing(world):
+    """WORLD_SIZE=2 without torchrun's RANK: refused before the run directory exists."""
+    before = snapshot(world)
+    r = python("train.py", "--run-dir", "ws", cwd=world, env={**ENV, "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "start a multi-process run with torchrun" in r.stderr, r.stderr
+    assert snapshot(world) == before
 
 
 @pytest.mark.parametrize("script, argv, words", BAD, ids=[row_id(row) for row in BAD])
@@ -193,6 +230,34 @@ def test_killed_runs_start_again_or_resume(tmp_path):
     assert r.returncode == 0 and f"resumed from iteration {done}" in r.stdout, r.stderr[-3000:]
     assert [r["iter"] for r in rows(run_dir)] == list(range(17))
     assert os.path.isfile(os.path.join(run_dir, "pipeline", "model_index.json"))
+
+
+def test_a_stop_during_evaluation_ends_it_and_saves(tmp_path, monkeypatch, one_thread):
+    """SIGTERM while the held-out evaluation runs (torchrun SIGKILLs its workers --shutdown-timeout
+    seconds after forwarding it, 30 s by default; an SD3.5-M evaluation takes minutes): the evaluation
+    stops at its next unit, that iteration logs no held-out figures, and the checkpoint is written at
+    once (exit 143); --resume then finishes the run."""
+    import rollout
+    run_dir, sampled, sample = str(tmp_path / "run"), [], rollout.sample
+
+    def signalled(backbone, prompts, num_steps, noise_level, *a, **k):
+        since = sampled[::-1].index(0.7) if 0.7 in sampled else 0          # deterministic samples since a rollout
+        if not noise_level and not train.STOP and sampled.count(0.7) == 2 and since == 2:   # iteration 2's evaluation
+            train.on_signal(signal.SIGTERM, None)
+        sampled.append(noise_level)
+        return sample(backbone, prompts, num_steps, noise_level, *a, **k)
+    monkeypatch.setattr(rollout, "sample", signalled)
+    argv = ["--iters", "4", *TINY, "--eval-every", "2", "--eval-batch", "4", "--sample-every", "100", "--run-dir", run_dir]
+    assert run(argv) == 143
+    evaluations = [r for r in rows(run_dir) if "eval/heldout_strict" in r]
+    assert [r["iter"] for r in rows(run_dir)] == [0, 1, 2] and [r["iter"] for r in evaluations] == [0]
+    units = -(-21 // 4)                                        # 21 held-out prompts in chunks of 4, one seed: 6
+    # the base model's evaluation (6), its grid (8 prompts x 2 seeds in chunks of 4: 4), then 3 of the second
+    # evaluation's 6 units: the signal came while its third was being sampled, and the next one was not
+    assert sampled.count(0.0) == units + 4 + 3
+    assert torch.load(os.path.join(run_dir, "checkpoint", "state.pt"), weights_only=True)["iteration"] == 2
+    monkeypatch.undo()
+    assert run(["--resume", run_dir]) == 0 and [r["iter"] for r in rows(run_dir)] == [0, 1, 2, 3, 4]
 
 
 def test_a_run_that_failed_at_start_up_resumes_from_scratch(tmp_path, monkeypatch, one_thread):

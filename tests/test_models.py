@@ -87,3 +87,18 @@ def test_cli_bad_model_exits_2_without_traceback(tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown model" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_fp32_matmuls_are_tf32_on_cuda_only_under_low_precision(monkeypatch):
+    """On CUDA, bf16 / fp16 weights let the fp32 adapters' GEMMs run in TF32, --mixed-precision no keeps
+    them exact; on the CPU nothing is touched."""
+    import models
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        assert models.fp32_matmuls("cpu", torch.bfloat16) is None
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+        assert models.fp32_matmuls("cuda:0", torch.bfloat16) == "tf32" == torch.backends.cuda.matmul.fp32_precision
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert models.fp32_matmuls("cuda", torch.float32) == "ieee" == torch.backends.cuda.matmul.fp32_precision
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before

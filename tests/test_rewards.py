@@ -161,7 +161,7 @@ def test_help_names_default_weights():
 
 
 def test_parse_defaults_and_weights():
-    spec = parse([])
+    spec = parse(["--rewards", "shapes"])          # (train.py fills in --rewards by model: shapes or hps,clip)
     assert spec.names == ["shapes"] and spec.weights == [1.0] and spec.monitor == []
     spec = parse(["--rewards", "jpeg,shapes", "--reward-weights", "0.5,2", "--monitor-rewards", "jpeg-incompress"])
     assert spec.names == ["jpeg", "shapes"] and spec.weights == [0.5, 2.0] and spec.monitor == ["jpeg-incompress"]
@@ -196,7 +196,8 @@ def test_parse_checks_checkpoint_kind(open_clip_file, aesthetic_head, clip_dir, 
                   "--reward-path", f"aesthetic={aesthetic_head}", "--reward-path", f"aesthetic.clip={clip_dir}",
                   "--reward-path", f"geneval={owlv2_dir}", "--reward-path", f"geneval.clip={clip_dir}"])
     assert spec.build_kwargs("hps") == {"path": open_clip_file}
-    assert spec.build_kwargs("geneval") == {"path": owlv2_dir, "clip_path": clip_dir}
+    assert spec.build_kwargs("geneval") == {"path": owlv2_dir, "clip_path": clip_dir, "threshold": 0.3,
+                                            "counting_threshold": 0.9}
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     bad = [(f"hps={aesthetic_head}", "open_clip"), (f"aesthetic={open_clip_file}", "aesthetic MLP"),
            (f"hps={tmp_path / 'junk.pt'}", "not a torch"), (f"pickscore={owlv2_dir}", "model_type 'owlv2'"),
@@ -386,6 +387,36 @@ def test_half_precision_scores_are_float32(open_clip_file, clip_dir):
         half = rewards.build_reward(name, dtype=torch.bfloat16, **kwargs)(images, PROMPTS[:2], None)
         assert_scores(half, 2)
         torch.testing.assert_close(half, full, atol=atol, rtol=0)
+
+
+def test_bf16_scores_end_in_fp32(open_clip_file, clip_dir, aesthetic_head):
+    """Under --mixed-precision bf16 the towers run in bf16 but the last products are fp32: the score
+    equals the fp32 cosine (PickScore: scaled; aesthetic: the fp32 head) of the bf16 towers' own
+    embeddings, not its bf16 rounding (steps of 0.002 for a cosine, 0.125 near PickScore's 22)."""
+    import open_clip
+    from transformers import CLIPModel
+    images, prompts = images_like(4), PROMPTS[:2] * 2
+    oc = open_clip.create_model(TINY_ARCH, pretrained=open_clip_file, weights_only=True).to(dtype=torch.bfloat16).eval()
+    hps = rewards.build_reward("hps", dtype=torch.bfloat16, path=open_clip_file, arch=TINY_ARCH, model=oc)(images, prompts)
+    size = oc.visual.preprocess_cfg["size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    with torch.no_grad():
+        x = rewards._to_pixels(images, size, oc.visual.preprocess_cfg["mean"], oc.visual.preprocess_cfg["std"], "cpu",
+                               torch.bfloat16)
+        i, t = oc.encode_image(x).float(), oc.encode_text(open_clip.get_tokenizer(TINY_ARCH)(prompts)).float()
+    expected = (i / i.norm(dim=-1, keepdim=True) * t / t.norm(dim=-1, keepdim=True)).sum(-1)
+    torch.testing.assert_close(hps, expected, rtol=0, atol=1e-6)
+    clip = CLIPModel.from_pretrained(clip_dir).to(dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        x = rewards._to_pixels(images, clip.config.vision_config.image_size, rewards.OPENAI_MEAN, rewards.OPENAI_STD,
+                               "cpu", torch.bfloat16)
+        embed = rewards._unit(rewards._pooled(clip.get_image_features(pixel_values=x)).float())
+    aesthetic = rewards.build_reward("aesthetic", dtype=torch.bfloat16, path=aesthetic_head, model=clip)(images)
+    head = torch.nn.Sequential(torch.nn.Linear(768, 1024), torch.nn.Linear(1024, 128), torch.nn.Linear(128, 64),
+                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))      # the released layers, fp32
+    state = torch.load(aesthetic_head, weights_only=True)
+    head.load_state_dict({f"{j}.{w}": state[f"layers.{i}.{w}"] for j, i in enumerate((0, 2, 4, 6, 7)) for w in ("weight", "bias")})
+    torch.testing.assert_close(aesthetic, head(embed).squeeze(-1), rtol=0, atol=1e-5)
 
 
 def test_shapes_reward():

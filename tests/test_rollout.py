@@ -144,6 +144,22 @@ def test_grid_labels_and_marks(tmp_path):
     assert (px == (255, 0, 0)).all(-1).sum() == 4 * (8 * 4) ** 2          # each red block is 32x32 after x4
 
 
+def test_marks_cover_no_part_of_the_board(tmp_path):
+    """The pass/fail mark sits outside the image: every pixel of every board, corners included (the
+    top-right cell holds the fourth object of a "four ..." prompt), is the image's own, enlarged."""
+    import numpy as np
+    import grid
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    canvas = np.asarray(grid.save_grid(tmp_path / "m.png", images, 3, titles=["a", "b", "c"], marks=[True, False, True],
+                                       captions=["x", "y", "z"]).convert("RGB")).astype(int)
+    side = 128
+    for img in images:
+        tile = np.kron((img.permute(1, 2, 0).numpy() * 255).round(), np.ones((4, 4, 1))).astype(int)    # (128, 128, 3)
+        ys, xs = np.nonzero((canvas[:-side + 1, :-side + 1] == tile[0, 0]).all(-1))
+        assert any((canvas[y:y + side, x:x + side] == tile).all() for y, x in zip(ys, xs)), "a board was drawn over"
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--noise-level", "-1"], "--noise-level must be finite"),
     (["--noise-level", "nan"], "--noise-level must be finite"),

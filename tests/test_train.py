@@ -46,7 +46,7 @@ def real_arch(tmp_path_factory):
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_three_iterations(tmp_path, model, algo):
     run_dir = str(tmp_path / "run")
-    extra = ["--group-size", "2"] if algo == "grpo" else []
+    extra = ["--group-size", "2", "--value-warmup", "0"] if algo == "grpo" else []     # no critic to warm up
     assert run(["--model", model, "--algo", algo, "--iters", "3", "--run-dir", run_dir, "--lora-rank", "0", *TINY,
                 *extra]) == 0
     for f in ("config.json", "metrics.jsonl", "reward.png", "samples/iter_0000.png", "samples/iter_0003.png",
@@ -85,14 +85,14 @@ def test_raft_fine_tunes_on_the_kept_samples(tmp_path):
     from models import load_backbone
     run_dir = str(tmp_path / "raft")
     assert run(["--algo", "raft", "--rewards", "jpeg", "--iters", "2", "--run-dir", run_dir, "--lora-rank", "0",
-                "--lr", "1e-3", *TINY]) == 0
+                "--lr", "1e-3", *TINY, "--value-warmup", "0"]) == 0
     log = rows(run_dir)
     assert all(r["losses/raft_kept"] == 0.25 and r["losses/raft_loss"] > 0 for r in log[1:])
     policy = load_backbone(os.path.join(run_dir, "pipeline")).net.state_dict()
     base = load_backbone("tiny-dit").net.state_dict()
     assert any(not torch.equal(policy[k], base[k]) for k in policy)
     run_dir = str(tmp_path / "raft-shapes")
-    assert run(["--algo", "raft", "--iters", "1", "--run-dir", run_dir, "--lora-rank", "0", *TINY]) == 0
+    assert run(["--algo", "raft", "--iters", "1", "--run-dir", run_dir, "--lora-rank", "0", *TINY, "--value-warmup", "0"]) == 0
     row = rows(run_dir)[-1]
     assert row["losses/raft_kept"] == row["reward/train/strict"]
 
@@ -222,29 +222,40 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     assert (exported - trained).abs().max() < 1e-5, ((exported - trained).abs().max(), (trained - base).abs().max())
 
 
-@pytest.mark.parametrize("replay, how", [([], "--resume"), (["--critic-replay", "3", "--critic-text"], "same command")])
-def test_resume_is_exact(tmp_path, capsys, replay, how):
+@pytest.mark.parametrize("replay, how", [([], "--resume"), (["--critic-replay", "3", "--critic-text"], "same command"),
+                                         (["--critic", "oracle", "--oracle-continuations", "2", "--value-warmup", "0"],
+                                          "--resume")])
+def test_resume_is_exact(tmp_path, capsys, monkeypatch, replay, how):
     """2 iterations, then --resume to 4 (or the same command with --iters 4, as a requeued job or
     torchrun --max-restarts reruns it) == 4 iterations straight: same metrics, same weights. At a
     constant learning rate: extending a run stretches the default cosine over the new --iters. With
     --critic-replay the value head's kept states must come back too, with --critic-text their text tokens
-    as well (else iteration 3's head trains on one batch instead of three, and the critic differs)."""
+    as well (else iteration 3's head trains on one batch instead of three, and the critic differs); the
+    oracle critic's continuations draw from the rollout's noise stream, which a resume restores. Every
+    checkpoint file is loaded onto the CPU (map_location), never onto the device it was saved from."""
     common = ["--iters", "4", *TINY, "--eval-every", "2", "--lr-schedule", "constant", *replay]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert run([*common, "--run-dir", straight]) == 0
     assert run([*common, "--run-dir", resumed, "--iters", "2"]) == 0
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or load(*a, **k))
     if how == "--resume":
         assert run(["--resume", resumed, "--iters", "4"]) == 0
     else:
         assert run([*common, "--run-dir", resumed]) == 0 and "resumed from iteration 2" in capsys.readouterr().out
         assert run([*common, "--run-dir", resumed]) == 2                  # done: nothing to do, nothing touched
         assert "already at iteration 4" in capsys.readouterr().err
+    assert loads and set(loads) == {"cpu"}, loads
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}
     a, b = rows(straight), rows(resumed)
     assert [drop(r) for r in a] == [drop(r) for r in b]
-    for f in ("policy", "critic"):
+    files = ("policy", "critic") if "oracle" not in replay else ("policy",)
+    for f in files:
         x, y = (load_file(os.path.join(d, "checkpoint", f"{f}.safetensors")) for d in (straight, resumed))
         assert all(torch.equal(x[k], y[k]) for k in x)
+    if "oracle" in replay:          # the oracle trains no critic and saves none
+        assert not os.path.exists(os.path.join(straight, "checkpoint", "critic.safetensors"))
+        assert a[-1]["critic/continuation_images"] == 2 * 4 * 3
 
 
 def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
@@ -266,8 +277,14 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--iters", "0"], "--iters must be >= 1"),
     (["--num-steps", "4", "--sde-steps", "6"], "--sde-steps 6 exceeds --num-steps 4"),
     (["--num-steps", "4", "--sde-steps", "4", "--critic-terminal"], "--critic-terminal needs"),
-    (["--algo", "grpo", "--sde-steps", "2", "--critic-terminal"], "--critic-terminal needs"),
-    (["--algo", "grpo", "--group-size", "2", "--critic-text"], "--critic-text: --algo grpo has no critic"),
+    (["--algo", "grpo", "--sde-steps", "2", "--critic-terminal"], "--critic-terminal: only --algo ppo --critic learned"),
+    (["--algo", "grpo", "--group-size", "2", "--critic-text"], "--critic-text: only --algo ppo --critic learned"),
+    (["--critic", "none", "--critic-terminal", "--sde-steps", "2"], "--critic-terminal: only --algo ppo --critic learned"),
+    (["--critic", "oracle", "--value-warmup", "2"], "--value-warmup 2: only --algo ppo --critic learned"),
+    (["--critic", "proxy", "--critic-replay", "4"], "--critic-replay and --critic-adaln: only"),
+    (["--algo", "grpo", "--critic", "none"], "--critic none: --algo grpo uses no critic"),
+    (["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
+    (["--critic", "value"], "--critic: invalid choice"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
     (["--train-tags", "counting,spelling"], "no training prompt has the tag 'spelling'"),
     (["--lr", "inf"], "--lr must be finite and > 0"),
@@ -309,6 +326,26 @@ def test_run_dir_is_never_overwritten(tmp_path, capsys):
     assert run(["--run-dir", str(tmp_path / "file" / "run")]) == 2
     assert "not a writable directory" in capsys.readouterr().err
     assert sorted(os.listdir(run_dir)) == ["notes.txt"]
+
+
+def test_the_same_command_re_exports_a_finished_run_and_names_a_world_size_change(tmp_path, monkeypatch, capsys):
+    """A finished run whose export was lost (the process died after the last checkpoint) is exported again
+    by its own command, with nothing retrained; the same command on another number of processes is
+    refused in words that say so (not as 'a different run')."""
+    run_dir = str(tmp_path / "run")
+    argv = ["--iters", "2", *TINY, "--run-dir", run_dir]
+    assert run(argv) == 0
+    before = rows(run_dir)
+    import shutil
+    for d in ("pipeline", "policy_lora"):
+        shutil.rmtree(os.path.join(run_dir, d))
+    assert run(argv) == 0 and rows(run_dir) == before
+    assert os.path.isfile(os.path.join(run_dir, "pipeline", "model_index.json"))
+    assert run(argv) == 2 and "already at iteration 2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0")         # torchrun's rank 0 of 2
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained on 1 process(es), not 2" in err, err
 
 
 def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
@@ -365,8 +402,9 @@ def test_torchrun_two_processes(tmp_path, capsys):
         assert os.path.isfile(os.path.join(d, "checkpoint", f"rng_rank{r}.pt"))
     b = torchrun(["--resume", resumed, "--iters", "4"], str(tmp_path / "spy_resumed"))
     assert len(a[0]) == len(a[1]) == len(b[0]) == len(b[1]) == 4          # one training rollout per iteration
-    for it in range(4):
+    for it in range(4):               # (the global torch RNG too: train.build seeds every rank alike, then not)
         assert a[0][it]["prompts"] != a[1][it]["prompts"] and a[0][it]["noise"] != a[1][it]["noise"], it
+        assert a[0][it]["torch_rng"] != a[1][it]["torch_rng"], it
     assert a == b                                  # each rank resumed its own streams
     log = rows(straight)
     assert [r["iter"] for r in log] == [0, 1, 2, 3, 4] and log[-1]["images"] == 16

@@ -1,0 +1,289 @@
+"""Credit assignment: what the critic adds to RL, bounded by an oracle critic (arXiv 2605.27736's one
+idea, its Fig. 2: values on noisy latents give every denoising step its own credit; METHOD.md 4).
+
+Every variant is train.py on the built-in world at the same budget, seeds and schedule; only what
+makes the advantage differs:
+  grpo               GRPO: 4 prompts x 8 samples, the group baseline, one advantage per trajectory
+  no-critic          --critic none: V = 0, the batch-normalised return at every step (32 prompts x 1)
+  no-critic-groups   --critic none at GRPO's layout (4 x 8): separates the baseline from the layout
+  proxy-critic-lX    --critic proxy: r(decode(x0_hat(x_t))), FK-steering's potential, at gae_lambda X
+  critic-lX          the learned critic (train.py's default) at gae_lambda X
+  oracle-critic-lX   --critic oracle: the mean reward of M continuations of the current policy from
+                     x_t (common random numbers), at gae_lambda X: the bound on any critic
+  critic-no-warmup   the learned critic without value warm-up (--value-warmup 0), at its best lambda
+  critic-no-adaln    ... without the head's AdaLN noise-level modulation (--critic-adaln off)
+  raft               rejection-sampling fine-tuning on the strict passes (the supervised reference)
+  perfect-data       bench/oracle.py: the same LoRA trained on perfectly rendered scenes of the training
+                     prompts with the pretraining loss (no reward, no sampling), the same images
+Reported per variant: held-out strict accuracy (deterministic sampler, 8 seeds per prompt) against
+images, the final policy's strict accuracy on the training prompts, training time per image, and
+the critic's explained variance by noise level. Runs accumulate: a finished run is reused, an
+interrupted one resumed, so seeds and variants can be added over several sittings.
+
+Run:  python bench/credit.py --variants no-critic,oracle-critic-l0 --seeds 0 1 --jobs 2   # runs, then report
+      python bench/credit.py --report-only                 # table, JSON, PNG, BENCHMARKS section from finished runs
+Writes bench/results/credit_<model>.json and .png, and the BENCHMARKS.md section credit-<model>.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from common import RESULTS, ROOT, machine, prompt_accuracy, train_run, write_json, write_section
+
+LAMBDAS = ("1", "0.95", "0.8", "0.5", "0")
+
+
+def variant_flags(name, oracle_m):
+    """train.py's flags for a variant name (see the module docstring); None if unknown."""
+    fixed = {"grpo": "--algo grpo", "no-critic": "--critic none", "no-critic-groups": "--critic none --group-size 8",
+             "raft": "--algo raft", "critic-no-warmup": "--value-warmup 0", "critic-no-adaln": "--critic-adaln off",
+             "perfect-data": ""}
+    if name in fixed:
+        return fixed[name]
+    for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("oracle-critic-l", f"--critic oracle "
+                          f"--oracle-continuations {oracle_m}"), ("critic-l", "")):
+        if name.startswith(prefix) and name[len(prefix):] in LAMBDAS:
+            return f"{flags} --gae-lambda {name[len(prefix):]}".strip()
+    return None
+
+
+def perfect_data_run(args, run_dir, seed):
+    """bench/oracle.py for one seed at the budget and schedule of the RL runs: curve.json in run_dir."""
+    out = os.path.join(run_dir, "curve.json")
+    if os.path.isfile(out):
+        return run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "oracle.py"), "--model", args.model, "--images", str(args.images),
+           "--every", str(args.eval_every * args.batch_size), "--seeds", str(seed), "--schedule",
+           "cosine" if "cosine" in args.train_flags else "constant", "--save", out]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    with open(run_dir + ".log", "w") as log:
+        if subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT):
+            raise SystemExit(f"perfect-data seed {seed} failed; see {run_dir}.log")
+    return run_dir
+
+
+def run_one(args, name, seed):
+    run_dir = os.path.join(args.runs, f"{name}-seed{seed}")
+    t0 = time.time()
+    if name == "perfect-data":
+        perfect_data_run(args, run_dir, seed)
+    else:
+        flags = shlex.split(args.train_flags) + shlex.split(variant_flags(name, args.oracle_m)) + ["--seed", str(seed)]
+        train_run(args, run_dir, flags, f"{name} seed {seed}")
+    print(f"{name} seed {seed}: done ({time.time() - t0:.0f}s)", flush=True)
+
+
+def read(args, name, run_dir):
+    """One finished run's figures, or None if it has not finished."""
+    if name == "perfect-data":
+        path = os.path.join(run_dir, "curve.json")
+        if not os.path.isfile(path):
+            return None
+        c = json.load(open(path))
+        return {"images": c["images"], "heldout_strict": c["heldout_strict"], "train_strict": c.get("train_strict"),
+                "train_curve": None, "time_per_image_ms": None, "ev_by_noise": {}, "extra_images": 0}
+    if not any(os.path.isdir(os.path.join(run_dir, d)) for d in ("pipeline", "policy_lora")):
+        return None
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval/heldout_strict" in r]
+    accuracy = prompt_accuracy(os.path.join(run_dir, "pipeline"), range(args.eval_seeds),
+                               os.path.join(run_dir, "prompt_accuracy.json"))
+    window = 20                  # training-prompt strict accuracy of the rollouts, 20-iteration means (640 images)
+    strict = [(r["images"], r["reward/train/strict"]) for r in rows if "reward/train/strict" in r]
+    train_curve = [[strict[i + window - 1][0], sum(s for _, s in strict[i:i + window]) / window]
+                   for i in range(0, len(strict) - window + 1, window)]
+    tail = [r for r in rows[-20:] if any(k.startswith("critic/ev_noise_") for k in r)]
+    ev = {k[len("critic/ev_noise_"):]: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
+          if k.startswith("critic/ev_noise_")} if tail else {}
+    last = rows[-1]
+    return {"images": [r["images"] for r in evals], "heldout_strict": [r["eval/heldout_strict"] for r in evals],
+            "train_strict": accuracy["train"]["prompt_mean"], "train_curve": train_curve,
+            "time_per_image_ms": 1000 * last["time/total_train_s"] / last["images"],
+            "critic_values_ms_per_image": 1000 * sum(r.get("time/critic_values_s", 0) for r in rows) / last["images"],
+            "ev_by_noise": ev, "extra_images": sum(r.get("critic/continuation_images", 0) for r in rows)}
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def se(xs):
+    return (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else float("nan")
+
+
+def collect(args):
+    """{variant: {"flags", "gae_lambda", "seeds", "heldout_strict", "train_strict", "curve", "time_per_image_ms", ...}}
+    over the finished runs under args.runs."""
+    found = {}
+    for entry in sorted(os.listdir(args.runs)) if os.path.isdir(args.runs) else []:
+        if "-seed" not in entry or entry.endswith(".log") or entry.endswith(".json"):
+            continue
+        name, seed = entry.rsplit("-seed", 1)
+        if variant_flags(name, args.oracle_m) is None:
+            continue
+        run = read(args, name, os.path.join(args.runs, entry))
+        if run is not None:
+            found.setdefault(name, {})[int(seed)] = run
+    out = {}
+    for name, runs in found.items():
+        seeds = sorted(runs)
+        lam = name.rsplit("-l", 1)[1] if name.rsplit("-l", 1)[-1] in LAMBDAS and "-l" in name else "1"
+        out[name] = {"flags": variant_flags(name, args.oracle_m), "gae_lambda": float(lam), "seeds": seeds,
+                     "heldout_strict": [runs[s]["heldout_strict"][-1] for s in seeds],
+                     "train_strict": [runs[s]["train_strict"] for s in seeds],
+                     "curve": {"images": runs[seeds[0]]["images"],
+                               "heldout_strict": [runs[s]["heldout_strict"] for s in seeds],
+                               "train_strict_rollouts": [runs[s]["train_curve"] for s in seeds]},
+                     "time_per_image_ms": [runs[s]["time_per_image_ms"] for s in seeds],
+                     "critic_values_ms_per_image": [runs[s].get("critic_values_ms_per_image") for s in seeds],
+                     "extra_images_per_run": [runs[s]["extra_images"] for s in seeds],
+                     "critic_ev_by_noise_last20": {k: mean([runs[s]["ev_by_noise"][k] for s in seeds if runs[s]["ev_by_noise"]])
+                                                   for k in runs[seeds[0]]["ev_by_noise"]}}
+    return out
+
+
+def best(variants, prefix):
+    """The name of the variant prefix-l<lambda> with the highest mean final held-out accuracy."""
+    names = [n for n in variants if n.startswith(prefix) and n[len(prefix):] in LAMBDAS]
+    return max(names, key=lambda n: mean(variants[n]["heldout_strict"])) if names else None
+
+
+def images_to_reach(v, target):
+    """The first evaluation where the seed-mean held-out curve reaches target, or None."""
+    curve = [mean(c) for c in zip(*v["curve"]["heldout_strict"])]
+    return next((n for n, a in zip(v["curve"]["images"], curve) if n > 0 and a >= target), None)
+
+
+def table(variants):
+    lines = ["| variant | train.py flags | seeds | held-out strict, final (mean ± s.e.) | training prompts, final "
+             "| ms per image | critic EV by noise (last 20 its) |", "|---|---|---|---|---|---|---|"]
+    order = sorted(variants, key=lambda n: -mean(variants[n]["heldout_strict"]))
+    for n in order:
+        v = variants[n]
+        t = [x for x in v["time_per_image_ms"] if x]
+        ev = ", ".join(f"{k}: {x:+.2f}" for k, x in v["critic_ev_by_noise_last20"].items())
+        train = [x for x in v["train_strict"] if x is not None]
+        lines.append(f"| {n} | `{v['flags'] or 'defaults'}` | {len(v['seeds'])} | {mean(v['heldout_strict']):.3f} ± "
+                     f"{se(v['heldout_strict']):.3f} | " + (f"{mean(train):.3f} ± {se(train):.3f}" if train else "-")
+                     + f" | {mean(t):.0f} |" if t else " | - |")
+        lines[-1] += f" {ev or '-'} |"
+    return "\n".join(lines)
+
+
+def compare(variants, a, b):
+    """'a - b = d (k combined s.e.)' for two variants' final held-out accuracy."""
+    if a not in variants or b not in variants:
+        return None
+    x, y = variants[a]["heldout_strict"], variants[b]["heldout_strict"]
+    d, s = mean(x) - mean(y), math.hypot(se(x), se(y))
+    return {"difference": d, "combined_se": s, "in_se": d / s if s > 0 else float("nan")}
+
+
+def plot(variants, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    for n in sorted(variants, key=lambda n: -mean(variants[n]["heldout_strict"])):
+        v = variants[n]
+        curve = [mean(c) for c in zip(*v["curve"]["heldout_strict"])]
+        axes[0].plot(v["curve"]["images"], curve, marker="o", ms=2, label=f"{n} ({len(v['seeds'])} seeds)")
+        rollouts = [c for c in v["curve"]["train_strict_rollouts"] if c]
+        if rollouts:
+            axes[1].plot([p[0] for p in rollouts[0]], [mean(ps) for ps in zip(*[[p[1] for p in c] for c in rollouts])],
+                         label=n)
+    axes[0].set_title(f"{title}: held-out strict accuracy (deterministic sampler)")
+    axes[1].set_title("training prompts: strict accuracy of the rollouts (SDE sampler, 640-image means)")
+    for ax in axes:
+        ax.set_xlabel("training images generated"), ax.grid(alpha=0.3)
+    axes[0].set_ylabel("strict accuracy"), axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-dit", help="tiny-dit | tiny-unet")
+    p.add_argument("--variants", default="grpo,no-critic,critic-l1", help="comma-separated (module docstring)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--images", type=int, default=20480, help="training images per run")
+    p.add_argument("--batch-size", type=int, default=32, help="images per iteration")
+    p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every N iterations")
+    p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")
+    p.add_argument("--oracle-m", type=int, default=4, help="--oracle-continuations of the oracle variants")
+    p.add_argument("--train-flags", default="--lr-schedule constant --kl-coef 0.04",
+                   help="train.py flags every variant shares (the budget's schedule)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--runs", default=None, help="where the runs go (default bench/runs/credit_<model>)")
+    p.add_argument("--report-only", action="store_true", help="only read finished runs")
+    args = p.parse_args()
+    args.runs = args.runs or os.path.join(ROOT, "bench", "runs", f"credit_{args.model}")
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if variant_flags(n, args.oracle_m) is None]
+    if unknown:
+        p.exit(2, f"error: unknown variant(s) {', '.join(unknown)}\n")
+    settings = os.path.join(args.runs, "settings.json")
+    if os.path.isfile(settings):      # every run of one benchmark shares its budget and schedule
+        fixed = json.load(open(settings))
+        for key in ("images", "batch_size", "eval_every", "eval_seeds", "oracle_m", "train_flags"):
+            setattr(args, key, fixed[key])
+    if not args.report_only:
+        os.makedirs(args.runs, exist_ok=True)
+        if not os.path.isfile(settings):
+            write_json(settings.removesuffix(".json"), {k: getattr(args, k) for k in (
+                "model", "images", "batch_size", "eval_every", "eval_seeds", "oracle_m", "train_flags")})
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run_one(args, *job), [(n, s) for s in args.seeds for n in names]))
+    variants = collect(args)
+    if not variants:
+        p.exit(1, f"no finished runs under {args.runs}\n")
+    refs = {"critic": best(variants, "critic-l"), "proxy-critic": best(variants, "proxy-critic-l"),
+            "oracle-critic": best(variants, "oracle-critic-l")}
+    named = {k: v for k, v in variants.items()}
+    for alias, name in refs.items():
+        if name:
+            named[alias] = {**variants[name], "variant": name}
+    comparisons = {f"{a} - {b}": compare(named, a, b) for a, b in (
+        ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "proxy-critic"), ("critic", "grpo"),
+        ("no-critic", "grpo"), ("no-critic-groups", "grpo"), ("no-critic", "no-critic-groups"),
+        ("critic", "oracle-critic"))}
+    if "grpo" in named and refs["critic"]:
+        grpo_final = mean(named["grpo"]["heldout_strict"])
+        comparisons["critic images to reach grpo's final"] = {"images": images_to_reach(named["critic"], grpo_final),
+                                                             "grpo_images": named["grpo"]["curve"]["images"][-1]}
+    out = os.path.join(RESULTS, f"credit_{args.model}")
+    write_json(out, {"images": args.images, "model": args.model, "train_flags": args.train_flags, "machine": machine(),
+                     "command": f"python bench/credit.py --model {args.model} --variants ... --seeds ... "
+                                f"(settings: {args.runs}/settings.json)",
+                     "oracle_continuations": args.oracle_m, "variants": named,
+                     "comparisons": {k: v for k, v in comparisons.items() if v}})
+    plot(variants, out + ".png", f"{args.model}, {args.images:,} images per run")
+    lines = [f"## Credit assignment on {args.model}: what the critic adds ({args.images:,} images per run)", "",
+             f"Command: `python bench/credit.py --model {args.model} --variants NAMES --seeds S...` with every run at "
+             f"`{args.train_flags}`, batch {args.batch_size}, held-out evaluation every {args.eval_every} iterations "
+             f"with {args.eval_seeds} seeds per prompt (deterministic sampler); one thread per run, two runs at once; "
+             f"oracle: {args.oracle_m} continuations per state (its continuation images are not counted as training "
+             "images). ms per image: training wall time per training image beside one other run (the oracle's "
+             "continuations included).", "", table(variants), "", "Comparisons (final held-out strict, difference in "
+             "combined standard errors):", ""]
+    for k, v in comparisons.items():
+        if v and "difference" in v:
+            lines.append(f"- {k}: {v['difference']:+.3f} ({v['in_se']:+.1f} s.e.)")
+        elif v:
+            lines.append(f"- {k}: {v['images'] or 'not reached'} of {v['grpo_images']}")
+    lines += ["", f"![curves](bench/results/credit_{args.model}.png)"]
+    write_section(f"credit-{args.model}", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
