@@ -1,7 +1,7 @@
 """Evaluation, with or without critic steering: one entry point for every model (arXiv 2605.27736,
 its Figs. 7 and 9; METHOD.md section 7; the steering methods are in steer.py).
 
-  python eval.py --steer bon                          # built-in world: shipped tiny-dit + the newest run's critic
+  python eval.py --steer bon                          # built-in world: the newest train.py run's policy and critic
   python eval.py --policy runs/ppo-... --steer smc --n 8 --seeds 8
   python eval.py --model sd3.5m --policy RUN --critic RUN --steer grad+bon --prompts geneval --rewards hps,clip
 
@@ -183,8 +183,10 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="base model: tiny-dit | tiny-unet | sd1.5 | sd3.5m | a diffusers "
                                                  "directory (default: the --policy run's, else tiny-dit)")
-    g.add_argument("--policy", type=cli.nonempty, default=None, metavar="RUN_DIR", help="a train.py run whose final policy to sample "
-                                                                    "(default: the base model)")
+    g.add_argument("--policy", type=cli.nonempty, default=None, metavar="RUN_DIR",
+                   help="a train.py run whose final policy to sample, or 'base' for --model itself (default: on the "
+                        "built-in world, with no --critic either, the newest run under runs/ for --model; else the "
+                        "base model)")
     g.add_argument("--critic", type=cli.nonempty, default=None, metavar="RUN_DIR",
                    help="a train.py critic-PPO run whose critic steers (default: --policy if it has one, else, on "
                         "the built-in world, the newest run under runs/ with a critic for --model)")
@@ -256,8 +258,9 @@ def run_config(run_dir, flag):
         fail(f"{flag} {run_dir}: {e}")
 
 
-def newest_critic(model):
-    """The newest runs/*/ with a critic checkpoint trained on `model`, or None."""
+def newest_run(model, holding="pipeline"):
+    """The newest runs/*/ trained on `model` that holds `holding` (by default its exported policy: a finished
+    run; checkpoint/critic.safetensors: one with a learned critic), or None."""
     found = []
     for cfg in glob.glob(os.path.join("runs", "*", "config.json")):
         run = os.path.dirname(cfg)
@@ -265,9 +268,9 @@ def newest_critic(model):
             same = json.load(open(cfg)).get("model") == model
         except (OSError, ValueError):
             continue
-        ckpt = os.path.join(run, "checkpoint", "critic.safetensors")
-        if same and os.path.isfile(ckpt):
-            found.append((os.path.getmtime(ckpt), run))
+        path = os.path.join(run, holding)
+        if same and os.path.exists(path):
+            found.append((os.path.getmtime(path), run))
     return max(found)[1] if found else None
 
 
@@ -294,6 +297,11 @@ def load_prompts(source, max_prompts):
 
 def configure(args):
     """Every check before any model is loaded; fills in the defaults from the runs."""
+    args.policy_source = "--policy" if args.policy else ""
+    if args.policy is None and args.critic is None and (args.model or "tiny-dit") in ("tiny-dit", "tiny-unet"):
+        args.policy = newest_run(args.model or "tiny-dit")                 # what `python train.py` just made
+        args.policy_source = "the newest run under runs/ (--policy base: the shipped model)" if args.policy else ""
+    args.policy = None if args.policy == "base" else args.policy
     policy_cfg = run_config(args.policy, "--policy") if args.policy else None
     args.model = args.model or (policy_cfg or {}).get("model") or "tiny-dit"
     try:
@@ -318,7 +326,7 @@ def configure(args):
         if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")):
             args.critic, args.critic_source = args.policy, "the --policy run's own"
         elif shapes_world:
-            args.critic = newest_critic(args.model)
+            args.critic = newest_run(args.model, os.path.join("checkpoint", "critic.safetensors"))
             args.critic_source = f"the newest run under runs/ with a critic for {args.model}"
         if args.critic is None:
             fail(f"--steer {args.steer} with --select {args.select} needs a critic: pass --critic RUN_DIR (a train.py "
@@ -547,8 +555,10 @@ def main(argv=None):
           + (f", guidance {args.guidance:g}" if "grad" in args.steer else "") + f"), {len(args.metas)} prompts x "
           f"{args.seeds} seeds; per image: {nfe['denoiser']:.0f} denoiser passes, {nfe['critic_forward']:.0f} critic "
           f"forward, {nfe['critic_backward']:.0f} backward, {nfe['reward']:.0f} reward calls")
-    print(f"  policy: {args.policy + ' (its final policy)' if args.policy else 'the base model ' + args.model}")
-    print(f"  critic: {args.critic + (' (' + args.critic_source + ')' if args.critic_source else '') if args.critic else 'none'}")
+    print("  policy: " + (f"{args.policy} (its final policy; {args.policy_source})" if args.policy else
+                          f"the base model {args.model}"))
+    print(f"  critic: {args.critic} ({args.critic_source})" if args.critic else
+          f"  critic: none (--steer {args.steer}" + (f" --select {args.select}" if N > 1 else "") + " reads no critic)")
     print(f"  sampler: {args.num_steps} steps, the first {args.sde_steps} stochastic (noise level "
           f"{args.noise_level if args.noise_level is not None else 'the training one'}), the rest deterministic"
           + ("; the critic chooses at x_(t_1), the last state" if args.terminal and N > 1 else ""))

@@ -9,6 +9,8 @@
 #      bf16's 1e-4 (the training forward is the rollout's). Prints how far the resumed run's metrics
 #      are from the straight run's: on a CPU they are identical (tests/test_train.py); on a GPU, kernels
 #      with atomics may move the last digits.
+#   1b. the critic with and without --gradient-checkpointing (3 critic-only iterations, fp32): its adapter
+#      and head must agree (the backward runs under the critic's own adapter).
 #   2. eval.py --steer grad+bon on that run, on one GPU: the critic's gradient guidance in bf16.
 #   3. bench/gpu_throughput.py --size full: SD3.5-M and SD1.5 at full size, random weights, one GPU:
 #      seconds per iteration, images/s, peak memory and MFU (bench/results/gpu_throughput.json and its
@@ -72,6 +74,25 @@ print(f"{values} metric values, all finite; first update's max |ratio - 1| {rati
       f"largest relative difference resumed vs straight: {worst:.3g}")
 EOF
 [ -f "$logs/compare.log" ] && tail -n 1 "$logs/compare.log" | sed 's/^/   /'
+
+# 1b. gradient checkpointing trains the critic's adapter as without it (the backward runs under the critic's
+#     own adapter: tests/test_gpu_paths.py on CPU); critic-only iterations, so only the critic moves; fp32
+#     (--mixed-precision no) so the two runs can agree to float rounding
+ckpt_flags=(--model tiny-dit --device "$device" --lora-rank 4 --iters 3 --value-warmup 3 --batch-size 8
+            --minibatch-size 8 --eval-every 3 --eval-seeds 1 --mixed-precision no --lr-schedule constant)
+step critic_plain "$PY" train.py "${ckpt_flags[@]}" --run-dir "$logs/critic_plain"
+step critic_checkpointed "$PY" train.py "${ckpt_flags[@]}" --gradient-checkpointing --run-dir "$logs/critic_ckpt"
+step critic_compare "$PY" - "$logs/critic_plain" "$logs/critic_ckpt" <<'EOF2'
+import os, sys
+from safetensors.torch import load_file
+a, b = (load_file(os.path.join(d, "checkpoint", "critic.safetensors")) for d in sys.argv[1:])
+worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)
+assert moved > 0, "the critic's adapter did not train"
+assert worst < 1e-5, f"critic weights with and without --gradient-checkpointing differ by {worst:.2e}"
+print(f"critic adapter and head with and without --gradient-checkpointing: max difference {worst:.1e}")
+EOF2
+[ -f "$logs/critic_compare.log" ] && tail -n 1 "$logs/critic_compare.log" | sed 's/^/   /'
 
 # 2. steering with the critic's gradient, on one device
 step eval_steer "$PY" eval.py --policy "$logs/straight" --device "$device" --steer grad+bon --n 2 --seeds 1 \

@@ -129,6 +129,46 @@ def saved_activations(resolution, text_tokens, rank):
     return saved, time.perf_counter() - t0
 
 
+INFERENCE = """
+import sys, torch
+sys.path.insert(0, {bench!r})
+from memory import SD35M_TRANSFORMER, SD35M_VAE
+torch.set_num_threads(1)
+what, n, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) // 8
+with torch.no_grad():
+    if what == "decode":            # SD3.5-M's VAE, n latents to n images
+        from diffusers import AutoencoderKL
+        net = AutoencoderKL(**SD35M_VAE).to(torch.bfloat16)
+        x = torch.randn(n, 16, side, side, dtype=torch.bfloat16)
+        run = lambda: net.decode(x, return_dict=False)[0]
+    else:                           # 3 full-width SD3.5-M blocks: inference keeps one block's transients
+        from diffusers import SD3Transformer2DModel
+        net = SD3Transformer2DModel(**dict(SD35M_TRANSFORMER, num_layers=3, dual_attention_layers=(0,))).to(torch.bfloat16)
+        x = torch.randn(n, 16, side, side, dtype=torch.bfloat16)
+        text, pooled = torch.randn(n, 333, 4096, dtype=torch.bfloat16), torch.randn(n, 2048, dtype=torch.bfloat16)
+        run = lambda: net(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.full((n,), 500.0))
+    status = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))   # KiB
+    open("/proc/self/clear_refs", "w").write("5")       # Linux: the high-water mark restarts from the current RSS
+    before = status("VmRSS:")
+    if n:
+        run()
+    print(status("VmHWM:") - before)                     # KiB above the weights and inputs
+"""
+
+
+def inference_peak(what, n, resolution):
+    """Bytes of transient activations (peak RSS above the loaded weights and inputs, in a fresh process whose
+    high-water mark is reset once they are loaded: Linux's /proc/self/clear_refs) of an
+    inference pass over n images at `resolution`: what='decode' (SD3.5-M's VAE) or 'denoise' (its blocks)."""
+    import os
+    import subprocess
+    import sys
+    code = INFERENCE.format(bench=os.path.dirname(os.path.abspath(__file__)))
+    kib = lambda k: int(subprocess.run([sys.executable, "-c", code, what, str(k), str(resolution)], check=True,
+                                       capture_output=True, text=True).stdout.split()[-1])
+    return (kib(n) - kib(0)) * 1024
+
+
 def per_rank_config():
     """train.py's own resolved configuration of the design card's command on 8 ranks."""
     import tempfile
@@ -179,14 +219,23 @@ def main():
     out["terms_gb"] = terms
     out["activations_gb"] = {"with_checkpointing": mb * ckpt / GB, "without": mb * full / GB}
     out["encoders_gb"] = encoders
+    # evaluation: --eval-batch images sampled at once (no gradients: one block's transients at a time), then
+    # decoded Backbone.DECODE_CHUNK at a time; measured per image on 2 images, scaled linearly
+    from models import Backbone
+    decode = inference_peak("decode", 2, cfg.resolution) / 2
+    denoise = inference_peak("denoise", 2, cfg.resolution) / 2
+    out["evaluation_measured"] = {"decode_bytes_per_image": decode, "denoise_bytes_per_image": denoise,
+                                  "decode_chunk": Backbone.DECODE_CHUNK, "eval_batch": cfg.eval_batch}
+    evaluation = max(cfg.eval_batch * denoise, Backbone.DECODE_CHUNK * decode) / GB
     out["phases_gb"] = {
         "prompt caching (text encoders on the GPU, then moved off)": P["transformer"] * 2 / GB + P["vae"] * 2 / GB
         + rewards_gb + encoders,
         "policy update, --gradient-checkpointing": static + mb * ckpt / GB,
         "policy update, no checkpointing": static + mb * full / GB,
+        f"held-out evaluation (--eval-batch {cfg.eval_batch}, decoded {Backbone.DECODE_CHUNK} at a time)": static + evaluation,
     }
-    out["peak_gb"] = {"with_checkpointing": max(list(out["phases_gb"].values())[:2]),
-                      "without": max(out["phases_gb"].values())}
+    phases = list(out["phases_gb"].values())
+    out["peak_gb"] = {"with_checkpointing": max(phases[0], phases[1], phases[3]), "without": max(phases)}
     base_w = P["transformer"] * 2
     out["one_base_ratio"] = {"weights": (base_w + adapters * 4 + head * 4) / base_w,
                              "with_gradients_and_adam": (base_w + adapters * 16 + head * 16) / base_w}
@@ -211,7 +260,7 @@ def report(out):
               f"gradient checkpointing | {a['with_checkpointing']:.2f} |",
               f"| the same without checkpointing | {a['without']:.2f} |"]
     phases = ["| phase | GB per rank |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in out["phases_gb"].items()]
-    m = out["activations_measured"]
+    m, e = out["activations_measured"], out["evaluation_measured"]
     per = ", ".join(f"{k} {v / 2 ** 20:.0f} MiB" for k, v in m["bytes_per_sample"].items())
     peak, ratio, t = out["peak_gb"], out["one_base_ratio"], out["targets"]
     ok = lambda good: "met" if good else "MISSED"
@@ -226,8 +275,12 @@ Activations: bytes autograd saves in a real bf16 forward + backward, on the CPU,
 SD3.5-M transformer with the policy adapter, per sample ({per}, measured in {m['seconds']:.0f} s),
 scaled to 24 blocks (13 dual-attention, 10 plain, 1 last) and the minibatch; with checkpointing, 24 blocks'
 bf16 input tokens plus one dual block's activations twice (recomputed, and its gradients while it is
-back-propagated). Not modelled: the CUDA context and allocator slack (~1-3 GB), evaluation's transient
-activations (`--eval-batch` images at a time, no gradients) and the VAE decode of a batch.
+back-propagated). Evaluation: the transient activations of an inference pass, measured as the peak memory
+of a fresh process above its loaded weights (bf16, CPU) for 2 images at {c['resolution']} px: SD3.5-M's VAE
+decode ({e['decode_bytes_per_image'] / GB:.2f} GB per image; `Backbone.decode` takes {e['decode_chunk']} at a time, where
+one call over all {c['eval_batch']} would hold {c['eval_batch'] * e['decode_bytes_per_image'] / GB:.0f} GB) and the
+denoiser's blocks ({e['denoise_bytes_per_image'] / GB:.3f} GB per image, {c['eval_batch']} images at once). Not modelled:
+the CUDA context and allocator slack (~1-3 GB).
 
 {chr(10).join(rows)}
 

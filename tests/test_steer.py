@@ -186,7 +186,14 @@ def test_eval_writes_results_summary_and_grid(dirs, critic_run, tmp_path, method
     assert summary["jpeg"]["images"] == 6 and summary["jpeg"]["se"] > 0
     assert (out / "grid.png").stat().st_size > 0
     assert len(os.listdir(out / "geneval")) == 3 and (out / "geneval" / "00000" / "samples" / "0001.png").exists()
-    assert "jpeg:" in r.stdout
+    assert "jpeg:" in r.stdout and "evaluate_images.py " + str(out / "geneval") in r.stdout   # the official scorer
+    # what was evaluated is named, and a steered figure comes with the unsteered one beside it
+    select = "reward" if method == "bon" else "critic"
+    reads = steer.needs_critic(method, select)
+    assert (f"critic: {critic_run} (--critic)" if reads else "critic: none") in r.stdout
+    assert "policy: the base model" in r.stdout
+    assert ("unsteered (--steer none" in r.stdout) == (method != "none")
+    assert ("unsteered" in summary) == (method != "none")
 
 
 def test_eval_chooses_at_the_last_state_when_the_critic_learned_it(dirs, critic_run, tmp_path):
