@@ -8,6 +8,10 @@ makes the advantage differs:
   no-critic-groups   --critic none at GRPO's layout (4 x 8): separates the baseline from the layout
   proxy-critic-lX    --critic proxy: r(decode(x0_hat(x_t))), FK-steering's potential, at gae_lambda X
   critic-lX          the learned critic (train.py's default) at gae_lambda X
+  fitted-critic-lX   the learned critic fitted harder: its head on the last 32 iterations' states at head lr
+                     1e-4 (--critic-replay 32 --critic-head-lr 1e-4), also on x_(t_1) and the prompt's text
+                     tokens (--critic-terminal --critic-text): the critic that steers best (BENCHMARKS
+                     'Steering'), at gae_lambda X
   oracle-critic-lX   --critic oracle: the mean reward of M continuations of the current policy from
                      x_t (common random numbers), at gae_lambda X: the bound on any critic
   critic-no-warmup   the learned critic without value warm-up (--value-warmup 0), at its best lambda
@@ -47,7 +51,8 @@ def variant_flags(name, oracle_m):
     if name in fixed:
         return fixed[name]
     for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("oracle-critic-l", f"--critic oracle "
-                          f"--oracle-continuations {oracle_m}"), ("critic-l", "")):
+                          f"--oracle-continuations {oracle_m}"), ("critic-l", ""),
+                          ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text")):
         if name.startswith(prefix) and name[len(prefix):] in LAMBDAS:
             return f"{flags} --gae-lambda {name[len(prefix):]}".strip()
     return None
