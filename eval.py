@@ -205,9 +205,11 @@ def build_parser():
                    help="samples / particles per prompt N (bon, smc, grad+bon, proxy-smc)")
     g.add_argument("--select", default="critic", choices=("critic", "reward"),
                    help="best of N by the critic's value of the last window state, or by the reward")
-    g.add_argument("--guidance", type=finite_float(min=0), default=1.0,
-                   help="grad: scale s of mu' = mu + s std^2 grad V (on the built-in world 2-8 guide best: "
-                   "BENCHMARKS 'Steering')")
+    g.add_argument("--guidance", type=finite_float(min=0), default=None,
+                   help="grad, grad+bon: scale s of mu' = mu + s std^2 grad V (default: 8 on the built-in world, the "
+                        "best of 1, 2, 4, 8, 16, 32 for grad+bon on its training prompts with `python train.py`'s "
+                        "critic, BENCHMARKS 'Steering out of the box'; 1 on real models, whose critics' value scale "
+                        "differs: sweep it on training prompts)")
     g.add_argument("--lam", type=finite_float(min=0), default=4.0,
                    help="smc: weights exp(lam (V(x') - V(x))), values in reward-std units")
     g.add_argument("--resample-every", type=integer(1), default=1,
@@ -309,6 +311,7 @@ def configure(args):
     except cli.InputError as e:
         fail(str(e))
     shapes_world = kind == "ShapesPipeline"
+    args.guidance = args.guidance if args.guidance is not None else (8.0 if shapes_world else 1.0)
     if args.policy:
         exported, lora = (os.path.join(args.policy, d) for d in ("pipeline", "policy_lora"))
         if not (os.path.isdir(exported) or os.path.isdir(lora)):

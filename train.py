@@ -44,6 +44,7 @@ value in its help) and configure (every check before any work) stay beside the l
 
 Test: tests/test_train.py, tests/test_inputs.py (bad input, stopped and diverging runs)
 """
+import argparse
 import collections
 import json
 import math
@@ -150,8 +151,9 @@ def build_parser():
                         "ablation; the second is --value-warmup)")
     g.add_argument("--critic-lr", type=finite_float(above=0), default=1e-4,
                    help="critic AdamW learning rate (its backbone copy or adapter)")
-    g.add_argument("--critic-head-lr", type=finite_float(above=0), default=1e-3,
-                   help="learning rate of the critic's new value head")
+    g.add_argument("--critic-head-lr", type=finite_float(above=0), default=None,
+                   help="learning rate of the critic's new value head (default: 1e-4 on the built-in world, with "
+                        "--critic-replay 32; 1e-3 otherwise)")
     g.add_argument("--clip-range", type=finite_float(above=0), default=None,
                    help="PPO clip eps on the ratio (default: 1e-4 for SD models, the peers' (Flow-GRPO, DDPO); 1e-2 "
                         "for the built-in world: a per-element-mean log-prob over its 64 latent elements moves more "
@@ -179,20 +181,21 @@ def build_parser():
                    help="passes of the value head alone over every state per iteration, on the features the "
                         "rollout-time value pass computed anyway (cheap: no backbone pass; 0 = off; default 1 for "
                         "--critic learned)")
-    g.add_argument("--critic-replay", type=integer(1), default=1,
+    g.add_argument("--critic-replay", type=integer(1), default=None,
                    help="iterations M whose states the value head's passes (--head-epochs) cover: this batch's and "
-                        "the M - 1 before it (their features and targets kept on the CPU). 1 = this batch only. "
-                        "On the built-in world, 32 with --critic-head-lr 1e-4 fits the critic to 0.05-0.36 held-out "
-                        "explained variance along the window instead of ~0 (BENCHMARKS.md, 'Fitting the critic'); "
-                        "with the two flags below, it is the critic the steering figures use")
-    g.add_argument("--critic-terminal", action="store_true",
+                        "the M - 1 before it (their features and targets kept on the CPU). 1 = this batch only "
+                        "(default: 32 on the built-in world, where with head lr 1e-4 it fits the critic to 0.05-0.36 "
+                        "explained variance along the window and ~0.8 at x_(t_1) instead of ~0: BENCHMARKS.md, "
+                        "'Fitting the critic'; 1 otherwise)")
+    g.add_argument("--critic-terminal", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also learns the last state the denoiser reads, x_{t_1}, whose return is "
                         "fixed (after the SDE window the sampler is deterministic): a learned reward on latents, "
-                        "which best-of-N and SMC choose by at inference (steer.py). Needs --sde-steps < --num-steps")
-    g.add_argument("--critic-text", action="store_true",
+                        "which best-of-N and SMC choose by at inference (steer.py). Needs --sde-steps < --num-steps "
+                        "(default: on, on the built-in world, so that its run's critic steers; off otherwise)")
+    g.add_argument("--critic-text", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also attends over the prompt's text tokens (the denoiser's encoder_hidden_states, "
                         "projected): it then ranks images of prompts it never trained on better (BENCHMARKS.md, "
-                        "'Fitting the critic')")
+                        "'Fitting the critic'; default: on, on the built-in world; off otherwise)")
     g.add_argument("--raft-steps", type=integer(1), default=1,
                    help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement). "
                         "On the built-in world 4 collapsed the policy (held-out 0.30 ± 0.06 over 5 seeds, below the base "
@@ -310,20 +313,23 @@ def configure(args, argv):
     # each flag's own range is its type= check (build_parser); what is left relates flags to each other
     if args.sde_steps > args.num_steps:
         raise ConfigError(f"--sde-steps {args.sde_steps} exceeds --num-steps {args.num_steps}")
+    # the learned critic's settings: on the built-in world the fitted critic (its head on the last 32 iterations'
+    # states at head lr 1e-4, also on x_(t_1) and on the prompt's text tokens: the critic that steers, and that
+    # fits at all, BENCHMARKS.md); elsewhere the paper's head on this batch. Without a learned critic (GRPO, RAFT,
+    # --critic none / proxy / oracle) there is no head: these flags then keep their 'off' values, or are refused
     learned = args.algo == "ppo" and args.critic == "learned"
-    for name, flag, default in (("value_warmup", "--value-warmup", 2), ("head_epochs", "--head-epochs", 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, default if learned else 0)
-        elif getattr(args, name) and not learned:
-            raise ConfigError(f"{flag} {getattr(args, name)}: only --algo ppo --critic learned has a critic to train")
-    if not learned:
-        for name, flag in (("critic_terminal", "--critic-terminal"), ("critic_text", "--critic-text")):
-            if getattr(args, name):
-                raise ConfigError(f"{flag}: only --algo ppo --critic learned has a value head "
-                                  f"(here --algo {args.algo} --critic {args.critic})")
-        if args.critic_replay > 1 or args.critic_adaln != "on":
-            raise ConfigError("--critic-replay and --critic-adaln: only --algo ppo --critic learned has a value head "
-                              f"(here --algo {args.algo} --critic {args.critic})")
+    fitted = learned and args.shapes_world
+    on = {"value_warmup": 2, "head_epochs": 1, "critic_replay": 32 if fitted else 1, "critic_head_lr": 1e-4 if fitted else 1e-3,
+          "critic_terminal": fitted and args.sde_steps < args.num_steps, "critic_text": fitted, "critic_adaln": "on"}
+    off = {"value_warmup": 0, "head_epochs": 0, "critic_replay": 1, "critic_head_lr": 1e-3, "critic_terminal": False,
+           "critic_text": False, "critic_adaln": "on"}
+    for name in on:
+        given, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if given is None:
+            setattr(args, name, on[name] if learned else off[name])
+        elif not learned and given != off[name] and name != "critic_head_lr":
+            raise ConfigError(f"{flag}{'' if isinstance(given, bool) else ' ' + str(given)}: only --algo ppo --critic "
+                              f"learned has a critic to train (here --algo {args.algo} --critic {args.critic})")
     if args.critic != "learned" and args.algo != "ppo":
         raise ConfigError(f"--critic {args.critic}: --algo {args.algo} uses no critic (only ppo does)")
     if args.critic_terminal and (args.sde_steps == args.num_steps or args.algo != "ppo" or not args.head_epochs):

@@ -7,11 +7,11 @@ makes the advantage differs:
   no-critic          --critic none: V = 0, the batch-normalised return at every step (32 prompts x 1)
   no-critic-groups   --critic none at GRPO's layout (4 x 8): separates the baseline from the layout
   proxy-critic-lX    --critic proxy: r(decode(x0_hat(x_t))), FK-steering's potential, at gae_lambda X
-  critic-lX          the learned critic (train.py's default) at gae_lambda X
-  fitted-critic-lX   the learned critic fitted harder: its head on the last 32 iterations' states at head lr
-                     1e-4 (--critic-replay 32 --critic-head-lr 1e-4), also on x_(t_1) and the prompt's text
-                     tokens (--critic-terminal --critic-text): the critic that steers best (BENCHMARKS
-                     'Steering'), at gae_lambda X
+  critic-lX          the paper's learned critic as it was before (its head on this batch at head lr 1e-3, no
+                     x_(t_1), no text tokens) at gae_lambda X
+  fitted-critic-lX   the learned critic fitted harder, train.py's default on the built-in world: its head on the
+                     last 32 iterations' states at head lr 1e-4, also on x_(t_1) and the prompt's text tokens,
+                     at gae_lambda X
   oracle-critic-lX   --critic oracle: the mean reward of M continuations of the current policy from
                      x_t (common random numbers), at gae_lambda X: the bound on any critic
   critic-no-warmup   the learned critic without value warm-up (--value-warmup 0), at its best lambda
@@ -51,7 +51,8 @@ def variant_flags(name, oracle_m):
     if name in fixed:
         return fixed[name]
     for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("oracle-critic-l", f"--critic oracle "
-                          f"--oracle-continuations {oracle_m}"), ("critic-l", ""),
+                          f"--oracle-continuations {oracle_m}"),
+                          ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),
                           ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text")):
         if name.startswith(prefix) and name[len(prefix):] in LAMBDAS:
             return f"{flags} --gae-lambda {name[len(prefix):]}".strip()
@@ -107,11 +108,13 @@ def read(args, name, run_dir):
     tail = [r for r in rows[-20:] if any(k.startswith("critic/ev_noise_") for k in r)]
     ev = {k[len("critic/ev_noise_"):]: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
           if k.startswith("critic/ev_noise_")} if tail else {}
-    last = rows[-1]
+    # the median iteration (warm-up and start-up left out): robust to an iteration stalled by something else
+    steady = sorted(r["time/per_image_s"] for r in rows if r["iter"] > 5 and "time/per_image_s" in r)
+    values = sorted(r["time/critic_values_s"] / args.batch_size for r in rows if r["iter"] > 5 and "time/critic_values_s" in r)
     return {"images": [r["images"] for r in evals], "heldout_strict": [r["eval/heldout_strict"] for r in evals],
             "train_strict": accuracy["train"]["prompt_mean"], "train_curve": train_curve,
-            "time_per_image_ms": 1000 * last["time/total_train_s"] / last["images"],
-            "critic_values_ms_per_image": 1000 * sum(r.get("time/critic_values_s", 0) for r in rows) / last["images"],
+            "time_per_image_ms": 1000 * steady[len(steady) // 2],
+            "critic_values_ms_per_image": 1000 * values[len(values) // 2] if values else 0.0,
             "ev_by_noise": ev, "extra_images": sum(r.get("critic/continuation_images", 0) for r in rows)}
 
 
@@ -230,6 +233,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs", default=None, help="where the runs go (default bench/runs/credit_<model>)")
     p.add_argument("--report-only", action="store_true", help="only read finished runs")
+    p.add_argument("--shipped", default="fitted-critic-l1",
+                   help="the variant that is train.py's default learned critic: the JSON's and the table's 'critic'")
     args = p.parse_args()
     args.runs = args.runs or os.path.join(ROOT, "bench", "runs", f"credit_{args.model}")
     names = [n for n in args.variants.split(",") if n]
@@ -251,8 +256,8 @@ def main():
     variants = collect(args)
     if not variants:
         p.exit(1, f"no finished runs under {args.runs}\n")
-    refs = {"critic": best(variants, "critic-l"), "proxy-critic": best(variants, "proxy-critic-l"),
-            "oracle-critic": best(variants, "oracle-critic-l")}
+    refs = {"critic": args.shipped if args.shipped in variants else None,
+            "proxy-critic": best(variants, "proxy-critic-l"), "oracle-critic": best(variants, "oracle-critic-l")}
     named = {k: v for k, v in variants.items()}
     for alias, name in refs.items():
         if name:
@@ -278,7 +283,7 @@ def main():
              f"with {args.eval_seeds} seeds per prompt (deterministic sampler); one thread per run, two runs at once; "
              f"oracle: {args.oracle_m} continuations per state (its continuation images are not counted as training "
              "images). ms per image: training wall time per training image beside one other run (the oracle's "
-             "continuations included).", "", table(variants), "", "Comparisons (final held-out strict, difference in "
+             "continuations included; the median iteration's).", "", table(variants), "", "Comparisons (final held-out strict, difference in "
              "combined standard errors):", ""]
     for k, v in comparisons.items():
         if v and "difference" in v:

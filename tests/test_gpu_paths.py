@@ -293,7 +293,7 @@ def test_eval_cli_chunks_prompts(tmp_path):
     try:
         out = str(tmp_path / "eval")
         evaluation.main(["--steer", "bon", "--select", "reward", "--n", "2", "--max-prompts", "5", "--seeds", "1",
-                         "--num-steps", "3", "--eval-batch", "2", "--out", out])
+                         "--num-steps", "3", "--eval-batch", "2", "--no-compare", "--out", out])
     finally:
         steer.steer = original
     results = json.load(open(os.path.join(out, "results.json")))["images"]

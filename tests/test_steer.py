@@ -260,3 +260,22 @@ def test_eval_bad_input_is_one_line_and_exit_2(tmp_path, argv, words):
 def test_eval_without_any_critic_says_what_to_pass(tmp_path):
     r = cli("--steer", "bon", "--out", str(tmp_path / "out"), cwd=str(tmp_path))       # no runs/ here
     assert r.returncode == 2 and "--critic RUN_DIR" in r.stderr and "--select reward" in r.stderr
+
+
+def test_python_train_then_eval_steer_bon_steers_with_that_runs_critic(tmp_path):
+    """The design card's two commands on the built-in world, with train.py's defaults but for size: the run's
+    critic is the kind `eval.py --steer bon` reads (the head learned x_(t_1), whose return is fixed, and reads
+    the prompt's text tokens), and eval.py, given no flags, takes that run's policy and critic, says so, chooses
+    at x_(t_1) and prints the unsteered figure beside the steered one."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--iters", "2", "--batch-size", "4",
+                        "--minibatch-size", "20", "--eval-seeds", "1", "--run-dir", os.path.join("runs", "first")],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.load(open(tmp_path / "runs" / "first" / "config.json"))
+    assert config["critic_terminal"] and config["critic_text"] and config["critic_replay"] == 32
+    r = cli("--steer", "bon", "--max-prompts", "2", "--seeds", "1", "--out", str(tmp_path / "eval"), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = os.path.join("runs", "first")
+    assert f"policy: {run} (its final policy; the newest run under runs/" in r.stdout
+    assert f"critic: {run} (the --policy run's own)" in r.stdout and "the critic chooses at x_(t_1)" in r.stdout
+    assert "unsteered (--steer none, same policy, seeds and sampler)" in r.stdout

@@ -156,7 +156,8 @@ def test_critic_terminal_teaches_the_head_the_state_after_the_window(tmp_path, m
     run_dir = str(tmp_path / "run")
     assert run(["--num-steps", "4", "--eval-num-steps", "4", "--batch-size", "4", "--eval-seeds", "1",
                 "--value-warmup", "1", "--sde-steps", "2", "--minibatch-size", "8", "--iters", "2",
-                "--gae-lambda", "0.5", "--critic-terminal", "--run-dir", run_dir]) == 0
+                "--gae-lambda", "0.5", "--critic-terminal", "--no-critic-text", "--critic-replay", "1",
+                "--run-dir", run_dir]) == 0
     tokens, temb, returns, old = seen[-1]
     assert len(tokens) == len(returns) == 4 * 3                       # B x (S + 1): no replay
     t = load_backbone("tiny-dit").schedule(4).timesteps.tolist()
@@ -182,7 +183,7 @@ def test_critic_text_trains_a_head_on_the_prompt_tokens(tmp_path, monkeypatch):
         return update(*a, features=features, **kw)
     monkeypatch.setattr(ppo, "update", spy)
     run_dir = str(tmp_path / "run")
-    assert run([*TINY, "--iters", "2", "--critic-text", "--run-dir", run_dir]) == 0
+    assert run([*TINY, "--iters", "2", "--critic-text", "--critic-replay", "1", "--run-dir", run_dir]) == 0
     tokens, temb, text, returns, old = seen[-1]
     assert len(text) == len(returns) == 4 * 3 and text.dim() == 3
     trained = critic.load(load_backbone("tiny-dit"), run_dir)
@@ -281,7 +282,8 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--algo", "grpo", "--group-size", "2", "--critic-text"], "--critic-text: only --algo ppo --critic learned"),
     (["--critic", "none", "--critic-terminal", "--sde-steps", "2"], "--critic-terminal: only --algo ppo --critic learned"),
     (["--critic", "oracle", "--value-warmup", "2"], "--value-warmup 2: only --algo ppo --critic learned"),
-    (["--critic", "proxy", "--critic-replay", "4"], "--critic-replay and --critic-adaln: only"),
+    (["--critic", "proxy", "--critic-replay", "4"], "--critic-replay 4: only --algo ppo --critic learned"),
+    (["--algo", "grpo", "--critic-adaln", "off"], "--critic-adaln off: only --algo ppo --critic learned"),
     (["--algo", "grpo", "--critic", "none"], "--critic none: --algo grpo uses no critic"),
     (["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
     (["--critic", "value"], "--critic: invalid choice"),
