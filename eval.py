@@ -517,7 +517,7 @@ def save_candidates(args, work, out, metas, scorers, grid):
     flat_metas = [metas[c] for _ in range(N) for c in cols]
     vals = torch.as_tensor(fn(images, [m["prompt"] for m in flat_metas], flat_metas)).float()
     strict = getattr(fn, "last_strict", None)
-    captions = [f"{first} {v:.2f}" + (" <- chosen" if N > 1 and int(out.chosen[c]) == k else "")
+    captions = [f"{first} {v:.2f}" + (" chosen" if N > 1 and int(out.chosen[c]) == k else "")
                 for k in range(N) for c, v in zip(cols, vals[k * len(cols):(k + 1) * len(cols)].tolist())]
     marks = [bool(s) for s in strict] if strict is not None else None
     grid.save_grid(os.path.join(work, "grid.png"), images, len(cols), titles=[metas[c]["prompt"] for c in cols],
