@@ -236,6 +236,129 @@ def pretrain(model, steps, batch, lr, seed, vae_dir=VAE_DIR, truthful=1.0, eval_
             pipe.text_encoder.train().requires_grad_(True)
 
 
+# ----------------------------------------------------------------------------- learned rewards (issue: reward hacking)
+
+def clip_loss(model, images, ids):
+    """CLIP's symmetric InfoNCE over a batch of (image, caption) pairs, the i-th caption the i-th image's."""
+    image, text, scale = model(images, ids)                                     # unit features, exp(logit scale)
+    logits = scale * image @ text.T                                             # (B, B)
+    labels = torch.arange(len(images))
+    return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+def pretrain_clip(steps, batch, lr, seed, truthful=0.5):
+    """toy-clip: the world's CLIP (toy.build_clip) trained contrastively from scratch on rendered scenes and
+    their *noisy* captions (toy.caption_scene, as the base models were: CLIP learns from alt-text), each batch
+    `batch` distinct prompts of the world (so no caption is its batch's negative twice)."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    rng, tokenizer = random.Random(seed), toy.build_tokenizer()
+    model = toy.build_clip().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    every = toy.all_prompts()
+    for i in (bar := tqdm(range(steps), desc="pretrain toy-clip", dynamic_ncols=True)):
+        metas = rng.sample(every, min(batch, len(every)))
+        scenes = [toy.caption_scene(m, truthful, rng)[0] for m in metas]
+        loss = clip_loss(model, (toy.render_batch(scenes, seed * 1_000_003 + i) - 0.5) / 0.5,
+                         toy.clip_tokens([m["prompt"] for m in metas], tokenizer))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(), sched.step()
+        if i % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def clip_zero_shot(model, scenes_per_prompt=8, seed=0):
+    """toy-clip's zero-shot accuracy: each prompt's correctly rendered scenes classified among every prompt of
+    the world by cosine; right when the chosen prompt is one the scene satisfies (the checker's strict verdict:
+    "two circles" is right for a scene of two red circles). {category: accuracy} and the mean over prompts."""
+    every, tokenizer = toy.all_prompts(), toy.build_tokenizer()
+    text = model.encode_text(toy.clip_tokens([m["prompt"] for m in every], tokenizer), normalize=True)   # (P, D)
+    metas = [m for m in every for _ in range(scenes_per_prompt)]
+    images = toy.render_batch(metas, seed)
+    chosen = (model.encode_image((images - 0.5) / 0.5, normalize=True) @ text.T).argmax(-1)               # (N,)
+    right = toy.check(images, [every[c] for c in chosen.tolist()])[0].float()
+    by_tag = {t: right[[m["tag"] == t for m in metas]].mean().item() for t in toy.TAGS}
+    return {"mean": right.mean().item(), "by_category": by_tag}
+
+
+def preference_pairs(n, seed, taste, label_noise, model="tiny-dit"):
+    """n pairs of the base model's samples of one training prompt (its training sampler), each labelled by a
+    simulated rater: it prefers the image with the higher utility, the checker's partial credit plus `taste`
+    x toy.warmth (red and yellow objects: a taste no prompt asks for, as human raters have), and its label
+    is flipped with probability label_noise. Returns (images_a, images_b, prompts, a_preferred (n,) bool)."""
+    import rollout
+    from models import load_backbone
+    backbone = load_backbone(model)
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    pool = toy.prompts("train")
+    a, b, prompts, label = [], [], [], []
+    for start in range(0, n, 64):
+        metas = [rng.choice(pool) for _ in range(min(64, n - start))]
+        twice = [m for m in metas for _ in range(2)]                                # the pair: adjacent samples
+        images = rollout.sample(backbone, [m["prompt"] for m in twice], 10, rollout.TRAIN_NOISE[backbone.sampler],
+                                generator=g, sde_steps=5).images
+        utility = (toy.check(images, twice)[1] + taste * toy.warmth(images)).view(-1, 2)    # (n, 2)
+        prefer = (utility[:, 0] > utility[:, 1]) | ((utility[:, 0] == utility[:, 1]) & (torch.rand(len(metas), generator=g) < 0.5))
+        prefer ^= torch.rand(len(metas), generator=g) < label_noise
+        a.append(images[0::2]), b.append(images[1::2]), label.append(prefer)
+        prompts += [m["prompt"] for m in metas]
+    return torch.cat(a), torch.cat(b), prompts, torch.cat(label)
+
+
+def pretrain_pref(clip_dir, pairs, steps, batch, lr, seed, taste=0.5, label_noise=0.1):
+    """toy-pref, in HPS's and PickScore's manner: toy-clip fine-tuned on `pairs` preference pairs
+    (preference_pairs; a fifth held out to report) with the Bradley-Terry loss on its scaled cosines,
+    -log sigmoid(s(preferred) - s(other)). Returns the model and its held-out pair accuracies."""
+    from tqdm import tqdm
+    from rewards import load_toy_clip
+    torch.manual_seed(seed)
+    model, tokenizer = load_toy_clip(clip_dir), toy.build_tokenizer()
+    model.train().requires_grad_(True)
+    a, b, prompts, prefer = preference_pairs(pairs, seed, taste, label_noise)
+    win, lose = torch.where(prefer[:, None, None, None], a, b), torch.where(prefer[:, None, None, None], b, a)
+    ids = toy.clip_tokens(prompts, tokenizer)
+    held = torch.arange(len(prompts)) % 5 == 4
+    train_idx = (~held).nonzero().flatten()
+
+    def score(images, idx):
+        image = model.encode_image((images[idx] - 0.5) / 0.5, normalize=True)
+        return model.logit_scale.exp() * (image * model.encode_text(ids[idx], normalize=True)).sum(-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for i in (bar := tqdm(range(steps), desc="fine-tune toy-pref", dynamic_ncols=True)):
+        idx = train_idx[torch.randint(len(train_idx), (batch,), generator=g)]
+        loss = -torch.nn.functional.logsigmoid(score(win, idx) - score(lose, idx)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.no_grad():
+        idx = held.nonzero().flatten()
+        agrees = (score(win, idx) > score(lose, idx)).float().mean().item()
+    return model, {"pairs": pairs, "held_out_pairs": int(held.sum()), "held_out_agreement_with_rater": agrees,
+                   "taste": taste, "label_noise": label_noise}
+
+
+def save_clip(model, out, info):
+    """A toy-clip / toy-pref directory: model.safetensors and config.json (toy.build_clip's config and how it
+    was made), written to OUT.tmp and renamed."""
+    import shutil
+    from safetensors.torch import save_file
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({"config": toy.CLIP_CONFIG, **info}, f, indent=1)
+    os.replace(tmp, out)
+
+
 def save(obj, out, replace=False):
     """save_pretrained to a temporary directory, then rename: a crash leaves no half-written model."""
     import shutil
@@ -249,12 +372,23 @@ def save(obj, out, replace=False):
 
 def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("vae", "tiny-dit", "tiny-unet"), default="tiny-dit", help="what to train")
+    p.add_argument("--model", choices=("vae", "tiny-dit", "tiny-unet", "toy-clip", "toy-pref"), default="tiny-dit",
+                   help="what to train: the autoencoder, a base model, or a learned reward of the world (toy-clip: "
+                        "a CLIP of noisy captions; toy-pref: toy-clip fine-tuned on a simulated rater's preferences)")
     p.add_argument("--steps", type=cli.integer(0), default=None,
-                   help="optimiser steps (default: 2000 vae, 6000 dit/unet; 0: a vae --init with new factors)")
-    p.add_argument("--batch", type=cli.integer(2), default=None, help="scenes per step (default: 64 vae, 128 dit/unet)")
+                   help="optimiser steps (default: 2000 vae, 6000 dit/unet, 3000 toy-clip, 1000 toy-pref; 0: a vae "
+                        "--init with new factors)")
+    p.add_argument("--batch", type=cli.integer(2), default=None,
+                   help="scenes per step (default: 64 vae, 128 dit/unet, 108 toy-clip (every prompt once), 64 toy-pref pairs)")
     p.add_argument("--lr", type=cli.finite_float(above=0), default=None,
-                   help="AdamW learning rate, cosine decay (default 2e-3 vae, 5e-4 else)")
+                   help="AdamW learning rate (default 2e-3 vae, 5e-4 dit/unet, 1e-3 toy-clip, 1e-4 toy-pref)")
+    p.add_argument("--pairs", type=cli.integer(10), default=4000,
+                   help="toy-pref: preference pairs of the base model's samples (a fifth held out to report)")
+    p.add_argument("--taste", type=cli.finite_float(min=0), default=0.5,
+                   help="toy-pref: weight of the rater's taste for red and yellow objects (toy.warmth) beside the "
+                        "checker's partial credit")
+    p.add_argument("--label-noise", type=cli.finite_float(min=0, max=0.5), default=0.1,
+                   help="toy-pref: probability that the rater's label is flipped")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seed of weights, scenes and noise")
     p.add_argument("--kl-weight", type=cli.finite_float(min=0), default=1e-4,
                    help="vae: weight of the per-element KL term")
@@ -265,7 +399,8 @@ def main(argv=None):
                    help="vae: std of the latent noise in phase 2")
     p.add_argument("--init", type=cli.nonempty, default=None,
                    help="start from this saved autoencoder (vae, e.g. with --steps 0) or pipeline (dit/unet: continue "
-                        "with a fresh optimiser and schedule)")
+                        "with a fresh optimiser and schedule); toy-pref: the toy-clip to fine-tune (default "
+                        "checkpoints/toy-clip)")
     p.add_argument("--truthful", type=cli.finite_float(min=0, max=1), default=0.5,
                    help="probability that a pretraining caption is truthful (1 = the supervised gate)")
     p.add_argument("--vae", default=VAE_DIR, help="the autoencoder the denoiser works in (from --model vae)")
@@ -284,6 +419,14 @@ def main(argv=None):
     blocked = cli.unwritable(out)
     if blocked:
         p.exit(2, f"error: --out {out}: {blocked} is not a writable directory\n")
+    if args.model == "toy-pref":
+        args.init = args.init or os.path.join(os.path.dirname(VAE_DIR), "toy-clip")
+        if not os.path.isfile(os.path.join(args.init, "model.safetensors")):
+            p.exit(2, f"error: --init {args.init}: no toy-clip there (run `python pretrain.py --model toy-clip`)\n")
+    if args.model in ("toy-clip", "toy-pref"):
+        if args.init and args.model == "toy-clip":
+            p.exit(2, "error: --init: toy-clip trains from scratch (toy-pref takes --init)\n")
+        return train_reward_model(args, out)
     if args.model != "vae" and not os.path.isfile(os.path.join(args.vae, "config.json")):
         p.exit(2, f"error: --vae {args.vae}: no autoencoder there (run `python pretrain.py --model vae`)\n")
     try:                                          # a damaged or mixed-up copy fails here, not after minutes of work
@@ -313,6 +456,26 @@ def main(argv=None):
                          curve=args.curve, init=args.init)
     save(model, out)
     print(f"saved {out} after {time.time() - t0:.0f}s")
+
+
+def train_reward_model(args, out):
+    """pretrain.py --model toy-clip / toy-pref: train, report (zero-shot accuracy by category; pair agreement),
+    save to out."""
+    t0 = time.time()
+    if args.model == "toy-clip":
+        model = pretrain_clip(args.steps or 3000, args.batch or 108, args.lr or 1e-3, args.seed, args.truthful)
+        info = {"kind": "toy-clip", "steps": args.steps or 3000, "truthful": args.truthful, "seed": args.seed}
+    else:
+        model, info = pretrain_pref(args.init, args.pairs, args.steps or 1000, args.batch or 64, args.lr or 1e-4,
+                                    args.seed, args.taste, args.label_noise)
+        info = {"kind": "toy-pref", "init": os.path.basename(os.path.normpath(args.init)), **info}
+        print(f"held-out pairs: agrees with the rater on {info['held_out_agreement_with_rater']:.3f}")
+    info["zero_shot"] = clip_zero_shot(model)
+    info["seconds"] = round(time.time() - t0)
+    print(f"zero-shot accuracy {info['zero_shot']['mean']:.3f}: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in info["zero_shot"]["by_category"].items()))
+    save_clip(model, out, info)
+    print(f"saved {out} after {info['seconds']}s")
 
 
 if __name__ == "__main__":

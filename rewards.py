@@ -45,7 +45,8 @@ import geneval
 from cli import InputError
 
 GENEVAL_THRESHOLDS = (0.3, 0.9)     # GenEval's evaluator: a box's score to count, and on counting prompts
-REWARDS = ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes")
+REWARDS = ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes", "toy-clip", "toy-pref")
+WORLD_ONLY = ("shapes", "toy-clip", "toy-pref")          # they judge the built-in world's 32 px boards only
 NEEDS_METADATA = ("geneval", "shapes")
 
 
@@ -58,6 +59,7 @@ class RewardError(InputError):
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 PICKSCORE, PICKSCORE_PROCESSOR = "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_L14 = "openai/clip-vit-large-patch14"
+CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")   # the world's shipped models
 OWLV2 = "google/owlv2-base-patch16-ensemble"
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
@@ -69,6 +71,8 @@ WEIGHTS = {
     "pickscore": {"": ("clip dir", PICKSCORE), "processor": ("tokenizer dir", PICKSCORE_PROCESSOR)},
     "aesthetic": {"": ("aesthetic head", AESTHETIC_URL), "clip": ("clip dir", CLIP_L14)},
     "geneval": {"": ("owlv2 dir", OWLV2), "clip": ("clip+tokenizer dir", CLIP_L14)},
+    "toy-clip": {"": ("toy-clip dir", os.path.join(CHECKPOINTS, "toy-clip"))},
+    "toy-pref": {"": ("toy-clip dir", os.path.join(CHECKPOINTS, "toy-pref"))},
 }
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # every CLIP used here was trained with these
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -213,6 +217,11 @@ def _check_path(key, kind, path):
             want = "the LAION aesthetic MLP state_dict (layers.0 ... layers.7, 768 inputs)"
         if not ok:
             raise RewardError(f"{where}: does not look like {want}")
+        return
+    if kind == "toy-clip dir":
+        if not all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors")):
+            raise RewardError(f"{where}: not a pretrain.py --model toy-clip / toy-pref output (config.json, "
+                              "model.safetensors)")
         return
     model_type, needs_tokenizer = {"clip dir": ("clip", False), "clip+tokenizer dir": ("clip", True),
                                    "owlv2 dir": ("owlv2", True), "tokenizer dir": (None, True)}[kind]
@@ -389,6 +398,45 @@ def aesthetic_score(device, dtype, path=None, clip_path=None, model=None):
     return fn
 
 
+def load_toy_clip(path):
+    """A toy-clip / toy-pref model (pretrain.py writes them: config.json, model.safetensors), in eval mode."""
+    import toy
+    from safetensors.torch import load_file
+    try:
+        config = json.load(open(os.path.join(path, "config.json")))
+        model = toy.build_clip(config["config"])
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    except Exception as e:
+        raise RewardError(f"could not load the built-in world's reward model {path} ({_first_line(e)}); "
+                          "make it with `python pretrain.py --model toy-clip` (and toy-pref)") from None
+    return model.eval().requires_grad_(False)
+
+
+def toy_clip_score(device, dtype, path=None, default="toy-clip"):
+    """The built-in world's learned rewards, as the clip and hps rewards are: the cosine of a board's and its
+    prompt's features. toy-clip: a CLIP of the world trained on noisy captions (good at objects and colours,
+    weak at counts and places, like CLIP); toy-pref: toy-clip fine-tuned on a simulated rater's preferences,
+    taste included (pretrain.py). Boards only: 32 px images."""
+    import toy
+    model = load_toy_clip(path or os.path.join(CHECKPOINTS, default)).to(device)
+    tokenizer = toy.build_tokenizer()
+
+    @torch.no_grad()
+    def fn(images, prompts, metadata=None):
+        if tuple(images.shape[-2:]) != (toy.RES, toy.RES):
+            raise RewardError(f"reward '{default}' judges the built-in world's {toy.RES} px boards, got images of "
+                              f"{tuple(images.shape[-2:])}")
+        x = (images.to(device, torch.float32) - 0.5) / 0.5
+        image = model.encode_image(x, normalize=True)
+        text = model.encode_text(toy.clip_tokens(prompts, tokenizer).to(device), normalize=True)
+        return (image * text).sum(-1).float().cpu()
+    return fn
+
+
+def toy_pref_score(device, dtype, path=None):
+    return toy_clip_score(device, dtype, path, default="toy-pref")
+
+
 def jpeg_incompressibility(device=None, dtype=None):
     """DDPO's incompressibility: JPEG size in kB (quality 95) of each image."""
     from PIL import Image
@@ -539,7 +587,7 @@ def geneval_score(device, dtype, path=None, clip_path=None, threshold=GENEVAL_TH
 
 _FACTORIES = {"hps": hps_score, "clip": clip_score, "pickscore": pickscore, "aesthetic": aesthetic_score,
               "geneval": geneval_score, "jpeg": jpeg_compressibility, "jpeg-incompress": jpeg_incompressibility,
-              "shapes": shapes_score}
+              "shapes": shapes_score, "toy-clip": toy_clip_score, "toy-pref": toy_pref_score}
 
 
 def build_reward(name, device="cpu", dtype=torch.float32, path=None, **opts):

@@ -460,6 +460,41 @@ def build_pipeline(model, vae):
     raise ValueError(model)
 
 
+# ----------------------------------------------------------------------------- learned rewards of the world
+
+CLIP_CONFIG = {"embed_dim": 64,       # toy-clip / toy-pref: an open_clip CLIP for 32 px boards and the world's words
+               "vision_cfg": {"image_size": RES, "patch_size": CELL, "width": 64, "layers": 2, "head_width": 32,
+                              "mlp_ratio": 2.0},                                # one token per cell, as the VAE's
+               "text_cfg": {"context_length": MAX_TOKENS, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0,
+                            "pad_id": 0, "eos_id": 3, "pool_type": "eos"}}      # build_tokenizer's [PAD], [EOS]
+
+
+def build_clip(config=CLIP_CONFIG):
+    """A fresh open_clip CLIP of the built-in world (pretrain.py --model toy-clip trains it): a 2-layer ViT on
+    the 32 px board with 8 px patches, one per cell, and a 2-layer text transformer over build_tokenizer's
+    words, pooled at [EOS]; images in [0, 1] are centred as (x - 0.5) / 0.5."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    text = dict(config["text_cfg"], vocab_size=len(build_tokenizer()))
+    return open_clip.CLIP(config["embed_dim"], CLIPVisionCfg(**config["vision_cfg"]), CLIPTextCfg(**text))
+
+
+def clip_tokens(prompts, tokenizer=None):
+    """(B, MAX_TOKENS) token ids of prompts, as toy-clip reads them."""
+    tokenizer = tokenizer or build_tokenizer()
+    return tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def warmth(images):
+    """(B,) the share of an image's object pixels that are red or yellow: the simulated rater's taste
+    (pretrain.py --model toy-pref), which no prompt of the world asks for."""
+    rgb = images.float().cpu()
+    lit = rgb.amax(1) > 0.4                                                         # (B, H, W): object pixels
+    warm = lit & (rgb[:, 0] > 0.5)                                                   # red and yellow carry red
+    return warm.flatten(1).sum(1) / lit.flatten(1).sum(1).clamp(min=1)
+
+
 def judge_samples(backbone, metas, seeds=(0,), num_steps=10, batch=64, net=None):
     """The checker's verdicts on the deterministic sampler's images of metas x seeds
     (rollout.sample_seeded): strict (S, P) bool and partial credit (S, P)."""

@@ -295,9 +295,10 @@ def configure(args, argv):
         args.mixed_precision = default_precision(args.device)
     if check_precision(args.mixed_precision, args.device):
         raise ConfigError(check_precision(args.mixed_precision, args.device))
-    if "shapes" in spec.names + spec.monitor and not args.shapes_world:
-        raise ConfigError(f"reward 'shapes' is the built-in world's checker (its 32 px boards); {args.model} is not "
-                          "a built-in world model: use hps, clip, pickscore, geneval ...")
+    alien = [n for n in spec.names + spec.monitor if n in rewards.WORLD_ONLY]
+    if alien and not args.shapes_world:
+        raise ConfigError(f"reward '{alien[0]}' judges the built-in world's 32 px boards only; {args.model} is not a "
+                          "built-in world model: use hps, clip, pickscore, geneval ...")
     if args.resolution is None:
         args.resolution = default_resolution(args.model)
     bad_size = check_resolution(args.model, args.resolution)
