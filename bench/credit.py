@@ -145,6 +145,7 @@ def collect(args):
         lam = name.rsplit("-l", 1)[1] if name.rsplit("-l", 1)[-1] in LAMBDAS and "-l" in name else "1"
         out[name] = {"flags": variant_flags(name, args.oracle_m), "gae_lambda": float(lam), "seeds": seeds,
                      "heldout_strict": [runs[s]["heldout_strict"][-1] for s in seeds],
+                     "heldout_strict_run_mean": [mean(runs[s]["heldout_strict"][1:]) for s in seeds],
                      "train_strict": [runs[s]["train_strict"] for s in seeds],
                      "curve": {"images": runs[seeds[0]]["images"],
                                "heldout_strict": [runs[s]["heldout_strict"] for s in seeds],
@@ -170,8 +171,9 @@ def images_to_reach(v, target):
 
 
 def table(variants):
-    lines = ["| variant | train.py flags | seeds | held-out strict, final (mean ± s.e.) | training prompts, final "
-             "| ms per image | critic EV by noise (last 20 its) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | train.py flags | seeds | held-out strict, final (mean ± s.e.) | held-out strict, mean over the "
+             "run's evaluations | training prompts, final | ms per image | critic EV by noise (last 20 its) |",
+             "|---|---|---|---|---|---|---|---|"]
     order = sorted(variants, key=lambda n: -mean(variants[n]["heldout_strict"]))
     for n in order:
         v = variants[n]
@@ -179,17 +181,18 @@ def table(variants):
         ev = ", ".join(f"{k}: {x:+.2f}" for k, x in v["critic_ev_by_noise_last20"].items())
         train = [x for x in v["train_strict"] if x is not None]
         lines.append(f"| {n} | `{v['flags'] or 'defaults'}` | {len(v['seeds'])} | {mean(v['heldout_strict']):.3f} ± "
-                     f"{se(v['heldout_strict']):.3f} | " + (f"{mean(train):.3f} ± {se(train):.3f}" if train else "-")
+                     f"{se(v['heldout_strict']):.3f} | {mean(v['heldout_strict_run_mean']):.3f} ± "
+                     f"{se(v['heldout_strict_run_mean']):.3f} | " + (f"{mean(train):.3f} ± {se(train):.3f}" if train else "-")
                      + f" | {mean(t):.0f} |" if t else " | - |")
         lines[-1] += f" {ev or '-'} |"
     return "\n".join(lines)
 
 
-def compare(variants, a, b):
-    """'a - b = d (k combined s.e.)' for two variants' final held-out accuracy."""
+def compare(variants, a, b, key="heldout_strict"):
+    """'a - b = d (k combined s.e.)' for two variants' final held-out accuracy (or key's figure)."""
     if a not in variants or b not in variants:
         return None
-    x, y = variants[a]["heldout_strict"], variants[b]["heldout_strict"]
+    x, y = variants[a][key], variants[b][key]
     d, s = mean(x) - mean(y), math.hypot(se(x), se(y))
     return {"difference": d, "combined_se": s, "in_se": d / s if s > 0 else float("nan")}
 
@@ -266,10 +269,12 @@ def main():
         ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "proxy-critic"), ("critic", "grpo"),
         ("no-critic", "grpo"), ("no-critic-groups", "grpo"), ("no-critic", "no-critic-groups"),
         ("critic", "oracle-critic"))}
-    if "grpo" in named and refs["critic"]:
-        grpo_final = mean(named["grpo"]["heldout_strict"])
-        comparisons["critic images to reach grpo's final"] = {"images": images_to_reach(named["critic"], grpo_final),
-                                                             "grpo_images": named["grpo"]["curve"]["images"][-1]}
+    comparisons.update({f"{a} - {b}, mean over the run": compare(named, a, b, "heldout_strict_run_mean") for a, b in (
+        ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "grpo"), ("oracle-critic", "grpo"))})
+    for a, b in (("critic", "grpo"), ("oracle-critic", "no-critic"), ("critic", "no-critic")):
+        if a in named and b in named:            # how soon a reaches b's final accuracy (the 'half the images' target)
+            comparisons[f"images for {a} to reach {b}'s final"] = {
+                "images": images_to_reach(named[a], mean(named[b]["heldout_strict"])), "of": named[b]["curve"]["images"][-1]}
     out = os.path.join(RESULTS, f"credit_{args.model}")
     write_json(out, {"images": args.images, "model": args.model, "train_flags": args.train_flags, "machine": machine(),
                      "command": f"python bench/credit.py --model {args.model} --variants ... --seeds ... "
@@ -289,7 +294,7 @@ def main():
         if v and "difference" in v:
             lines.append(f"- {k}: {v['difference']:+.3f} ({v['in_se']:+.1f} s.e.)")
         elif v:
-            lines.append(f"- {k}: {v['images'] or 'not reached'} of {v['grpo_images']}")
+            lines.append(f"- {k}: {v['images'] or 'not reached'} of {v['of']}")
     lines += ["", f"![curves](bench/results/credit_{args.model}.png)"]
     write_section(f"credit-{args.model}", "\n".join(lines))
     print("\n".join(lines))
