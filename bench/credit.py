@@ -68,6 +68,9 @@ def perfect_data_run(args, run_dir, seed):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "oracle.py"), "--model", args.model, "--images", str(args.images),
            "--every", str(args.eval_every * args.batch_size), "--seeds", str(seed), "--schedule",
            "cosine" if "cosine" in args.train_flags else "constant", "--save", out]
+    flags = shlex.split(args.train_flags)                     # the RL runs' learning rate, where they set one
+    if "--lr" in flags:
+        cmd += ["--lr", flags[flags.index("--lr") + 1]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     with open(run_dir + ".log", "w") as log:
         if subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT):
