@@ -1,21 +1,23 @@
-"""Reward hacking and its remedy on the built-in world (arXiv 2605.27736, section 6; DDPO's
-compressibility experiment): critic-PPO with `--rewards jpeg` alone, `shapes` alone and
-`shapes,jpeg` (normalised, at weights 1,1, 1,0.5 and 1,0.2), same seed, same number of images.
+"""Reward hacking and its remedy on the built-in world (arXiv 2605.27736, section 6), in two suites.
 
-Each run is train.py (tiny-dit, CPU, one thread); the reward it does not train on is scored as
-a monitor, so every run reports, on the held-out prompts with the deterministic sampler:
-  - strict accuracy of the world's checker (what `jpeg` alone ignores)
-  - mean JPEG size in kB at quality 95 (what `jpeg` rewards shrinking: minus the `jpeg` reward)
-for the base model (iteration 0) and after the budget, and each final policy's strict accuracy
-on the training prompts (the same sampler and seeds). Writes bench/results/reward_hacking.json,
-bench/results/reward_hacking.png (the final sample grid of each run, the base model on top) and
-its section of BENCHMARKS.md (with --out bench/results/NAME: NAME.json, NAME.png, section NAME).
+--suite learned (the default; the paper's case): critic-PPO on tiny-dit with the world's *learned* rewards,
+`toy-pref` alone (a preference model with a rater's taste, as HPS and PickScore are), `toy-clip` alone, and
+both at once (`joint`, weights 1,1), several seeds each. The checker (`shapes`) is the gold metric and never a
+training reward: every run reports, along the run on the held-out prompts with the deterministic sampler, the
+gold strict accuracy and both learned rewards' scores (the one not trained on is scored as a monitor). Hacking
+is a reward's own score rising while gold accuracy falls from its peak; the paper's remedy holds if the joint
+run keeps each score's gain and more gold accuracy. Writes bench/results/reward_hacking_learned.json
+({"images", "base_gold", "runs": {NAME: {"rewards", "gold_heldout_strict": [[seed][point]], "scores":
+{REWARD: [[seed][point]]}}}}), .png (the curves) and _grid.png (each run's final samples, seed 0), and the
+BENCHMARKS.md section reward-hacking-learned.
 
-Run:  python bench/reward_hacking.py                       # the 5 runs of RUNS, 2 at a time
-      python bench/reward_hacking.py --images 640 -- --lr 3e-4   (flags after -- go to train.py)
-      python bench/reward_hacking.py --report-only
-      python bench/reward_hacking.py --names jpeg shapes shapes,jpeg --images 20480 --batch-size 128 \
-          --runs bench/runs/reward_hacking_8x --out bench/results/reward_hacking_8x -- ...
+--suite jpeg (DDPO's compressibility experiment): `--rewards jpeg` alone, `shapes` alone and `shapes,jpeg` at
+weights 1,1, 1,0.5 and 1,0.2, one seed: on this world a JPEG shrinks most by drawing less, which the checker
+penalises, so the two rewards conflict directly (bench/results/reward_hacking.json and its section).
+
+Run:  python bench/reward_hacking.py --seeds 0 1 2 3 4          # the learned suite, 2 runs at a time
+      python bench/reward_hacking.py --suite learned --report-only
+      python bench/reward_hacking.py --suite jpeg --images 5120 -- --lr 1e-3     (flags after -- go to train.py)
 """
 import argparse
 import json
@@ -26,7 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import RESULTS, add_run_args, prompt_accuracy, split_train_flags, train_run, write_json, write_section
 
-RUNS = {  # name -> train.py reward flags
+LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is gold, never trained on)
+    "pref": ["--rewards", "toy-pref", "--monitor-rewards", "toy-clip"],
+    "clip": ["--rewards", "toy-clip", "--monitor-rewards", "toy-pref"],
+    "joint": ["--rewards", "toy-pref,toy-clip", "--reward-weights", "1,1"],
+}
+SCORED = ("toy-pref", "toy-clip")
+RUNS = {  # name -> train.py reward flags: the jpeg suite
     "jpeg": ["--rewards", "jpeg", "--monitor-rewards", "shapes"],
     "shapes": ["--rewards", "shapes", "--monitor-rewards", "jpeg"],
     "shapes,jpeg": ["--rewards", "shapes,jpeg", "--reward-weights", "1,1"],
@@ -72,15 +80,84 @@ def grid(run_dirs, path):
     return [p for p in prompts if p]
 
 
+def learned(args, extra):
+    """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
+    import math
+    runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
+    flags = lambda n, s: ["--algo", "ppo", "--seed", str(s), *LEARNED[n], *extra]
+    if not args.report_only:
+        os.makedirs(args.runs, exist_ok=True)
+        jobs = [(n, s) for s in args.seeds for n in LEARNED]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: train_run(args, runs[job[0]][job[1]], flags(*job), f"{job[0]} seed {job[1]}"), jobs))
+    out, images, base = {}, None, None
+    for n, by_seed in runs.items():
+        done = {s: d for s, d in by_seed.items() if os.path.isdir(os.path.join(d, "pipeline"))}
+        if not done:
+            continue
+        evals = {s: [r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "eval/heldout_strict" in r]
+                 for s, d in done.items()}
+        images = [r["images"] for r in next(iter(evals.values()))]
+        base = next(iter(evals.values()))[0]["eval/heldout_strict"]
+        out[n] = {"rewards": " ".join(LEARNED[n]), "seeds": sorted(done),
+                  "gold_heldout_strict": [[r["eval/heldout_strict"] for r in evals[s]] for s in sorted(done)],
+                  "scores": {k: [[r[f"eval/heldout_{k}"] for r in evals[s]] for s in sorted(done)] for k in SCORED}}
+    if not out:
+        raise SystemExit(f"no finished runs under {args.runs}")
+    name = os.path.basename(args.out)
+    write_json(args.out, {"images": images, "base_gold": base, "train_flags": extra, "runs": out,
+                          "command": "python bench/reward_hacking.py " + shlex.join(sys.argv[1:])})
+    mean = lambda xs: sum(xs) / len(xs)
+    se = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else math.nan
+    curve = lambda per_seed: [mean(p) for p in zip(*per_seed)]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for n, r in out.items():
+        for ax, per_seed in zip(axes, (r["gold_heldout_strict"], *(r["scores"][k] for k in SCORED))):
+            ax.plot(images, curve(per_seed), marker="o", ms=2, label=f"{n} ({len(r['seeds'])} seeds)")
+    for ax, title in zip(axes, ("gold: the checker's held-out strict accuracy", *(f"{k} score, held-out" for k in SCORED))):
+        ax.set_title(title), ax.set_xlabel("training images"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(args.out + ".png", dpi=110), plt.close(fig)
+    grid({n: runs[n][min(out[n]["seeds"])] for n in out}, args.out + "_grid.png")
+    lines = [f"Command: `python bench/reward_hacking.py {shlex.join(sys.argv[1:])}` (critic-PPO on tiny-dit, "
+             f"{images[-1]:,} images per run, train.py flags `{' '.join(extra)}`; held-out prompts x {args.eval_seeds} "
+             f"seeds, deterministic sampler). Gold of the base model: {base:.3f}.", "",
+             "| run | seeds | gold: final | gold: peak along the run | " + " | ".join(f"{k}: base -> final" for k in SCORED) + " |",
+             "|---|---|---|---|" + "---|" * len(SCORED)]
+    for n, r in out.items():
+        g = r["gold_heldout_strict"]
+        finals, peaks = [s[-1] for s in g], [max(s) for s in g]
+        cells = [f"{mean([s[0] for s in r['scores'][k]]):.4f} -> {mean([s[-1] for s in r['scores'][k]]):.4f}" for k in SCORED]
+        lines.append(f"| {n} | {len(g)} | {mean(finals):.3f} ± {se(finals):.3f} | {mean(peaks):.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"![curves](bench/results/{name}.png)", "", f"![final samples, seed 0](bench/results/{name}_grid.png)"]
+    if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
+        write_section(name.replace("_", "-"), "## Reward hacking with the world's learned rewards: toy-pref, toy-clip "
+                      "and both\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main():
     argv, extra = split_train_flags(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(p, "reward_hacking", eval_every=20, jobs=2)
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--suite", choices=("learned", "jpeg"), default="learned", help="which experiment (the docstring)")
+    p.add_argument("--seed", type=int, default=0, help="jpeg suite: seed of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="learned suite: seeds of every run")
     p.add_argument("--names", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="NAME",
-                   help="which runs (default all: " + "; ".join(RUNS) + ")")
-    p.add_argument("--out", default=os.path.join(RESULTS, "reward_hacking"), help="output prefix (.json, .png)")
+                   help="jpeg suite: which runs (default all: " + "; ".join(RUNS) + ")")
+    p.add_argument("--out", default=None, help="output prefix (.json, .png; default bench/results/reward_hacking, "
+                                                "or reward_hacking_learned for the learned suite)")
     args = p.parse_args(argv)
+    if args.suite == "learned":
+        args.out = args.out or os.path.join(RESULTS, "reward_hacking_learned")
+        if args.runs.endswith("reward_hacking"):
+            args.runs += "_learned"
+        if "--images" not in argv:
+            args.images = 20480                               # the credit benchmark's budget and schedule
+        return learned(args, extra or ["--lr-schedule", "constant", "--lr", "3e-4"])
+    args.out = args.out or os.path.join(RESULTS, "reward_hacking")
     os.makedirs(args.runs, exist_ok=True)
     names = args.names
     if args.report_only:
