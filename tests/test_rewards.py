@@ -139,7 +139,8 @@ def test_import_is_light():
     code = "import sys, rewards; print([m for m in ('open_clip', 'transformers', 'toy') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert rewards.REWARDS == ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes")
+    assert rewards.REWARDS == ("hps", "clip", "pickscore", "aesthetic", "geneval", "jpeg", "jpeg-incompress", "shapes",
+                               "toy-clip", "toy-pref")
 
 
 def parse(argv):
