@@ -485,6 +485,7 @@ def train(args, spec, train_prompts, heldout):
     rank, world, device = ppo.setup_distributed(args.device, args.dist_timeout)
     master = rank == 0
     args.run_dir = ppo.rank0_text(args.run_dir)                  # one run: rank 0's (the default name is a time)
+    args.resume = ppo.rank0_text(args.resume or "") or None      # and rank 0's view of whether it continues one
     log = print if master else (lambda *a, **k: None)
     seed = args.seed * world + rank                               # DiT: a different stream per rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
