@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.complete: requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
 .PHONY: setup train test
