@@ -187,6 +187,11 @@ def build_parser():
                         "(default: 32 on the built-in world, where with head lr 1e-4 it fits the critic to 0.05-0.36 "
                         "explained variance along the window and ~0.8 at x_(t_1) instead of ~0: BENCHMARKS.md, "
                         "'Fitting the critic'; 1 otherwise)")
+    g.add_argument("--critic-replay-states", choices=("all", "last"), default="all",
+                   help="which of the earlier iterations' states the value head replays: all (the window's and "
+                        "x_(t_1)), or last (x_(t_1) only, with --critic-terminal; this batch's window states still): a "
+                        "window state's return is mostly noise, which 32 passes memorise (bench/critic_health.py), "
+                        "where x_(t_1) fixes the image and its return")
     g.add_argument("--critic-terminal", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also learns the last state the denoiser reads, x_{t_1}, whose return is "
                         "fixed (after the SDE window the sampler is deterministic): a learned reward on latents, "
@@ -336,6 +341,9 @@ def configure(args, argv):
     if args.critic_terminal and (args.sde_steps == args.num_steps or args.algo != "ppo" or not args.head_epochs):
         raise ConfigError("--critic-terminal needs --algo ppo, --head-epochs >= 1 (the head learns x_(t_1)) and an SDE "
                           f"window shorter than the sampler (--sde-steps {args.sde_steps} < --num-steps {args.num_steps})")
+    if args.critic_replay_states == "last" and not (args.critic_terminal and args.critic_replay > 1):
+        raise ConfigError("--critic-replay-states last needs --critic-terminal and --critic-replay > 1 (it replays "
+                          "the earlier iterations' x_(t_1) only)")
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError(f"--algo grpo needs --group-size >= 2 (its baseline is the group mean), got {args.group_size}")
     # derived sizes: asserted to divide evenly, as DDPO does
@@ -613,7 +621,10 @@ def train(args, spec, train_prompts, heldout):
                     keep = (lambda t: t.cpu()) if args.critic_replay > 1 else (lambda t: t)   # kept ones wait on the CPU
                     replay.append(tuple(keep(t) for t in (*features, returns.reshape(B * F, -1),
                                                           old_values.reshape(B * F, -1))))
-                    features = [torch.cat(t) for t in zip(*replay)]                # (M*B*F, N, D), ...
+                    kept = list(replay)
+                    if args.critic_replay_states == "last":  # earlier batches: x_(t_1) alone, rows b*F + F - 1
+                        kept = [tuple(t[F - 1::F] for t in entry) for entry in kept[:-1]] + kept[-1:]
+                    features = [torch.cat(t) for t in zip(*kept)]                  # (M*B*F, N, D), ...
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
                 # level, against the final reward itself (the paper's premise: predictable from x_t)
                 v_total, g_total = (old_values[:, :K] * weights).sum(-1), (returns[:, :K] * weights).sum(-1)  # (B, K)

@@ -12,6 +12,9 @@ makes the advantage differs:
   fitted-critic-lX   the learned critic fitted harder, train.py's default on the built-in world: its head on the
                      last 32 iterations' states at head lr 1e-4, also on x_(t_1) and the prompt's text tokens,
                      at gae_lambda X
+  lastreplay-critic-lX  the fitted critic replaying the earlier batches' x_(t_1) only (--critic-replay-states
+                     last): their window states' returns are mostly noise, which its passes memorise
+                     (bench/critic_health.py), at gae_lambda X
   oracle-critic-lX   --critic oracle: the mean reward of M continuations of the current policy from
                      x_t (common random numbers), at gae_lambda X: the bound on any critic
   critic-no-warmup   the learned critic without value warm-up (--value-warmup 0), at its best lambda
@@ -53,7 +56,9 @@ def variant_flags(name, oracle_m):
     for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("oracle-critic-l", f"--critic oracle "
                           f"--oracle-continuations {oracle_m}"),
                           ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),
-                          ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text")):
+                          ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text"),
+                          ("lastreplay-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text "
+                                                  "--critic-replay-states last")):
         if name.startswith(prefix) and name[len(prefix):] in LAMBDAS:
             return f"{flags} --gae-lambda {name[len(prefix):]}".strip()
     return None

@@ -190,6 +190,32 @@ def test_critic_text_trains_a_head_on_the_prompt_tokens(tmp_path, monkeypatch):
     assert trained.text and not torch.equal(trained.head.text_proj.weight, initial[0])
 
 
+@pytest.mark.parametrize("states", ["all", "last"])
+def test_critic_replay_states(tmp_path, monkeypatch, states):
+    """--critic-replay-states: the value head's data is this batch's every state and, from the earlier
+    kept batches, every state (all) or their x_(t_1) alone (last), row for row as those batches had them."""
+    import ppo
+    seen, update = [], ppo.update
+
+    def spy(*a, features=None, **kw):
+        seen.append(features)
+        return update(*a, features=features, **kw)
+    monkeypatch.setattr(ppo, "update", spy)
+    B, F = 4, 3                                                           # --sde-steps 2: 2 window states + x_(t_1)
+    assert run(["--num-steps", "4", "--eval-num-steps", "4", "--batch-size", str(B), "--eval-seeds", "1",
+                "--sde-steps", "2", "--minibatch-size", "8", "--iters", "3", "--value-warmup", "0",
+                "--critic-terminal", "--no-critic-text", "--critic-replay", "3", "--critic-replay-states", states,
+                "--run-dir", str(tmp_path / "run")]) == 0
+    first, last = seen[0], seen[-1]                                       # iterations 1 and 3: (tokens, temb, returns, old)
+    assert all(len(t) == B * F for t in first)
+    if states == "all":
+        assert all(len(t) == 3 * B * F for t in last)
+        assert all(torch.equal(a[:B * F], b) for a, b in zip(last, first))
+    else:
+        assert all(len(t) == 2 * B + B * F for t in last)
+        assert all(torch.equal(a[:B], b[F - 1::F]) for a, b in zip(last, first))   # iteration 1's x_(t_1) rows
+
+
 @pytest.mark.parametrize("arch", ["sd3.5m", "sd1.5"])
 def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     run_dir = str(tmp_path / "run")
@@ -286,6 +312,7 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--algo", "grpo", "--critic-adaln", "off"], "--critic-adaln off: only --algo ppo --critic learned"),
     (["--algo", "grpo", "--critic", "none"], "--critic none: --algo grpo uses no critic"),
     (["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
+    (["--critic-replay-states", "last", "--no-critic-terminal"], "--critic-replay-states last needs --critic-terminal"),
     (["--critic", "value"], "--critic: invalid choice"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
     (["--train-tags", "counting,spelling"], "no training prompt has the tag 'spelling'"),
