@@ -80,6 +80,7 @@ def resumed_config(args, argv, build_parser):
     config.setdefault("sde_steps", config.get("num_steps"))  # runs from before the flag trained every step
     config.setdefault("mixed_precision", "no")               # ... and before these, in fp32 at the native size
     config.setdefault("resolution", geometry(config.get("model", "tiny-dit"))[0])
+    config.setdefault("critic_replay_states", "all")          # ... and before this one, replaying every state
     config = {**vars(build_parser().parse_args([])), **config}   # other flags newer than the run: defaults
     for key in RESUMABLE:
         if key in given or key not in config:

@@ -187,11 +187,13 @@ def build_parser():
                         "(default: 32 on the built-in world, where with head lr 1e-4 it fits the critic to 0.05-0.36 "
                         "explained variance along the window and ~0.8 at x_(t_1) instead of ~0: BENCHMARKS.md, "
                         "'Fitting the critic'; 1 otherwise)")
-    g.add_argument("--critic-replay-states", choices=("all", "last"), default="all",
+    g.add_argument("--critic-replay-states", choices=("all", "last"), default=None,
                    help="which of the earlier iterations' states the value head replays: all (the window's and "
                         "x_(t_1)), or last (x_(t_1) only, with --critic-terminal; this batch's window states still): a "
-                        "window state's return is mostly noise, which 32 passes memorise (bench/critic_health.py), "
-                        "where x_(t_1) fixes the image and its return")
+                        "window state's return is mostly noise, which 32 passes memorise, and the values then add "
+                        "variance to the advantage (bench/critic_health.py), where x_(t_1) fixes the image and its "
+                        "return (default: last on the built-in world with --critic-terminal and --critic-replay > 1; "
+                        "all otherwise)")
     g.add_argument("--critic-terminal", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also learns the last state the denoiser reads, x_{t_1}, whose return is "
                         "fixed (after the SDE window the sampler is deterministic): a learned reward on latents, "
@@ -341,6 +343,8 @@ def configure(args, argv):
     if args.critic_terminal and (args.sde_steps == args.num_steps or args.algo != "ppo" or not args.head_epochs):
         raise ConfigError("--critic-terminal needs --algo ppo, --head-epochs >= 1 (the head learns x_(t_1)) and an SDE "
                           f"window shorter than the sampler (--sde-steps {args.sde_steps} < --num-steps {args.num_steps})")
+    if args.critic_replay_states is None:  # the built-in world's default critic replays x_(t_1) alone (--help)
+        args.critic_replay_states = "last" if fitted and args.critic_terminal and args.critic_replay > 1 else "all"
     if args.critic_replay_states == "last" and not (args.critic_terminal and args.critic_replay > 1):
         raise ConfigError("--critic-replay-states last needs --critic-terminal and --critic-replay > 1 (it replays "
                           "the earlier iterations' x_(t_1) only)")

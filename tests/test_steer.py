@@ -273,6 +273,7 @@ def test_python_train_then_eval_steer_bon_steers_with_that_runs_critic(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.load(open(tmp_path / "runs" / "first" / "config.json"))
     assert config["critic_terminal"] and config["critic_text"] and config["critic_replay"] == 32
+    assert config["critic_replay_states"] == "last"
     r = cli("--steer", "bon", "--max-prompts", "2", "--seeds", "1", "--out", str(tmp_path / "eval"), cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     run = os.path.join("runs", "first")
