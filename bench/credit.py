@@ -9,12 +9,12 @@ makes the advantage differs:
   proxy-critic-lX    --critic proxy: r(decode(x0_hat(x_t))), FK-steering's potential, at gae_lambda X
   critic-lX          the paper's learned critic as it was before (its head on this batch at head lr 1e-3, no
                      x_(t_1), no text tokens) at gae_lambda X
-  fitted-critic-lX   the learned critic fitted harder, train.py's default on the built-in world: its head on the
+  fitted-critic-lX   the learned critic fitted harder (train.py's default before --critic-replay-states): its head on the
                      last 32 iterations' states at head lr 1e-4, also on x_(t_1) and the prompt's text tokens,
                      at gae_lambda X
-  lastreplay-critic-lX  the fitted critic replaying the earlier batches' x_(t_1) only (--critic-replay-states
-                     last): their window states' returns are mostly noise, which its passes memorise
-                     (bench/critic_health.py), at gae_lambda X
+  lastreplay-critic-lX  train.py's default on the built-in world: the fitted critic replaying the earlier
+                     batches' x_(t_1) only (--critic-replay-states last): their window states' returns are
+                     mostly noise, which its passes memorise (bench/critic_health.py), at gae_lambda X
   oracle-critic-lX   --critic oracle: the mean reward of M continuations of the current policy from
                      x_t (common random numbers), at gae_lambda X: the bound on any critic
   critic-no-warmup   the learned critic without value warm-up (--value-warmup 0), at its best lambda
@@ -259,7 +259,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs", default=None, help="where the runs go (default bench/runs/credit_<model>)")
     p.add_argument("--report-only", action="store_true", help="only read finished runs")
-    p.add_argument("--shipped", default="fitted-critic-l1",
+    p.add_argument("--shipped", default="lastreplay-critic-l1",
                    help="the variant that is train.py's default learned critic: the JSON's and the table's 'critic'")
     args = p.parse_args()
     args.runs = args.runs or os.path.join(ROOT, "bench", "runs", f"credit_{args.model}")
