@@ -121,16 +121,21 @@ def learned(args, extra):
         ax.set_title(title), ax.set_xlabel("training images"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(args.out + ".png", dpi=110), plt.close(fig)
     grid({n: runs[n][min(out[n]["seeds"])] for n in out}, args.out + "_grid.png")
-    lines = [f"Command: `python bench/reward_hacking.py {shlex.join(sys.argv[1:])}` (critic-PPO on tiny-dit, "
+    ran = shlex.join(a for a in sys.argv[1:] if a != "--report-only")           # the command that made the runs
+    lines = [f"Command: `python bench/reward_hacking.py {ran}` (critic-PPO on tiny-dit, "
              f"{images[-1]:,} images per run, train.py flags `{' '.join(extra)}`; held-out prompts x {args.eval_seeds} "
              f"seeds, deterministic sampler). Gold of the base model: {base:.3f}.", "",
-             "| run | seeds | gold: final | gold: peak along the run | " + " | ".join(f"{k}: base -> final" for k in SCORED) + " |",
-             "|---|---|---|---|" + "---|" * len(SCORED)]
+             "| run | seeds | gold: final | gold: last quarter's evaluations | gold: peak along the run | "
+             + " | ".join(f"{k}: base -> last quarter" for k in SCORED) + " |",
+             "|---|---|---|---|---|" + "---|" * len(SCORED)]
+    pm = lambda xs: f"{mean(xs):.3f} ± {se(xs):.3f}" if len(xs) > 1 else f"{mean(xs):.3f}"
+    quarter = lambda s: mean([a for n, a in zip(images, s) if n >= 0.75 * images[-1]])   # less at the mercy of one dip
     for n, r in out.items():
         g = r["gold_heldout_strict"]
-        finals, peaks = [s[-1] for s in g], [max(s) for s in g]
-        cells = [f"{mean([s[0] for s in r['scores'][k]]):.4f} -> {mean([s[-1] for s in r['scores'][k]]):.4f}" for k in SCORED]
-        lines.append(f"| {n} | {len(g)} | {mean(finals):.3f} ± {se(finals):.3f} | {mean(peaks):.3f} | " + " | ".join(cells) + " |")
+        finals, lasts, peaks = [s[-1] for s in g], [quarter(s) for s in g], [max(s) for s in g]
+        cells = [f"{mean([s[0] for s in r['scores'][k]]):.4f} -> {mean([quarter(s) for s in r['scores'][k]]):.4f}"
+                 for k in SCORED]
+        lines.append(f"| {n} | {len(g)} | {pm(finals)} | {pm(lasts)} | {mean(peaks):.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"![curves](bench/results/{name}.png)", "", f"![final samples, seed 0](bench/results/{name}_grid.png)"]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
         write_section(name.replace("_", "-"), "## Reward hacking with the world's learned rewards: toy-pref, toy-clip "
