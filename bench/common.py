@@ -22,6 +22,26 @@ def machine():
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def se(xs):
+    """The standard error of the mean over seeds; nan for one seed."""
+    return (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else float("nan")
+
+
+def pm(xs):
+    """'mean ± s.e.' over seeds; the mean alone for one seed (no standard error)."""
+    return f"{mean(xs):.3f} ± {se(xs):.3f}" if len(xs) > 1 else f"{mean(xs):.3f}"
+
+
+def last_quarter(images, values):
+    """The mean of a run's evaluations over its last quarter of images: an end-of-run figure less at the mercy
+    of one dip than the last point."""
+    return mean([a for n, a in zip(images, values) if n >= 0.75 * images[-1]])
+
+
 def write_json(name, data):
     """bench/results/NAME.json, or PREFIX.json for a name with a folder in it; written atomically."""
     path = (name if os.path.dirname(name) else os.path.join(RESULTS, name)) + ".json"

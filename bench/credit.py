@@ -41,7 +41,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import RESULTS, ROOT, machine, prompt_accuracy, train_run, write_json, write_section
+from common import (RESULTS, ROOT, last_quarter, machine, mean, pm, prompt_accuracy, se, train_run, write_json,
+                    write_section)
 
 LAMBDAS = ("1", "0.95", "0.8", "0.5", "0")
 
@@ -126,14 +127,6 @@ def read(args, name, run_dir):
             "ev_by_noise": ev, "extra_images": sum(r.get("critic/continuation_images", 0) for r in rows)}
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
-def se(xs):
-    return (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else float("nan")
-
-
 def collect(args):
     """{variant: {"flags", "gae_lambda", "seeds", "heldout_strict", "train_strict", "curve", "time_per_image_ms", ...}}
     over the finished runs under args.runs."""
@@ -154,9 +147,8 @@ def collect(args):
         out[name] = {"flags": variant_flags(name, args.oracle_m), "gae_lambda": float(lam), "seeds": seeds,
                      "heldout_strict": [runs[s]["heldout_strict"][-1] for s in seeds],
                      "heldout_strict_run_mean": [mean(runs[s]["heldout_strict"][1:]) for s in seeds],
-                     # the last quarter's evaluations: an end-of-run figure less at the mercy of one dip than the last
-                     "heldout_strict_last_quarter": [mean([a for n, a in zip(runs[s]["images"], runs[s]["heldout_strict"])
-                                                           if n >= 0.75 * runs[s]["images"][-1]]) for s in seeds],
+                     "heldout_strict_last_quarter": [last_quarter(runs[s]["images"], runs[s]["heldout_strict"])
+                                                     for s in seeds],
                      "train_strict": [runs[s]["train_strict"] for s in seeds],
                      "curve": {"images": runs[seeds[0]]["images"],
                                "heldout_strict": [runs[s]["heldout_strict"] for s in seeds],
@@ -167,11 +159,6 @@ def collect(args):
                      "critic_ev_by_noise_last20": {k: mean([runs[s]["ev_by_noise"][k] for s in seeds if runs[s]["ev_by_noise"]])
                                                    for k in runs[seeds[0]]["ev_by_noise"]}}
     return out
-
-
-def pm(xs):
-    """'mean ± s.e.' over seeds; the mean alone for one seed (no standard error)."""
-    return f"{mean(xs):.3f} ± {se(xs):.3f}" if len(xs) > 1 else f"{mean(xs):.3f}"
 
 
 def best(variants, prefix):

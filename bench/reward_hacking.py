@@ -26,7 +26,8 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import RESULTS, add_run_args, prompt_accuracy, split_train_flags, train_run, write_json, write_section
+from common import (RESULTS, add_run_args, last_quarter, mean, pm, prompt_accuracy, split_train_flags, train_run,
+                    write_json, write_section)
 
 LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is gold, never trained on)
     "pref": ["--rewards", "toy-pref", "--monitor-rewards", "toy-clip"],
@@ -82,7 +83,6 @@ def grid(run_dirs, path):
 
 def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
-    import math
     runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
     flags = lambda n, s: ["--algo", "ppo", "--seed", str(s), *LEARNED[n], *extra]
     if not args.report_only:
@@ -107,8 +107,6 @@ def learned(args, extra):
     name = os.path.basename(args.out)
     write_json(args.out, {"images": images, "base_gold": base, "train_flags": extra, "runs": out,
                           "command": "python bench/reward_hacking.py " + shlex.join(sys.argv[1:])})
-    mean = lambda xs: sum(xs) / len(xs)
-    se = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else math.nan
     curve = lambda per_seed: [mean(p) for p in zip(*per_seed)]
     import matplotlib
     matplotlib.use("Agg")
@@ -128,12 +126,10 @@ def learned(args, extra):
              "| run | seeds | gold: final | gold: last quarter's evaluations | gold: peak along the run | "
              + " | ".join(f"{k}: base -> last quarter" for k in SCORED) + " |",
              "|---|---|---|---|---|" + "---|" * len(SCORED)]
-    pm = lambda xs: f"{mean(xs):.3f} ± {se(xs):.3f}" if len(xs) > 1 else f"{mean(xs):.3f}"
-    quarter = lambda s: mean([a for n, a in zip(images, s) if n >= 0.75 * images[-1]])   # less at the mercy of one dip
     for n, r in out.items():
         g = r["gold_heldout_strict"]
-        finals, lasts, peaks = [s[-1] for s in g], [quarter(s) for s in g], [max(s) for s in g]
-        cells = [f"{mean([s[0] for s in r['scores'][k]]):.4f} -> {mean([quarter(s) for s in r['scores'][k]]):.4f}"
+        finals, lasts, peaks = [s[-1] for s in g], [last_quarter(images, s) for s in g], [max(s) for s in g]
+        cells = [f"{mean([s[0] for s in r['scores'][k]]):.4f} -> {mean([last_quarter(images, s) for s in r['scores'][k]]):.4f}"
                  for k in SCORED]
         lines.append(f"| {n} | {len(g)} | {pm(finals)} | {pm(lasts)} | {mean(peaks):.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"![curves](bench/results/{name}.png)", "", f"![final samples, seed 0](bench/results/{name}_grid.png)"]
