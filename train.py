@@ -626,9 +626,13 @@ def train(args, spec, train_prompts, heldout):
                     replay.append(tuple(keep(t) for t in (*features, returns.reshape(B * F, -1),
                                                           old_values.reshape(B * F, -1))))
                     kept = list(replay)
-                    if args.critic_replay_states == "last":  # earlier batches: x_(t_1) alone, rows b*F + F - 1
-                        kept = [tuple(t[F - 1::F] for t in entry) for entry in kept[:-1]] + kept[-1:]
-                    features = [torch.cat(t) for t in zip(*kept)]                  # (M*B*F, N, D), ...
+                    if args.critic_replay_states == "last":
+                        # earlier batches give x_(t_1) alone (rows b*F + F - 1), so only those rows are kept past
+                        # this iteration (F x less memory); a checkpoint written before this version kept them all
+                        x_t1 = lambda entry: tuple(t[F - 1::F] for t in entry)
+                        kept = [x_t1(e) if len(e[0]) == B * F else e for e in kept[:-1]] + kept[-1:]
+                        replay[-1] = x_t1(replay[-1])
+                    features = [torch.cat(t) for t in zip(*kept)]                  # (rows, N, D), ...
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
                 # level, against the final reward itself (the paper's premise: predictable from x_t)
                 v_total, g_total = (old_values[:, :K] * weights).sum(-1), (returns[:, :K] * weights).sum(-1)  # (B, K)

@@ -105,8 +105,9 @@ def learned(args, extra):
     if not out:
         raise SystemExit(f"no finished runs under {args.runs}")
     name = os.path.basename(args.out)
+    ran = shlex.join(a for a in sys.argv[1:] if a != "--report-only")           # the command that made the runs
     write_json(args.out, {"images": images, "base_gold": base, "train_flags": extra, "runs": out,
-                          "command": "python bench/reward_hacking.py " + shlex.join(sys.argv[1:])})
+                          "command": f"python bench/reward_hacking.py {ran}".strip()})
     curve = lambda per_seed: [mean(p) for p in zip(*per_seed)]
     import matplotlib
     matplotlib.use("Agg")
@@ -119,7 +120,6 @@ def learned(args, extra):
         ax.set_title(title), ax.set_xlabel("training images"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(args.out + ".png", dpi=110), plt.close(fig)
     grid({n: runs[n][min(out[n]["seeds"])] for n in out}, args.out + "_grid.png")
-    ran = shlex.join(a for a in sys.argv[1:] if a != "--report-only")           # the command that made the runs
     lines = [f"Command: `python bench/reward_hacking.py {ran}` (critic-PPO on tiny-dit, "
              f"{images[-1]:,} images per run, train.py flags `{' '.join(extra)}`; held-out prompts x {args.eval_seeds} "
              f"seeds, deterministic sampler). Gold of the base model: {base:.3f}.", "",

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import checkpoint
 import train
@@ -214,6 +214,16 @@ def test_critic_replay_states(tmp_path, monkeypatch, states):
     else:
         assert all(len(t) == 2 * B + B * F for t in last)
         assert all(torch.equal(a[:B], b[F - 1::F]) for a, b in zip(last, first))   # iteration 1's x_(t_1) rows
+    # what is kept (and checkpointed) of each batch is what later iterations replay of it
+    path = os.path.join(str(tmp_path / "run"), "checkpoint", "replay_rank0.safetensors")
+    saved = load_file(path)
+    assert {len(t) for t in saved.values()} == {B * F if states == "all" else B}
+    if states == "last":   # a checkpoint written when every row was kept resumes to the same replay
+        save_file({k: t.repeat_interleave(F, 0).contiguous() for k, t in saved.items()}, path)
+        assert run(["--resume", str(tmp_path / "run"), "--iters", "4"]) == 0
+        assert all(len(t) == 2 * B + B * F for t in seen[-1])
+        assert all(torch.equal(a[:2 * B], torch.cat([b[B:2 * B], b[2 * B:][F - 1::F]]))    # iterations 2 and 3
+                   for a, b in zip(seen[-1], last))
 
 
 @pytest.mark.parametrize("arch", ["sd3.5m", "sd1.5"])
