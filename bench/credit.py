@@ -244,12 +244,17 @@ def main():
                    help="train.py flags every variant shares (the budget's schedule)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--runs", default=None, help="where the runs go (default bench/runs/credit_<model>)")
+    p.add_argument("--runs", default=None, help="where the runs go (default bench/runs/credit_<model>[_<tag>])")
+    p.add_argument("--tag", default="", help="a second benchmark beside the first, e.g. at another --train-flags: "
+                   "its runs, results and BENCHMARKS section are named credit_<model>_<tag>")
     p.add_argument("--report-only", action="store_true", help="only read finished runs")
     p.add_argument("--shipped", default="lastreplay-critic-l1",
                    help="the variant that is train.py's default learned critic: the JSON's and the table's 'critic'")
     args = p.parse_args()
-    args.runs = args.runs or os.path.join(ROOT, "bench", "runs", f"credit_{args.model}")
+    if args.tag and not args.tag.replace("-", "").isalnum():
+        p.exit(2, f"error: --tag {args.tag!r}: letters, digits and '-' only\n")
+    args.name = f"credit_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    args.runs = args.runs or os.path.join(ROOT, "bench", "runs", args.name)
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if variant_flags(n, args.oracle_m) is None]
     if unknown:
@@ -287,15 +292,15 @@ def main():
         if a in named and b in named:            # how soon a reaches b's final accuracy (the 'half the images' target)
             comparisons[f"images for {a} to reach {b}'s final"] = {
                 "images": images_to_reach(named[a], mean(named[b]["heldout_strict"])), "of": named[b]["curve"]["images"][-1]}
-    out = os.path.join(RESULTS, f"credit_{args.model}")
+    out, tag = os.path.join(RESULTS, args.name), f" --tag {args.tag}" if args.tag else ""
     write_json(out, {"images": args.images, "model": args.model, "train_flags": args.train_flags, "machine": machine(),
-                     "command": f"python bench/credit.py --model {args.model} --variants ... --seeds ... "
+                     "command": f"python bench/credit.py --model {args.model}{tag} --variants ... --seeds ... "
                                 f"(settings: {args.runs}/settings.json)",
                      "oracle_continuations": args.oracle_m, "variants": named,
                      "comparisons": {k: v for k, v in comparisons.items() if v}})
     plot(variants, out + ".png", f"{args.model}, {args.images:,} images per run")
     lines = [f"## Credit assignment on {args.model}: what the critic adds ({args.images:,} images per run)", "",
-             f"Command: `python bench/credit.py --model {args.model} --variants NAMES --seeds S...` with every run at "
+             f"Command: `python bench/credit.py --model {args.model}{tag} --variants NAMES --seeds S...` with every run at "
              f"`{args.train_flags}`, batch {args.batch_size}, held-out evaluation every {args.eval_every} iterations "
              f"with {args.eval_seeds} seeds per prompt (deterministic sampler); one thread per run, two runs at once; "
              f"oracle: {args.oracle_m} continuations per state (its continuation images are not counted as training "
@@ -314,8 +319,8 @@ def main():
             lines.append(f"- {k}: {v['difference']:+.3f} {note}")
         elif v:
             lines.append(f"- {k}: {v['images'] or 'not reached'} of {v['of']}")
-    lines += ["", f"![curves](bench/results/credit_{args.model}.png)"]
-    write_section(f"credit-{args.model}", "\n".join(lines))
+    lines += ["", f"![curves](bench/results/{args.name}.png)"]
+    write_section(args.name.replace("_", "-"), "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -17,8 +17,13 @@ rewards R_jm give, against the same targets, the explained variance 1 - Var(R - 
 The gap between the ceiling and the learned critic is how much variance reduction a better-trained
 critic could still give; the gap between the ceiling and the prompt mean is what a state-aligned
 critic can give that GRPO's baseline cannot.
+The ceiling's rise from x_j to x_(j+1) is the share of the reward's variance that step j's own noise
+decides: the signal in that step's policy gradient, which per-step credit (GAE lambda < 1) isolates
+and R - V(x_j) buries under the shares of every later step. --windows measures several samplers
+(K steps, the first S stochastic) on the same prompts, to see how a longer window spreads that share.
 
 Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.json and its BENCHMARKS.md section
+      python bench/value_ceiling.py --windows 10:5 20:10 --fit-iters 0   # two windows, no learned critic
 """
 import argparse
 import itertools
@@ -45,49 +50,43 @@ def continue_from(backbone, x, j, cond, schedule, K, noise_level, S, generator):
     return backbone.decode(x)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny-dit", help="base model")
-    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's training prompts)")
-    p.add_argument("--samples", type=int, default=4, help="trajectories G per prompt")
-    p.add_argument("--branches", type=int, default=8, help="continuations M from each state")
-    p.add_argument("--num-steps", type=int, default=10, help="denoising steps K")
-    p.add_argument("--sde-steps", type=int, default=5, help="the SDE window S (train.py's default on this world)")
-    p.add_argument("--fit-iters", type=int, default=30, help="rollout batches of 32 the learned critic is fitted on")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    args = p.parse_args()
-    if min(args.prompts, args.branches, args.num_steps, args.sde_steps) < 1 or args.samples < 2:
-        p.exit(2, "error: --prompts, --branches, --num-steps, --sde-steps must be >= 1 and --samples >= 2\n")
+def window(text):
+    """'K:S' -> (K, S): K denoising steps, the first S stochastic; None if malformed."""
+    try:
+        K, S = (int(v) for v in text.split(":"))
+    except ValueError:
+        return None
+    return (K, S) if 1 <= S <= K else None
+
+
+def measure(backbone, args, pool, K, S):
+    """The rows of one sampler (K steps, SDE window S): one per state j = 0..S of the window."""
     import critic as critic_lib
     import rewards
     import rollout
     import toy
-    from models import load_backbone
     from tqdm import tqdm
-    backbone = load_backbone(args.model)
-    K, S, G, M = args.num_steps, min(args.sde_steps, args.num_steps), args.samples, args.branches
+    G, M, P = args.samples, args.branches, len(pool)
     noise_level = rollout.TRAIN_NOISE[backbone.sampler]                # train.py's default
     g = torch.Generator().manual_seed(args.seed)
-    train = toy.prompts("train")
-    pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]
-    P = len(pool)                                                        # at most the world's training prompts
     metas = [m for m in pool for _ in range(G)]                          # prompt-major: (P * G,)
     prompts = [m["prompt"] for m in metas]
     score = lambda images: toy.check(images, metas)[1]                  # the `shapes` reward: partial credit
     traj = rollout.sample(backbone, prompts, K, noise_level, generator=g, sde_steps=S)
     schedule = backbone.schedule(K)
 
-    # the learned critic, fitted as train.py --critic-fraction 1 fits it, on fresh rollouts of the same prompts
-    torch.manual_seed(args.seed)
-    V = critic_lib.Critic(backbone, num_rewards=1)
-    stream = critic_lib.rollouts(backbone, pool, rewards.build_reward("shapes"), 32, K, S, g)
-    mean, std = critic_lib.fit(backbone, V, itertools.islice(stream, args.fit_iters), generator=g,
-                               progress=lambda it: tqdm(it, total=args.fit_iters, desc="fitting the critic"))
-    values = V.values(backbone, traj, steps=S)[..., 0] * std + mean     # (N, S)
+    values = None     # the learned critic, fitted as train.py --critic-fraction 1 fits it, on fresh rollouts
+    if args.fit_iters:
+        torch.manual_seed(args.seed)
+        V = critic_lib.Critic(backbone, num_rewards=1)
+        stream = critic_lib.rollouts(backbone, pool, rewards.build_reward("shapes"), 32, K, S, g)
+        mean, std = critic_lib.fit(backbone, V, itertools.islice(stream, args.fit_iters), generator=g,
+                                   progress=lambda it: tqdm(it, total=args.fit_iters, desc="fitting the critic"))
+        values = V.values(backbone, traj, steps=S)[..., 0] * std + mean     # (N, S)
 
     rows = []
     g = torch.Generator().manual_seed(args.seed + 1)   # the continuations' own noise: the same whatever --fit-iters
-    for j in tqdm(range(S + 1), desc="branching from each state"):
+    for j in tqdm(range(S + 1), desc=f"K={K} S={S}: branching from each state"):
         x = traj.latents[:, j].float()
         R = torch.stack([score(continue_from(backbone, x, j, traj.cond, schedule, K, noise_level, S, g))
                          for _ in range(M)], 1)                           # (N, M)
@@ -97,27 +96,69 @@ def main():
             prompt_mean = ((per_sample.sum(1, keepdim=True) - per_sample) / (G - 1)).reshape(-1, 1)   # (N, 1)
         row = {"state": j, "noise_fraction": critic_lib.noise_fraction(backbone, traj.levels[j:j + 1]).item(),
                "ceiling": ceiling, "prompt_mean": explained(prompt_mean, R), "var_R": R.var().item(),
-               "learned_critic": explained(values[:, j:j + 1], R) if j < S else None}
+               "learned_critic": explained(values[:, j:j + 1], R) if values is not None and j < S else None}
         if j < K:                                                          # the reward of the one-step x0 estimate
             tweedie = score(backbone.decode(traj.pred_x0[:, j]))          # (N,)
             row["tweedie_r2"] = torch.corrcoef(torch.stack([tweedie.repeat_interleave(M), R.flatten()]))[0, 1].nan_to_num().pow(2).item()
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    for a, b in zip(rows, rows[1:]):    # what step j's own noise decides: the ceiling's rise over the step
+        a["step_share"] = b["ceiling"] - a["ceiling"]
+    return rows
 
-    command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
-    write_json("value_ceiling", {"command": command, "model": args.model, "machine": machine(), "args": vars(args),
-                                 "rows": rows})
+
+def table(rows, S):
     fmt = lambda v: "-" if v is None else f"{v:+.2f}"
-    lines = [f"Command: `{command}` ({args.model} base model, {P} training prompts x {G} trajectories, "
-             f"{M} continuations from each state, SDE window {S} of {K} steps; learned critic fitted on "
-             f"{args.fit_iters * 32} fresh trajectories of the same prompts). Explained variance of the `shapes` "
-             "reward by each predictor, all against the same continuations' rewards:", "",
-             "| state (step j) | noise fraction | ceiling E[R \\| x_j] | learned critic V_phi | r(x0-hat), linear fit | "
-             "prompt mean (GRPO's baseline) |", "|---|---|---|---|---|---|"]
+    lines = ["| state (step j) | noise fraction | ceiling E[R \\| x_j] | decided by step j's noise | learned critic V_phi | "
+             "r(x0-hat), linear fit | prompt mean (GRPO's baseline) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = f"{r['state']}" + (" (pure noise)" if r["state"] == 0 else " (after the window)" if r["state"] == S else "")
-        lines.append(f"| {label} | {r['noise_fraction']:.2f} | {fmt(r['ceiling'])} | {fmt(r['learned_critic'])} | "
-                     f"{fmt(r.get('tweedie_r2'))} | {fmt(r['prompt_mean'])} |")
+        lines.append(f"| {label} | {r['noise_fraction']:.2f} | {fmt(r['ceiling'])} | {fmt(r.get('step_share'))} | "
+                     f"{fmt(r['learned_critic'])} | {fmt(r.get('tweedie_r2'))} | {fmt(r['prompt_mean'])} |")
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-dit", help="base model")
+    p.add_argument("--prompts", type=int, default=32, help="training prompts P (a seeded draw of the world's training prompts)")
+    p.add_argument("--samples", type=int, default=4, help="trajectories G per prompt")
+    p.add_argument("--branches", type=int, default=8, help="continuations M from each state")
+    p.add_argument("--windows", nargs="+", default=["10:5"],
+                   help="samplers K:S, K denoising steps of which the first S are stochastic (train.py's "
+                        "--num-steps and --sde-steps; its default on this world is 10:5)")
+    p.add_argument("--fit-iters", type=int, default=30,
+                   help="rollout batches of 32 the learned critic is fitted on (0: no learned critic)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    args = p.parse_args()
+    if min(args.prompts, args.branches) < 1 or args.samples < 2 or args.fit_iters < 0:
+        p.exit(2, "error: --prompts and --branches must be >= 1, --samples >= 2, --fit-iters >= 0\n")
+    bad = [w for w in args.windows if window(w) is None]
+    if bad:
+        p.exit(2, f"error: --windows {bad[0]}: expected K:S, K denoising steps of which the first 1 <= S <= K are stochastic\n")
+    args.windows = [window(w) for w in args.windows]
+    import toy
+    from models import load_backbone
+    backbone = load_backbone(args.model)
+    g = torch.Generator().manual_seed(args.seed)
+    train = toy.prompts("train")
+    pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]   # the same for every window
+    windows = [{"num_steps": K, "sde_steps": S, "rows": measure(backbone, args, pool, K, S)} for K, S in args.windows]
+
+    command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
+    write_json("value_ceiling", {"command": command, "model": args.model, "machine": machine(),
+                                 "args": {**vars(args), "windows": [f"{K}:{S}" for K, S in args.windows]},
+                                 "windows": windows})
+    learned = f"learned critic fitted on {args.fit_iters * 32} fresh trajectories of the same prompts" \
+        if args.fit_iters else "no learned critic"
+    lines = [f"Command: `{command}` ({args.model} base model, {len(pool)} training prompts x {args.samples} "
+             f"trajectories, {args.branches} continuations from each state; {learned}). Explained variance of the "
+             "`shapes` reward by each predictor, all against the same continuations' rewards; 'decided by step j's "
+             "noise' is the ceiling's rise from x_j to x_(j+1), the signal in step j's policy gradient."]
+    for w in windows:
+        K, S = w["num_steps"], w["sde_steps"]
+        lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
+                  ""] + table(w["rows"], S)
     write_section("value-ceiling", "## How predictable the return is from a noisy latent (built-in world)\n\n"
                   + "\n".join(lines))
 
