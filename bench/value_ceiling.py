@@ -24,15 +24,18 @@ and R - V(x_j) buries under the shares of every later step. --windows measures s
 
 Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.json and its BENCHMARKS.md section
       python bench/value_ceiling.py --windows 10:5 20:10 --fit-iters 0   # two windows, no learned critic
+      python bench/value_ceiling.py --report-only                        # the section from the JSON
 """
 import argparse
 import itertools
+import json
+import os
 import shlex
 import sys
 
 import torch
 
-from common import machine, write_json, write_section
+from common import RESULTS, machine, write_json, write_section
 
 
 def explained(f, R):
@@ -102,18 +105,29 @@ def measure(backbone, args, pool, K, S):
             row["tweedie_r2"] = torch.corrcoef(torch.stack([tweedie.repeat_interleave(M), R.flatten()]))[0, 1].nan_to_num().pow(2).item()
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    for a, b in zip(rows, rows[1:]):    # what step j's own noise decides: the ceiling's rise over the step
+    return shares(rows)
+
+
+def shares(rows):
+    """Adds to each window state's row what step j's own noise decides (the ceiling's rise over the
+    step) and the share of step j's advantage that is that signal, by what the advantage is: R - mean
+    (V = 0) has Var R; R - E[R | x_j] (a perfect critic at GAE lambda 1) has (1 - ceiling_j) Var R; a
+    perfect critic at lambda 0 gives E[R | x_(j+1)] - E[R | x_j], the signal alone (share 1)."""
+    for a, b in zip(rows, rows[1:]):
         a["step_share"] = b["ceiling"] - a["ceiling"]
+        a["signal_v0"], a["signal_perfect_l1"] = a["step_share"], a["step_share"] / max(1 - a["ceiling"], 1e-6)
     return rows
 
 
 def table(rows, S):
     fmt = lambda v: "-" if v is None else f"{v:+.2f}"
-    lines = ["| state (step j) | noise fraction | ceiling E[R \\| x_j] | decided by step j's noise | learned critic V_phi | "
-             "r(x0-hat), linear fit | prompt mean (GRPO's baseline) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| state (step j) | noise fraction | ceiling E[R \\| x_j] | decided by step j's noise | signal share of step "
+             "j's advantage: V = 0 / perfect V, lambda 1 | learned critic V_phi | r(x0-hat), linear fit | prompt mean "
+             "(GRPO's baseline) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = f"{r['state']}" + (" (pure noise)" if r["state"] == 0 else " (after the window)" if r["state"] == S else "")
-        lines.append(f"| {label} | {r['noise_fraction']:.2f} | {fmt(r['ceiling'])} | {fmt(r.get('step_share'))} | "
+        signal = f"{r['signal_v0']:.2f} / {r['signal_perfect_l1']:.2f}" if "signal_v0" in r else "-"
+        lines.append(f"| {label} | {r['noise_fraction']:.2f} | {fmt(r['ceiling'])} | {fmt(r.get('step_share'))} | {signal} | "
                      f"{fmt(r['learned_critic'])} | {fmt(r.get('tweedie_r2'))} | {fmt(r['prompt_mean'])} |")
     return lines
 
@@ -130,7 +144,11 @@ def main():
     p.add_argument("--fit-iters", type=int, default=30,
                    help="rollout batches of 32 the learned critic is fitted on (0: no learned critic)")
     p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the BENCHMARKS section from bench/results/value_ceiling.json, measuring nothing")
     args = p.parse_args()
+    if args.report_only:
+        return report(json.load(open(os.path.join(RESULTS, "value_ceiling.json"))))
     if min(args.prompts, args.branches) < 1 or args.samples < 2 or args.fit_iters < 0:
         p.exit(2, "error: --prompts and --branches must be >= 1, --samples >= 2, --fit-iters >= 0\n")
     bad = [w for w in args.windows if window(w) is None]
@@ -146,19 +164,27 @@ def main():
     windows = [{"num_steps": K, "sde_steps": S, "rows": measure(backbone, args, pool, K, S)} for K, S in args.windows]
 
     command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
-    write_json("value_ceiling", {"command": command, "model": args.model, "machine": machine(),
-                                 "args": {**vars(args), "windows": [f"{K}:{S}" for K, S in args.windows]},
-                                 "windows": windows})
-    learned = f"learned critic fitted on {args.fit_iters * 32} fresh trajectories of the same prompts" \
-        if args.fit_iters else "no learned critic"
-    lines = [f"Command: `{command}` ({args.model} base model, {len(pool)} training prompts x {args.samples} "
-             f"trajectories, {args.branches} continuations from each state; {learned}). Explained variance of the "
-             "`shapes` reward by each predictor, all against the same continuations' rewards; 'decided by step j's "
-             "noise' is the ceiling's rise from x_j to x_(j+1), the signal in step j's policy gradient."]
-    for w in windows:
+    result = {"command": command, "model": args.model, "machine": machine(),
+              "args": {**vars(args), "windows": [f"{K}:{S}" for K, S in args.windows]}, "windows": windows}
+    write_json("value_ceiling", result)
+    report(result)
+
+
+def report(result):
+    """The BENCHMARKS section from a result (what main wrote to bench/results/value_ceiling.json)."""
+    a = result["args"]
+    learned = f"learned critic fitted on {a['fit_iters'] * 32} fresh trajectories of the same prompts" \
+        if a["fit_iters"] else "no learned critic"
+    lines = [f"Command: `{result['command']}` ({result['model']} base model, {a['prompts']} training prompts x "
+             f"{a['samples']} trajectories, {a['branches']} continuations from each state; {learned}). Explained "
+             "variance of the `shapes` reward by each predictor, all against the same continuations' rewards; 'decided "
+             "by step j's noise' is the ceiling's rise from x_j to x_(j+1), the signal in step j's policy gradient; the "
+             "signal share is that rise over the variance of step j's advantage (a perfect critic at GAE lambda 0 makes "
+             "it 1)."]
+    for w in result["windows"]:
         K, S = w["num_steps"], w["sde_steps"]
         lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
-                  ""] + table(w["rows"], S)
+                  ""] + table(shares(w["rows"]), S)
     write_section("value-ceiling", "## How predictable the return is from a noisy latent (built-in world)\n\n"
                   + "\n".join(lines))
 
