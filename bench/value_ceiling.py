@@ -24,6 +24,7 @@ and R - V(x_j) buries under the shares of every later step. --windows measures s
 
 Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.json and its BENCHMARKS.md section
       python bench/value_ceiling.py --windows 10:5 20:10 --fit-iters 0   # two windows, no learned critic
+      python bench/value_ceiling.py --windows 10:7 --append             # one more window beside them
       python bench/value_ceiling.py --report-only                        # the section from the JSON
 """
 import argparse
@@ -126,7 +127,8 @@ def table(rows, S):
              "(GRPO's baseline) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = f"{r['state']}" + (" (pure noise)" if r["state"] == 0 else " (after the window)" if r["state"] == S else "")
-        signal = f"{r['signal_v0']:.2f} / {r['signal_perfect_l1']:.2f}" if "signal_v0" in r else "-"
+        signal = "-" if "signal_v0" not in r else f"{r['signal_v0']:.2f} / " + (   # a ratio of two near-zeros: not shown
+            f"{r['signal_perfect_l1']:.2f}" if 1 - r["ceiling"] >= 0.05 else "-")
         lines.append(f"| {label} | {r['noise_fraction']:.2f} | {fmt(r['ceiling'])} | {fmt(r.get('step_share'))} | {signal} | "
                      f"{fmt(r['learned_critic'])} | {fmt(r.get('tweedie_r2'))} | {fmt(r['prompt_mean'])} |")
     return lines
@@ -146,15 +148,24 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the BENCHMARKS section from bench/results/value_ceiling.json, measuring nothing")
+    p.add_argument("--append", action="store_true",
+                   help="add these windows to bench/results/value_ceiling.json (measured with the same other flags)")
     args = p.parse_args()
+    path = os.path.join(RESULTS, "value_ceiling.json")
     if args.report_only:
-        return report(json.load(open(os.path.join(RESULTS, "value_ceiling.json"))))
+        return report(json.load(open(path)))
     if min(args.prompts, args.branches) < 1 or args.samples < 2 or args.fit_iters < 0:
         p.exit(2, "error: --prompts and --branches must be >= 1, --samples >= 2, --fit-iters >= 0\n")
     bad = [w for w in args.windows if window(w) is None]
     if bad:
         p.exit(2, f"error: --windows {bad[0]}: expected K:S, K denoising steps of which the first 1 <= S <= K are stochastic\n")
     args.windows = [window(w) for w in args.windows]
+    previous = None
+    if args.append:
+        previous = json.load(open(path)) if os.path.isfile(path) else None
+        same = ("model", "prompts", "samples", "branches", "fit_iters", "seed")
+        if previous is None or any(previous["args"][k] != getattr(args, k) for k in same):
+            p.exit(2, f"error: --append needs {path} measured with the same {', '.join('--' + k.replace('_', '-') for k in same)}\n")
     import toy
     from models import load_backbone
     backbone = load_backbone(args.model)
@@ -164,8 +175,12 @@ def main():
     windows = [{"num_steps": K, "sde_steps": S, "rows": measure(backbone, args, pool, K, S)} for K, S in args.windows]
 
     command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
+    names = [f"{K}:{S}" for K, S in args.windows]
+    if previous:                                     # the earlier windows first, a window measured again replaced
+        windows = [w for w in previous["windows"] if f"{w['num_steps']}:{w['sde_steps']}" not in names] + windows
+        command, names = previous["command"] + "` then `" + command, [w for w in previous["args"]["windows"] if w not in names] + names
     result = {"command": command, "model": args.model, "machine": machine(),
-              "args": {**vars(args), "windows": [f"{K}:{S}" for K, S in args.windows]}, "windows": windows}
+              "args": {**{k: v for k, v in vars(args).items() if k != "append"}, "windows": names}, "windows": windows}
     write_json("value_ceiling", result)
     report(result)
 
@@ -181,7 +196,7 @@ def report(result):
              "by step j's noise' is the ceiling's rise from x_j to x_(j+1), the signal in step j's policy gradient; the "
              "signal share is that rise over the variance of step j's advantage (a perfect critic at GAE lambda 0 makes "
              "it 1)."]
-    for w in result["windows"]:
+    for w in sorted(result["windows"], key=lambda w: (w["num_steps"], w["sde_steps"])):
         K, S = w["num_steps"], w["sde_steps"]
         lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
                   ""] + table(shares(w["rows"]), S)

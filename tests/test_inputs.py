@@ -158,6 +158,7 @@ BAD = [
     ("bench/steering.py", ["--run", "no-such-run", "--guidance", "1,nan"], "--guidance must be finite and >= 0, got nan"),
     ("bench/critic_health.py", ["--runs", "no-such-run"], "not a finished run (no pipeline/): no-such-run"),
     ("bench/value_ceiling.py", ["--windows", "10:5", "5:6"], "--windows 5:6: expected K:S"),
+    ("bench/value_ceiling.py", ["--windows", "6:3", "--append", "--prompts", "4"], "--append needs"),
     ("bench/credit.py", ["--tag", "a/b"], "--tag 'a/b': letters, digits and '-' only"),
 ]
 
