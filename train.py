@@ -629,7 +629,7 @@ def train(args, spec, train_prompts, heldout):
                     if args.critic_replay_states == "last":
                         # earlier batches give x_(t_1) alone (rows b*F + F - 1), so only those rows are kept past
                         # this iteration (F x less memory); a checkpoint written before this version kept them all
-                        x_t1 = lambda entry: tuple(t[F - 1::F] for t in entry)
+                        x_t1 = lambda entry: tuple(t[F - 1::F].clone() for t in entry)    # a view would hold every row
                         kept = [x_t1(e) if len(e[0]) == B * F else e for e in kept[:-1]] + kept[-1:]
                         replay[-1] = x_t1(replay[-1])
                     features = [torch.cat(t) for t in zip(*kept)]                  # (rows, N, D), ...

@@ -29,7 +29,9 @@ interrupted one resumed, so seeds and variants can be added over several sitting
 
 Run:  python bench/credit.py --variants no-critic,oracle-critic-l0 --seeds 0 1 --jobs 2   # runs, then report
       python bench/credit.py --report-only                 # table, JSON, PNG, BENCHMARKS section from finished runs
-Writes bench/results/credit_<model>.json and .png, and the BENCHMARKS.md section credit-<model>.
+      python bench/credit.py --tag w10-10 --train-flags "--lr-schedule constant --lr 3e-4 --sde-steps 10" --variants no-critic --seeds 0
+                                                           # a second benchmark (another window), its own runs and section
+Writes bench/results/credit_<model>[_<tag>].json and .png, and the BENCHMARKS.md section credit-<model>[-<tag>].
 """
 import argparse
 import json
@@ -251,7 +253,7 @@ def main():
     p.add_argument("--shipped", default="lastreplay-critic-l1",
                    help="the variant that is train.py's default learned critic: the JSON's and the table's 'critic'")
     args = p.parse_args()
-    if args.tag and not args.tag.replace("-", "").isalnum():
+    if args.tag and not (args.tag.isascii() and args.tag.replace("-", "").isalnum()):
         p.exit(2, f"error: --tag {args.tag!r}: letters, digits and '-' only\n")
     args.name = f"credit_{args.model}" + (f"_{args.tag}" if args.tag else "")
     args.runs = args.runs or os.path.join(ROOT, "bench", "runs", args.name)
@@ -299,7 +301,8 @@ def main():
                      "oracle_continuations": args.oracle_m, "variants": named,
                      "comparisons": {k: v for k, v in comparisons.items() if v}})
     plot(variants, out + ".png", f"{args.model}, {args.images:,} images per run")
-    lines = [f"## Credit assignment on {args.model}: what the critic adds ({args.images:,} images per run)", "",
+    lines = [f"## Credit assignment on {args.model}{' (' + args.tag + ')' if args.tag else ''}: what the critic adds "
+             f"({args.images:,} images per run)", "",
              f"Command: `python bench/credit.py --model {args.model}{tag} --variants NAMES --seeds S...` with every run at "
              f"`{args.train_flags}`, batch {args.batch_size}, held-out evaluation every {args.eval_every} iterations "
              f"with {args.eval_seeds} seeds per prompt (deterministic sampler); one thread per run, two runs at once; "

@@ -73,17 +73,22 @@ def health(run, rollouts, seed):
     replay_path = os.path.join(run, "checkpoint", "replay_rank0.safetensors")
     if os.path.isfile(replay_path):
         kept = load_file(replay_path)                     # "i.j": tensor j of the i-th kept iteration, oldest first
-        n, F = len({k.split(".")[0] for k in kept}), K + 1 if terminal else K
+        n, F, B = len({k.split(".")[0] for k in kept}), K + 1 if terminal else K, config["batch_size"]
         for label, its in (("replay_newest4", range(max(0, n - 4), n)), ("replay_oldest4", range(min(4, n)))):
-            v, r = [], []
+            cols = [([], []) for _ in range(F)]                # (values, returns) of each state f
             for i in its:
                 parts = [kept[f"{i}.{j}"] for j in range(sum(k.startswith(f"{i}.") for k in kept))]
                 *inputs, returns, _ = parts
                 with torch.no_grad():
-                    v.append(critic.head(*inputs)[:, 0].double()), r.append(returns[:, 0].double())
-            v, r = torch.cat(v).view(-1, F), torch.cat(r).view(-1, F)
-            out[label] = [stats(v[:, f], r[:, f]) for f in range(F)]
+                    v, r = critic.head(*inputs)[:, 0].double(), returns[:, 0].double()
+                # a batch kept whole has B * F rows, b*F + f; with --critic-replay-states last an earlier
+                # batch keeps its x_(t_1) rows alone, B of them
+                for f in (range(F) if len(r) == B * F else [F - 1]):
+                    step = F if len(r) == B * F else 1
+                    cols[f][0].append(v[f::step]), cols[f][1].append(r[f::step])
+            out[label] = [stats(torch.cat(v), torch.cat(r)) if v else None for v, r in cols]
         out["replay_iterations"] = n
+    out["window"], out["terminal"] = K, terminal
     return out
 
 
@@ -100,19 +105,23 @@ def main():
     command = "python bench/critic_health.py " + shlex.join(sys.argv[1:])
     write_json(os.path.join(ROOT, "bench", "results", "critic_health"),
                {"command": command, "machine": machine(), "runs": results})
+    S = max(h["window"] for h in results.values())
     lines = ["## The learned critic's health: fresh rollouts against its own replay", "",
              f"Command: `{command}` ({args.rollouts} fresh rollouts of each run's final policy on training prompts, the "
              "training sampler; R normalised with the run's running statistics). Each cell: ev / corr / beta (module "
-             "docstring) at one state: the SDE window's 5 states (x_0 of the window = pure noise), then x_(t_1) where the "
-             "head learned it.", "",
-             "| run | where | " + " | ".join(f"window state {f}" for f in range(5)) + " | x_(t_1) |", "|---|---|" + "---|" * 6]
+             "docstring) at one state: the SDE window's states (state 0 = pure noise), then x_(t_1) where the head "
+             "learned it; '-' where the run has no such state or did not keep it.", "",
+             "| run | where | " + " | ".join(f"window state {f}" for f in range(S)) + " | x_(t_1) |",
+             "|---|---|" + "---|" * (S + 1)]
+    cell = lambda s: "-" if s is None else f"{s['ev']:+.2f} / {s['corr']:+.2f} / {s['beta']:.2f}"
     for name, h in results.items():
         for where in ("fresh", "replay_newest4", "replay_oldest4"):
             if where in h:
-                cells = [f"{s['ev']:+.2f} / {s['corr']:+.2f} / {s['beta']:.2f}" for s in h[where]]
+                K, states = h["window"], h[where]
+                cells = [cell(s) for s in states[:K]] + ["-"] * (S - K) + [cell(states[K]) if h["terminal"] else "-"]
                 label = {"fresh": "fresh rollouts", "replay_newest4": "its replay, newest 4 iterations",
                          "replay_oldest4": f"its replay, oldest 4 of {h.get('replay_iterations')}"}[where]
-                lines.append(f"| {name} | {label} | " + " | ".join(cells + ["-"] * (6 - len(cells))) + " |")
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     write_section("critic-health", "\n".join(lines))
     print("\n".join(lines))
 

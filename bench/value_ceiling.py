@@ -142,7 +142,8 @@ def main():
     p.add_argument("--branches", type=int, default=8, help="continuations M from each state")
     p.add_argument("--windows", nargs="+", default=["10:5"],
                    help="samplers K:S, K denoising steps of which the first S are stochastic (train.py's "
-                        "--num-steps and --sde-steps; its default on this world is 10:5)")
+                        "--num-steps and --sde-steps; its default on this world is 10:5). Without --append the "
+                        "results file is rewritten with these alone")
     p.add_argument("--fit-iters", type=int, default=30,
                    help="rollout batches of 32 the learned critic is fitted on (0: no learned critic)")
     p.add_argument("--seed", type=int, default=0, help="seed")
@@ -153,18 +154,20 @@ def main():
     args = p.parse_args()
     path = os.path.join(RESULTS, "value_ceiling.json")
     if args.report_only:
+        if not os.path.isfile(path) or "windows" not in json.load(open(path)):
+            p.exit(2, f"error: --report-only needs {path} written by this version (python bench/value_ceiling.py)\n")
         return report(json.load(open(path)))
     if min(args.prompts, args.branches) < 1 or args.samples < 2 or args.fit_iters < 0:
         p.exit(2, "error: --prompts and --branches must be >= 1, --samples >= 2, --fit-iters >= 0\n")
     bad = [w for w in args.windows if window(w) is None]
     if bad:
         p.exit(2, f"error: --windows {bad[0]}: expected K:S, K denoising steps of which the first 1 <= S <= K are stochastic\n")
-    args.windows = [window(w) for w in args.windows]
+    args.windows = list(dict.fromkeys(window(w) for w in args.windows))      # each once, in the order given
     previous = None
     if args.append:
         previous = json.load(open(path)) if os.path.isfile(path) else None
         same = ("model", "prompts", "samples", "branches", "fit_iters", "seed")
-        if previous is None or any(previous["args"][k] != getattr(args, k) for k in same):
+        if previous is None or "windows" not in previous or any(previous["args"][k] != getattr(args, k) for k in same):
             p.exit(2, f"error: --append needs {path} measured with the same {', '.join('--' + k.replace('_', '-') for k in same)}\n")
     import toy
     from models import load_backbone

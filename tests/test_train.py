@@ -201,6 +201,12 @@ def test_critic_replay_states(tmp_path, monkeypatch, states):
         seen.append(features)
         return update(*a, features=features, **kw)
     monkeypatch.setattr(ppo, "update", spy)
+    kept, save = [], checkpoint.save_checkpoint          # the replay as train.py holds it, at each checkpoint
+
+    def save_spy(*a, **kw):
+        kept.append(list(a[-1]))                        # replay: its last argument
+        return save(*a, **kw)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_spy)
     B, F = 4, 3                                                           # --sde-steps 2: 2 window states + x_(t_1)
     assert run(["--num-steps", "4", "--eval-num-steps", "4", "--batch-size", str(B), "--eval-seeds", "1",
                 "--sde-steps", "2", "--minibatch-size", "8", "--iters", "3", "--value-warmup", "0",
@@ -214,12 +220,25 @@ def test_critic_replay_states(tmp_path, monkeypatch, states):
     else:
         assert all(len(t) == 2 * B + B * F for t in last)
         assert all(torch.equal(a[:B], b[F - 1::F]) for a, b in zip(last, first))   # iteration 1's x_(t_1) rows
-    # what is kept (and checkpointed) of each batch is what later iterations replay of it
+    # what is kept (and checkpointed) of each batch is what later iterations replay of it, and no more
+    # is held: an earlier batch's tensors own only its kept rows (a strided view would hold them all)
+    assert len(kept[-1]) == 3
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for entry in kept[-1] for t in entry)
+    assert all(len(t) == (B * F if states == "all" else B) for entry in kept[-1] for t in entry)
     path = os.path.join(str(tmp_path / "run"), "checkpoint", "replay_rank0.safetensors")
     saved = load_file(path)
     assert {len(t) for t in saved.values()} == {B * F if states == "all" else B}
+    # bench/critic_health.py reads either layout of the kept batches: every state, or x_(t_1) alone
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from critic_health import health
+    oldest = health(str(tmp_path / "run"), 32, 0)["replay_oldest4"]
+    assert len(oldest) == F and oldest[F - 1] is not None
+    assert all((s is None) == (states == "last") for s in oldest[:F - 1])
     if states == "last":   # a checkpoint written when every row was kept resumes to the same replay
-        save_file({k: t.repeat_interleave(F, 0).contiguous() for k, t in saved.items()}, path)
+        full = {k: torch.zeros(B * F, *t.shape[1:], dtype=t.dtype) for k, t in saved.items()}
+        for k, t in saved.items():
+            full[k][F - 1::F] = t                       # rows b*F + F - 1: x_(t_1); the others must not be read
+        save_file(full, path)
         assert run(["--resume", str(tmp_path / "run"), "--iters", "4"]) == 0
         assert all(len(t) == 2 * B + B * F for t in seen[-1])
         assert all(torch.equal(a[:2 * B], torch.cat([b[B:2 * B], b[2 * B:][F - 1::F]]))    # iterations 2 and 3
