@@ -25,6 +25,7 @@ and R - V(x_j) buries under the shares of every later step. --windows measures s
 Run:  python bench/value_ceiling.py        # writes bench/results/value_ceiling.json and its BENCHMARKS.md section
       python bench/value_ceiling.py --windows 10:5 20:10 --fit-iters 0   # two windows, no learned critic
       python bench/value_ceiling.py --windows 10:7 --append             # one more window beside them
+      python bench/value_ceiling.py --windows 10:5 --oracle-m 4 16 --append   # and the oracle critic's advantages
       python bench/value_ceiling.py --report-only                        # the section from the JSON
 """
 import argparse
@@ -109,6 +110,34 @@ def measure(backbone, args, pool, K, S):
     return shares(rows)
 
 
+@torch.no_grad()
+def oracle_noise(backbone, pool, K, S, M, seed, batches=8):
+    """What train.py --critic oracle --oracle-continuations M gives the update at the base policy: the
+    variance of its advantages at each step of the window, as a fraction of Var R, at GAE lambda 0
+    (V(x_(j+1)) - V(x_j), V = the mean of M continuations on common random numbers) and lambda 1
+    (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. Step j's true signal is
+    its share s_j; at lambda 0 the rest of the variance is the M continuations' estimation noise
+    (V = 0 gives every step the whole Var R)."""
+    import critic as critic_lib
+    import ppo
+    import rollout
+    import toy
+    g = torch.Generator().manual_seed(seed + 2)
+    score = lambda images, prompts, metas: toy.check(images.float().cpu(), metas)[1][:, None]    # (B, 1)
+    oracle = critic_lib.OracleCritic(1, score, backbone.net, M, generator=torch.Generator().manual_seed(seed + 3))
+    A0, A1, R = [], [], []
+    for b in range(batches):
+        metas = [pool[i] for i in torch.randint(len(pool), (32,), generator=g)]
+        traj = rollout.sample(backbone, [m["prompt"] for m in metas], K, rollout.TRAIN_NOISE[backbone.sampler],
+                              generator=g, sde_steps=S, metas=metas)
+        r = score(traj.images, None, metas)
+        V = oracle.values(backbone, traj, steps=S)                                # (B, S, 1)
+        A0.append(ppo.gae(r, V, 1.0, 0.0)[0][..., 0]), A1.append(ppo.gae(r, V, 1.0, 1.0)[0][..., 0]), R.append(r[:, 0])
+    A0, A1, R = torch.cat(A0), torch.cat(A1), torch.cat(R)                       # (N, S), (N, S), (N,)
+    return {"M": M, "trajectories": len(R), "var_lambda0": (A0.var(0) / R.var()).tolist(),
+            "var_lambda1": (A1.var(0) / R.var()).tolist()}
+
+
 def shares(rows):
     """Adds to each window state's row what step j's own noise decides (the ceiling's rise over the
     step) and the share of step j's advantage that is that signal, by what the advantage is: R - mean
@@ -146,6 +175,9 @@ def main():
                         "results file is rewritten with these alone")
     p.add_argument("--fit-iters", type=int, default=30,
                    help="rollout batches of 32 the learned critic is fitted on (0: no learned critic)")
+    p.add_argument("--oracle-m", type=int, nargs="*", default=[],
+                   help="also measure the oracle critic's advantages at the base policy with these numbers of "
+                        "continuations (train.py --oracle-continuations), 256 trajectories each")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the BENCHMARKS section from bench/results/value_ceiling.json, measuring nothing")
@@ -157,8 +189,8 @@ def main():
         if not os.path.isfile(path) or "windows" not in json.load(open(path)):
             p.exit(2, f"error: --report-only needs {path} written by this version (python bench/value_ceiling.py)\n")
         return report(json.load(open(path)))
-    if min(args.prompts, args.branches) < 1 or args.samples < 2 or args.fit_iters < 0:
-        p.exit(2, "error: --prompts and --branches must be >= 1, --samples >= 2, --fit-iters >= 0\n")
+    if min(args.prompts, args.branches, *args.oracle_m) < 1 or args.samples < 2 or args.fit_iters < 0:
+        p.exit(2, "error: --prompts, --branches and --oracle-m must be >= 1, --samples >= 2, --fit-iters >= 0\n")
     bad = [w for w in args.windows if window(w) is None]
     if bad:
         p.exit(2, f"error: --windows {bad[0]}: expected K:S, K denoising steps of which the first 1 <= S <= K are stochastic\n")
@@ -175,7 +207,9 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
     train = toy.prompts("train")
     pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]   # the same for every window
-    windows = [{"num_steps": K, "sde_steps": S, "rows": measure(backbone, args, pool, K, S)} for K, S in args.windows]
+    windows = [{"num_steps": K, "sde_steps": S, "rows": measure(backbone, args, pool, K, S),
+                "oracle": [oracle_noise(backbone, pool, K, S, M, args.seed) for M in args.oracle_m]}
+               for K, S in args.windows]
 
     command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
     names = [f"{K}:{S}" for K, S in args.windows]
@@ -203,6 +237,19 @@ def report(result):
         K, S = w["num_steps"], w["sde_steps"]
         lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
                   ""] + table(shares(w["rows"]), S)
+        if w.get("oracle"):
+            rows = shares(w["rows"])
+            lines += ["", f"The oracle critic's advantages at the base policy ({w['oracle'][0]['trajectories']} "
+                      "trajectories; variance at each step as a fraction of Var R; V = 0 gives 1.00 everywhere):", "",
+                      "| advantage | " + " | ".join(f"step {j}" for j in range(S)) + " | sum over the window |",
+                      "|---|" + "---|" * (S + 1),
+                      "| what the step decides, s_j (above) | " + " | ".join(f"{r['step_share']:.2f}" for r in rows[:S])
+                      + f" | {sum(r['step_share'] for r in rows[:S]):.2f} |"]
+            for o in w["oracle"]:
+                for lam in ("0", "1"):
+                    v = o[f"var_lambda{lam}"]
+                    lines.append(f"| oracle, M = {o['M']}, lambda {lam} | " + " | ".join(f"{x:.2f}" for x in v)
+                                 + f" | {sum(v):.2f} |")
     write_section("value-ceiling", "## How predictable the return is from a noisy latent (built-in world)\n\n"
                   + "\n".join(lines))
 
