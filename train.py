@@ -627,11 +627,13 @@ def train(args, spec, train_prompts, heldout):
                                                           old_values.reshape(B * F, -1))))
                     kept = list(replay)
                     if args.critic_replay_states == "last":
-                        # earlier batches give x_(t_1) alone (rows b*F + F - 1), so only those rows are kept past
-                        # this iteration (F x less memory); a checkpoint written before this version kept them all
-                        x_t1 = lambda entry: tuple(t[F - 1::F].clone() for t in entry)    # a view would hold every row
-                        kept = [x_t1(e) if len(e[0]) == B * F else e for e in kept[:-1]] + kept[-1:]
-                        replay[-1] = x_t1(replay[-1])
+                        # earlier batches give x_(t_1) alone (rows b*F + F - 1), so that is all the replay keeps of
+                        # a batch past its own iteration (F x less memory): this one's once used whole, and any a
+                        # checkpoint written before this version kept whole
+                        for i in range(len(replay)):
+                            if len(replay[i][0]) == B * F:
+                                replay[i] = tuple(t[F - 1::F].clone() for t in replay[i])   # a view would hold every row
+                        kept = list(replay)[:-1] + kept[-1:]
                     features = [torch.cat(t) for t in zip(*kept)]                  # (rows, N, D), ...
                 # the critic's health: EV against its regression targets (CleanRL's), and, per noise
                 # level, against the final reward itself (the paper's premise: predictable from x_t)

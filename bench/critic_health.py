@@ -83,9 +83,9 @@ def health(run, rollouts, seed):
                     v, r = critic.head(*inputs)[:, 0].double(), returns[:, 0].double()
                 # a batch kept whole has B * F rows, b*F + f; with --critic-replay-states last an earlier
                 # batch keeps its x_(t_1) rows alone, B of them
-                for f in (range(F) if len(r) == B * F else [F - 1]):
-                    step = F if len(r) == B * F else 1
-                    cols[f][0].append(v[f::step]), cols[f][1].append(r[f::step])
+                whole = len(r) == B * F
+                for f in (range(F) if whole else [F - 1]):
+                    cols[f][0].append(v[f::F] if whole else v), cols[f][1].append(r[f::F] if whole else r)
             out[label] = [stats(torch.cat(v), torch.cat(r)) if v else None for v, r in cols]
         out["replay_iterations"] = n
     out["window"], out["terminal"] = K, terminal

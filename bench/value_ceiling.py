@@ -186,9 +186,10 @@ def main():
     args = p.parse_args()
     path = os.path.join(RESULTS, "value_ceiling.json")
     if args.report_only:
-        if not os.path.isfile(path) or "windows" not in json.load(open(path)):
+        result = json.load(open(path)) if os.path.isfile(path) else {}
+        if "windows" not in result:
             p.exit(2, f"error: --report-only needs {path} written by this version (python bench/value_ceiling.py)\n")
-        return report(json.load(open(path)))
+        return report(result)
     if min(args.prompts, args.branches, *args.oracle_m) < 1 or args.samples < 2 or args.fit_iters < 0:
         p.exit(2, "error: --prompts, --branches and --oracle-m must be >= 1, --samples >= 2, --fit-iters >= 0\n")
     bad = [w for w in args.windows if window(w) is None]
@@ -236,9 +237,8 @@ def report(result):
     for w in sorted(result["windows"], key=lambda w: (w["num_steps"], w["sde_steps"])):
         K, S = w["num_steps"], w["sde_steps"]
         lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
-                  ""] + table(shares(w["rows"]), S)
+                  ""] + table(rows := shares(w["rows"]), S)
         if w.get("oracle"):
-            rows = shares(w["rows"])
             lines += ["", f"The oracle critic's advantages at the base policy ({w['oracle'][0]['trajectories']} "
                       "trajectories; variance at each step as a fraction of Var R; V = 0 gives 1.00 everywhere):", "",
                       "| advantage | " + " | ".join(f"step {j}" for j in range(S)) + " | sum over the window |",

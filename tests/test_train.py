@@ -229,7 +229,7 @@ def test_critic_replay_states(tmp_path, monkeypatch, states):
     saved = load_file(path)
     assert {len(t) for t in saved.values()} == {B * F if states == "all" else B}
     # bench/critic_health.py reads either layout of the kept batches: every state, or x_(t_1) alone
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
     from critic_health import health
     oldest = health(str(tmp_path / "run"), 32, 0)["replay_oldest4"]
     assert len(oldest) == F and oldest[F - 1] is not None
