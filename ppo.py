@@ -166,14 +166,23 @@ def barrier():
         dist.barrier()
 
 
-def normalise(advantages, mask, eps=1e-8):
+def normalise(advantages, mask, per_step=False, eps=1e-8):
     """advantages (B, K) -> zero mean, unit std over the steps where mask (B, K), computed over
-    the global batch (all ranks), not per rank."""
+    the global batch (all ranks), not per rank.
+    per_step: centre each step k on its own batch mean (then one std over all steps). A critic whose
+    bias differs by noise level (the proxy's, or a head still learning) leaves step k a constant
+    offset b_k in R - V(x_k); centred over all (trajectory, step) pairs, that offset pushes every
+    trajectory's step k the same way, pure noise in the gradient. A per-step batch mean is a baseline
+    of its own (it does not depend on one trajectory's action), so centring on it removes b_k."""
     m = mask.to(advantages.dtype)
-    stats = all_reduce_sum(torch.stack([(advantages * m).sum(), (advantages ** 2 * m).sum(), m.sum()]).double())
-    mean = stats[0] / stats[2]
-    std = (stats[1] / stats[2] - mean ** 2).clamp(min=0).sqrt()
-    return ((advantages - mean) / (std + eps)).to(advantages.dtype)
+    dims = 0 if per_step else (0, 1)
+    stats = all_reduce_sum(torch.stack([(advantages * m).sum(dims), (advantages ** 2 * m).sum(dims),
+                                        m.sum(dims)]).double())                            # (3,) or (3, K)
+    mean = stats[0] / stats[2].clamp(min=1)
+    centred = advantages - mean.to(advantages.dtype)
+    # one scale for all steps: a per-step std would inflate the steps that decide little
+    var = ((stats[1] - stats[0] * mean).sum() / stats[2].sum()).clamp(min=0)
+    return (centred / (var.sqrt() + eps)).to(advantages.dtype)
 
 
 def masked_mean(x, mask):

@@ -158,6 +158,10 @@ def build_parser():
                    help="PPO clip eps on the ratio (default: 1e-4 for SD models, the peers' (Flow-GRPO, DDPO); 1e-2 "
                         "for the built-in world: a per-element-mean log-prob over its 64 latent elements moves more "
                         "per update than over 262,144)")
+    g.add_argument("--adv-norm", choices=("batch", "step"), default="batch",
+                   help="how the advantages are normalised over the global batch: batch (one mean and std over every "
+                        "(trajectory, step) pair) | step (each step centred on its own mean, one std: removes a "
+                        "critic's per-noise-level bias, which batch centring leaves in every trajectory's step k)")
     g.add_argument("--adv-clip", type=finite_float(above=0), default=5.0,
                    help="clip advantages to [-c, c] (Flow-GRPO: 5)")
     g.add_argument("--gamma", type=finite_float(above=0, max=1), default=1.0, help="discount over denoising steps")
@@ -618,7 +622,7 @@ def train(args, spec, train_prompts, heldout):
                 # with an SDE window the reward arrives at its last step: the deterministic tail maps
                 # x_{t_S} to x_0, so the state after the window is worth R exactly (terminal, as x_0)
                 adv, returns = ppo.gae(normalised, old_values[:, :K], args.gamma, args.gae_lambda)   # (B, K, R) each
-                advantages = ppo.normalise((adv * weights).sum(-1), mask)                      # (B, K)
+                advantages = ppo.normalise((adv * weights).sum(-1), mask, args.adv_norm == "step")   # (B, K)
                 if F > K:                  # --critic-terminal: x_{t_1}'s target is that fixed return, R
                     returns = torch.cat([returns, normalised[:, None].to(returns.dtype)], 1)     # (B, F, R)
                 if features is not None:   # the head's data: this batch's states and the last M - 1 batches'

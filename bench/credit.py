@@ -17,6 +17,8 @@ makes the advantage differs:
                      mostly noise, which its passes memorise (bench/critic_health.py), at gae_lambda X
   oracle-critic-lX   --critic oracle: the mean reward of M continuations of the current policy from
                      x_t (common random numbers), at gae_lambda X: the bound on any critic
+  NAME-step          any of the above with its advantages centred per step (--adv-norm step): removes the
+                     critic's per-noise-level bias, which centring over the whole batch leaves as noise
   critic-no-warmup   the learned critic without value warm-up (--value-warmup 0), at its best lambda
   critic-no-adaln    ... without the head's AdaLN noise-level modulation (--critic-adaln off)
   raft               rejection-sampling fine-tuning on the strict passes (the supervised reference)
@@ -56,6 +58,9 @@ def variant_flags(name, oracle_m):
              "perfect-data": ""}
     if name in fixed:
         return fixed[name]
+    if name.endswith("-step"):              # the same variant, its advantages centred per step
+        flags = variant_flags(name[:-len("-step")], oracle_m)
+        return flags and f"{flags} --adv-norm step"
     for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("oracle-critic-l", f"--critic oracle "
                           f"--oracle-continuations {oracle_m}"),
                           ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),
@@ -145,7 +150,8 @@ def collect(args):
     out = {}
     for name, runs in found.items():
         seeds = sorted(runs)
-        lam = name.rsplit("-l", 1)[1] if name.rsplit("-l", 1)[-1] in LAMBDAS and "-l" in name else "1"
+        base = name[:-len("-step")] if name.endswith("-step") else name
+        lam = base.rsplit("-l", 1)[1] if base.rsplit("-l", 1)[-1] in LAMBDAS and "-l" in base else "1"
         out[name] = {"flags": variant_flags(name, args.oracle_m), "gae_lambda": float(lam), "seeds": seeds,
                      "heldout_strict": [runs[s]["heldout_strict"][-1] for s in seeds],
                      "heldout_strict_run_mean": [mean(runs[s]["heldout_strict"][1:]) for s in seeds],

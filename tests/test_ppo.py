@@ -78,6 +78,25 @@ def test_normalise_uses_only_masked_steps():
     torch.testing.assert_close(out[0, :2], torch.tensor([-1.0, 1.0]), atol=1e-6, rtol=0)
 
 
+def test_normalise_per_step_removes_a_critics_per_step_bias():
+    """A critic off by a constant b_k at step k: centred per step, R - V gives exactly what V = 0 gives
+    (the batch-normalised return at every step); centred over the batch, b_k stays as an offset."""
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(64, 1, generator=g)                                  # (B, 1)
+    b = torch.tensor([[2.0, -1.0, 0.5, 0.0]])                            # (1, K)
+    mask = torch.ones(64, 4, dtype=torch.bool)
+    want = ppo.normalise(R.expand(64, 4), mask)                          # V = 0
+    torch.testing.assert_close(ppo.normalise(R - b, mask, per_step=True), want)
+    assert (ppo.normalise(R - b, mask) - want).abs().max() > 0.5
+    # masked steps count in neither the means nor the scale
+    adv = torch.cat([R - b, torch.full((64, 1), 1e3)], 1)
+    out = ppo.normalise(adv, torch.cat([mask, torch.zeros(64, 1, dtype=torch.bool)], 1), per_step=True)
+    torch.testing.assert_close(out[:, :4], want)
+    # one scale for all steps: a step that varies twice as much keeps twice the advantage
+    out = ppo.normalise(R * torch.tensor([[1.0, 2.0]]), mask[:, :2], per_step=True)
+    assert out[:, 1].std().item() == pytest.approx(2 * out[:, 0].std().item(), rel=1e-5)
+
+
 def test_nonfinite_loss_skips_the_step():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([w], lr=0.1)
