@@ -248,8 +248,9 @@ def main():
     p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every N iterations")
     p.add_argument("--eval-seeds", type=int, default=8, help="images per held-out prompt in each evaluation")
     p.add_argument("--oracle-m", type=int, default=4, help="--oracle-continuations of the oracle variants")
-    p.add_argument("--train-flags", default="--lr-schedule constant --kl-coef 0.04",
-                   help="train.py flags every variant shares (the budget's schedule)")
+    p.add_argument("--train-flags", default="--lr-schedule constant --lr 3e-4",
+                   help="train.py flags every variant shares (the budget's schedule; a benchmark's first run fixes "
+                        "them in its runs' settings.json, which later runs reuse)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs", default=None, help="where the runs go (default bench/runs/credit_<model>[_<tag>])")
