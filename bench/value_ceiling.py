@@ -65,7 +65,8 @@ def window(text):
 
 
 def measure(backbone, args, pool, K, S):
-    """The rows of one sampler (K steps, SDE window S): one per state j = 0..S of the window."""
+    """The rows of one sampler (K steps, SDE window S): one per state j = 0..S of the window; and the
+    fitted learned critic's values, traj -> (B, S) (None without --fit-iters)."""
     import critic as critic_lib
     import rewards
     import rollout
@@ -80,14 +81,15 @@ def measure(backbone, args, pool, K, S):
     traj = rollout.sample(backbone, prompts, K, noise_level, generator=g, sde_steps=S)
     schedule = backbone.schedule(K)
 
-    values = None     # the learned critic, fitted as train.py --critic-fraction 1 fits it, on fresh rollouts
+    values = learned = None     # the learned critic, fitted as train.py --critic-fraction 1 fits it, on fresh rollouts
     if args.fit_iters:
         torch.manual_seed(args.seed)
         V = critic_lib.Critic(backbone, num_rewards=1)
         stream = critic_lib.rollouts(backbone, pool, rewards.build_reward("shapes"), 32, K, S, g)
         mean, std = critic_lib.fit(backbone, V, itertools.islice(stream, args.fit_iters), generator=g,
                                    progress=lambda it: tqdm(it, total=args.fit_iters, desc="fitting the critic"))
-        values = V.values(backbone, traj, steps=S)[..., 0] * std + mean     # (N, S)
+        learned = lambda t: V.values(backbone, t, steps=S)[..., 0] * std + mean     # traj -> (B, S), R's scale
+        values = learned(traj)                                               # (N, S)
 
     rows = []
     g = torch.Generator().manual_seed(args.seed + 1)   # the continuations' own noise: the same whatever --fit-iters
@@ -107,35 +109,60 @@ def measure(backbone, args, pool, K, S):
             row["tweedie_r2"] = torch.corrcoef(torch.stack([tweedie.repeat_interleave(M), R.flatten()]))[0, 1].nan_to_num().pow(2).item()
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    return shares(rows)
+    return shares(rows), learned
 
 
 @torch.no_grad()
-def oracle_noise(backbone, pool, K, S, M, seed, batches=8):
-    """What train.py --critic oracle --oracle-continuations M gives the update at the base policy: the
-    variance of its advantages at each step of the window, as a fraction of Var R, at GAE lambda 0
-    (V(x_(j+1)) - V(x_j), V = the mean of M continuations on common random numbers) and lambda 1
-    (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. Step j's true signal is
-    its share s_j; at lambda 0 the rest of the variance is the M continuations' estimation noise
-    (V = 0 gives every step the whole Var R)."""
-    import critic as critic_lib
+def advantage_noise(backbone, pool, K, S, values, seed, batches=8, **label):
+    """What a critic gives the update at the base policy: the variance of its advantages at each step
+    of the window, as a fraction of Var R, at GAE lambda 0 (V(x_(j+1)) - V(x_j)) and lambda 1
+    (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. values(traj) -> (B, S)
+    V at the window's states, on R's scale. Step j's true signal is its share s_j; the rest is the
+    critic's error (V = 0 gives every step the whole Var R). Also each step's squared offset
+    (its mean advantage less the mean over every step, over Var R): what centring over the whole
+    batch (train.py --adv-norm batch) adds to that step on top of its variance, and centring per step
+    (--adv-norm step) does not."""
     import ppo
     import rollout
     import toy
     g = torch.Generator().manual_seed(seed + 2)
-    score = lambda images, prompts, metas: toy.check(images.float().cpu(), metas)[1][:, None]    # (B, 1)
-    oracle = critic_lib.OracleCritic(1, score, backbone.net, M, generator=torch.Generator().manual_seed(seed + 3))
-    A0, A1, R = [], [], []
+    A, R = {"0": [], "1": []}, []
     for b in range(batches):
         metas = [pool[i] for i in torch.randint(len(pool), (32,), generator=g)]
         traj = rollout.sample(backbone, [m["prompt"] for m in metas], K, rollout.TRAIN_NOISE[backbone.sampler],
                               generator=g, sde_steps=S, metas=metas)
-        r = score(traj.images, None, metas)
-        V = oracle.values(backbone, traj, steps=S)                                # (B, S, 1)
-        A0.append(ppo.gae(r, V, 1.0, 0.0)[0][..., 0]), A1.append(ppo.gae(r, V, 1.0, 1.0)[0][..., 0]), R.append(r[:, 0])
-    A0, A1, R = torch.cat(A0), torch.cat(A1), torch.cat(R)                       # (N, S), (N, S), (N,)
-    return {"M": M, "trajectories": len(R), "var_lambda0": (A0.var(0) / R.var()).tolist(),
-            "var_lambda1": (A1.var(0) / R.var()).tolist()}
+        r = toy.check(traj.images.float().cpu(), metas)[1][:, None]                 # (B, 1)
+        V = values(traj)[..., None]                                                  # (B, S, 1)
+        for lam in A:
+            A[lam].append(ppo.gae(r, V, 1.0, float(lam))[0][..., 0])
+        R.append(r[:, 0])
+    R = torch.cat(R)                                                                 # (N,)
+    out = {**label, "trajectories": len(R)}
+    for lam, a in A.items():
+        a = torch.cat(a)                                                             # (N, S)
+        out[f"var_lambda{lam}"] = (a.var(0) / R.var()).tolist()
+        out[f"offset_lambda{lam}"] = ((a.mean(0) - a.mean()) ** 2 / R.var()).tolist()
+    return out
+
+
+def critics_noise(backbone, args, pool, K, S, learned):
+    """advantage_noise of the oracle at each --oracle-m, of the proxy (--proxy) and of the fitted learned
+    critic (learned: traj -> (B, S), or None)."""
+    import critic as critic_lib
+    import toy
+    score = lambda images, prompts, metas: toy.check(images.float().cpu(), metas)[1][:, None]    # (B, 1)
+    out = {"oracle": []}
+    for M in args.oracle_m:
+        oracle = critic_lib.OracleCritic(1, score, backbone.net, M, generator=torch.Generator().manual_seed(args.seed + 3))
+        out["oracle"].append(advantage_noise(backbone, pool, K, S, lambda traj: oracle.values(backbone, traj, steps=S)[..., 0],
+                                             args.seed, M=M))
+    if args.proxy_and_learned:
+        proxy = critic_lib.ProxyCritic(1, score)
+        out["proxy"] = advantage_noise(backbone, pool, K, S, lambda traj: proxy.values(backbone, traj, steps=S)[..., 0],
+                                       args.seed)
+        if learned is not None:
+            out["learned"] = advantage_noise(backbone, pool, K, S, learned, args.seed)
+    return out
 
 
 def shares(rows):
@@ -178,6 +205,9 @@ def main():
     p.add_argument("--oracle-m", type=int, nargs="*", default=[],
                    help="also measure the oracle critic's advantages at the base policy with these numbers of "
                         "continuations (train.py --oracle-continuations), 256 trajectories each")
+    p.add_argument("--proxy-and-learned", action="store_true",
+                   help="also measure the advantages of the proxy critic (r(x0-hat)) and of the fitted learned critic "
+                        "as the oracle's, with each step's offset under centring over the whole batch")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the BENCHMARKS section from bench/results/value_ceiling.json, measuring nothing")
@@ -208,9 +238,10 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
     train = toy.prompts("train")
     pool = [train[i] for i in torch.randperm(len(train), generator=g)[:args.prompts]]   # the same for every window
-    windows = [{"num_steps": K, "sde_steps": S, "rows": measure(backbone, args, pool, K, S),
-                "oracle": [oracle_noise(backbone, pool, K, S, M, args.seed) for M in args.oracle_m]}
-               for K, S in args.windows]
+    windows = []
+    for K, S in args.windows:
+        rows, learned = measure(backbone, args, pool, K, S)
+        windows.append({"num_steps": K, "sde_steps": S, "rows": rows, **critics_noise(backbone, args, pool, K, S, learned)})
 
     command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
     names = [f"{K}:{S}" for K, S in args.windows]
@@ -238,18 +269,26 @@ def report(result):
         K, S = w["num_steps"], w["sde_steps"]
         lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
                   ""] + table(rows := shares(w["rows"]), S)
-        if w.get("oracle"):
-            lines += ["", f"The oracle critic's advantages at the base policy ({w['oracle'][0]['trajectories']} "
-                      "trajectories; variance at each step as a fraction of Var R; V = 0 gives 1.00 everywhere):", "",
+        critics = [(f"oracle, M = {o['M']}", o) for o in w.get("oracle", [])] + [
+            (name, w[key]) for key, name in (("proxy", "proxy r(x0-hat)"), ("learned", "learned (fitted above)")) if key in w]
+        if critics:
+            lines += ["", f"Critics' advantages at the base policy ({critics[0][1]['trajectories']} trajectories; variance "
+                      "at each step as a fraction of Var R, each step centred on its own mean (--adv-norm step); "
+                      "'over the batch': plus the step's squared offset from the mean over all steps, what "
+                      "--adv-norm batch leaves in; V = 0 gives 1.00 everywhere either way):", "",
                       "| advantage | " + " | ".join(f"step {j}" for j in range(S)) + " | sum over the window |",
                       "|---|" + "---|" * (S + 1),
                       "| what the step decides, s_j (above) | " + " | ".join(f"{r['step_share']:.2f}" for r in rows[:S])
                       + f" | {sum(r['step_share'] for r in rows[:S]):.2f} |"]
-            for o in w["oracle"]:
+            for name, o in critics:
                 for lam in ("0", "1"):
-                    v = o[f"var_lambda{lam}"]
-                    lines.append(f"| oracle, M = {o['M']}, lambda {lam} | " + " | ".join(f"{x:.2f}" for x in v)
-                                 + f" | {sum(v):.2f} |")
+                    variants = [("", o[f"var_lambda{lam}"])]
+                    if f"offset_lambda{lam}" in o:
+                        variants.append((", over the batch", [v + d for v, d in zip(o[f"var_lambda{lam}"],
+                                                                                      o[f"offset_lambda{lam}"])]))
+                    for suffix, v in variants:
+                        lines.append(f"| {name}, lambda {lam}{suffix} | " + " | ".join(f"{x:.2f}" for x in v)
+                                     + f" | {sum(v):.2f} |")
     write_section("value-ceiling", "## How predictable the return is from a noisy latent (built-in world)\n\n"
                   + "\n".join(lines))
 
