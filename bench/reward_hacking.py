@@ -26,7 +26,7 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (RESULTS, add_run_args, last_quarter, mean, pm, prompt_accuracy, split_train_flags, train_run,
+from common import (RESULTS, ROOT, add_run_args, last_quarter, mean, pm, prompt_accuracy, split_train_flags, train_run,
                     write_json, write_section)
 
 LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is gold, never trained on)
@@ -81,9 +81,40 @@ def grid(run_dirs, path):
     return [p for p in prompts if p]
 
 
+STEER_N, STEER_SEEDS = 8, 4      # the steering sweep: best-of-8 by the critic, held-out prompts x 4 seeds
+
+
+def steer_sweep(args, run_dir):
+    """The per-reward heads' reason to exist: one trained joint policy and critic, steered at inference
+    by `python eval.py --steer bon --steer-weights toy-pref=1,toy-clip=w` for each w of
+    --steer-clip-weights; every reward and the gold scored on the chosen images. Each evaluation is
+    kept under the runs (reused when there). Returns {"run", "command", "rows": [{"w", REWARD: {mean, se}}],
+    "unsteered": {REWARD: {mean, se}}}."""
+    import subprocess
+    rows, unsteered, command = [], None, None
+    for w in args.steer_clip_weights:
+        out = os.path.join(args.runs, f"steer-{os.path.basename(run_dir)}-clip{w:g}")
+        cmd = ["eval.py", "--policy", run_dir, "--critic", run_dir, "--steer", "bon", "--n", str(STEER_N),
+               "--steer-weights", f"toy-pref=1,toy-clip={w:g}", "--rewards", "toy-pref,toy-clip,shapes",
+               "--seeds", str(STEER_SEEDS), "--out", out]
+        command = command or "python " + shlex.join(cmd).replace(f"clip={w:g}", "clip=W").replace(out, "RUNS/steer-...-clipW")
+        if not os.path.isfile(os.path.join(out, "summary.json")) and not args.report_only:
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+            with open(out + ".log", "w") as log:
+                if subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT):
+                    raise SystemExit(f"steering with toy-clip weight {w:g} failed; see {out}.log")
+        if os.path.isfile(os.path.join(out, "summary.json")):
+            summary = json.load(open(os.path.join(out, "summary.json")))
+            rows.append({"w": w, **{k: summary[k] for k in (*SCORED, "shapes/strict")}})
+            unsteered = unsteered or {k: summary["unsteered"][k] for k in (*SCORED, "shapes/strict")}
+    return {"run": os.path.basename(run_dir), "command": command, "rows": rows, "unsteered": unsteered} if rows else None
+
+
 def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
     runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
+    if not args.steer_clip_weights and os.path.isfile(args.out + ".json"):     # keep a steering sweep made before
+        args.steer_clip_weights = [r["w"] for r in (json.load(open(args.out + ".json")).get("steering") or {}).get("rows", [])]
     flags = lambda n, s: ["--algo", "ppo", "--seed", str(s), *LEARNED[n], *extra]
     if not args.report_only:
         os.makedirs(args.runs, exist_ok=True)
@@ -120,6 +151,9 @@ def learned(args, extra):
         ax.set_title(title), ax.set_xlabel("training images"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(args.out + ".png", dpi=110), plt.close(fig)
     grid({n: runs[n][min(out[n]["seeds"])] for n in out}, args.out + "_grid.png")
+    steering = steer_sweep(args, runs["joint"][min(out["joint"]["seeds"])]) if "joint" in out else None
+    if steering:
+        write_json(args.out, {**json.load(open(args.out + ".json")), "steering": steering})
     lines = [f"Command: `python bench/reward_hacking.py {ran}` (critic-PPO on tiny-dit, "
              f"{images[-1]:,} images per run, train.py flags `{' '.join(extra)}`; held-out prompts x {args.eval_seeds} "
              f"seeds, deterministic sampler). Gold of the base model: {base:.3f}.", "",
@@ -133,6 +167,15 @@ def learned(args, extra):
                  for k in SCORED]
         lines.append(f"| {n} | {len(g)} | {pm(finals)} | {pm(lasts)} | {mean(peaks):.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"![curves](bench/results/{name}.png)", "", f"![final samples, seed 0](bench/results/{name}_grid.png)"]
+    if steering:
+        cell = lambda v: f"{v['mean']:.4f} ± {v['se']:.4f}"
+        lines += ["", f"Steering with the per-reward heads, no retraining: the `joint` run's policy and critic "
+                  f"({steering['run']}), `{steering['command']}` (best of {STEER_N} by the critic's weighted heads, "
+                  f"held-out prompts x {STEER_SEEDS} seeds; mean ± s.e. over images):", "",
+                  "| toy-clip head weight w (toy-pref 1) | " + " | ".join(SCORED) + " | gold strict |", "|---|---|---|---|",
+                  "| unsteered | " + " | ".join(cell(steering["unsteered"][k]) for k in (*SCORED, "shapes/strict")) + " |"]
+        lines += [f"| {r['w']:g} | " + " | ".join(cell(r[k]) for k in (*SCORED, "shapes/strict")) + " |"
+                  for r in steering["rows"]]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
         write_section(name.replace("_", "-"), "## Reward hacking with the world's learned rewards: toy-pref, toy-clip "
                       "and both\n\n" + "\n".join(lines))
@@ -148,6 +191,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="learned suite: seeds of every run")
     p.add_argument("--names", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="NAME",
                    help="jpeg suite: which runs (default all: " + "; ".join(RUNS) + ")")
+    p.add_argument("--steer-clip-weights", type=float, nargs="*", default=[],
+                   help="learned suite: also steer the joint run (its lowest seed) with eval.py --steer bon "
+                        "--steer-weights toy-pref=1,toy-clip=W for each W (the heads' trade-off without retraining)")
     p.add_argument("--out", default=None, help="output prefix (.json, .png; default bench/results/reward_hacking, "
                                                 "or reward_hacking_learned for the learned suite)")
     args = p.parse_args(argv)
