@@ -192,14 +192,15 @@ class Critic(nn.Module):
         return self.head(*self.features(backbone, x_t, t, cond))
 
     @torch.no_grad()
-    def values(self, backbone, traj, chunk=64, keep_features=False, steps=None, last=False):
+    def values(self, backbone, traj, chunk=64, keep_features=False, steps=None, last=False, rewards=None):
         """V_k of the states x_{t_K} .. x_{t_1} of a Trajectory, batched: (B, K, R); with steps=S,
         of the first S states only (B, S, R): those of its SDE window, the ones trained; last=True
         appends x_{t_1}, the last state the denoiser reads (B, S + 1, R): after the window its return
         is fixed (train.py --critic-terminal).
         The final latent x_0 is terminal: its value is 0 by definition (section 4), not computed.
         keep_features=True also returns the head's inputs (Critic.features) for the B*F states (row
-        b*F + f), so the head can be trained on every state without another backbone pass."""
+        b*F + f), so the head can be trained on every state without another backbone pass.
+        rewards: the batch's rewards (B, R), which only the fitted proxy reads (its lines' data)."""
         B, K = traj.log_probs.shape
         cols = list(range(steps or K)) + ([K - 1] if last else [])           # the F states' step indices
         F = len(cols)
@@ -256,11 +257,12 @@ def load(backbone, run_dir):
 
 
 # ----------------------------------------------------------------------------- the controls
-# Three critics that learn nothing, for the ablations a reader of the paper asks for (train.py --critic).
-# Each answers Critic.values' call with (B, F, R) in the units of the normalised rewards, so GAE and
-# the PPO update are the same code for all four kinds.
+# The critics without a network, for the ablations a reader of the paper asks for (train.py --critic):
+# none, the proxy, the proxy with a line fitted per step, the oracle. Each answers Critic.values' call
+# with (B, F, R) in the units of the normalised rewards, so GAE and the PPO update are the same code
+# for every kind; none of them has parameters for the optimiser.
 
-KINDS = ("learned", "none", "proxy", "oracle")
+KINDS = ("learned", "none", "proxy", "proxy-fit", "oracle")
 
 
 class NoCritic:
@@ -271,7 +273,7 @@ class NoCritic:
     def __init__(self, num_rewards=1):
         self.num_rewards, self.cost = num_rewards, {}    # cost: what the last values() spent beyond the rollout
 
-    def values(self, backbone, traj, steps=None, last=False, keep_features=False):
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False, rewards=None):
         B, K = traj.log_probs.shape
         return torch.zeros(B, (steps or K) + bool(last), self.num_rewards)
 
@@ -286,13 +288,50 @@ class ProxyCritic(NoCritic):
         super().__init__(num_rewards)
         self.score, self.chunk = score, chunk
 
-    def values(self, backbone, traj, steps=None, last=False, keep_features=False):
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False, rewards=None):
         B, K = traj.log_probs.shape
         cols = list(range(steps or K)) + ([K - 1] if last else [])
         x0_hat = traj.pred_x0[:, cols].flatten(0, 1)                             # (B*F, C, h, w), row b*F + f
         rows = torch.arange(B).repeat_interleave(len(cols))                      # (B*F,) their trajectories
         self.cost = {"critic/reward_calls": len(rows)}
         return score_latents(backbone, self.score, x0_hat, traj, rows, self.chunk).view(B, len(cols), -1)
+
+
+class FittedProxyCritic(ProxyCritic):
+    """V(x_k) = a_k + b_k r(decode(x0_hat(x_k))) (train.py --critic proxy-fit): the proxy, calibrated
+    per step. At noisy states the raw proxy is not on R's scale (its spread there is its own,
+    unrelated to R), so R - r(x0_hat) can vary more than R itself (bench/value_ceiling.py); the best
+    line through (r(x0_hat(x_k)), R) over the batch, one per step and reward, fixes scale and bias: a
+    critic of two learned numbers per step, fitted afresh on every batch of the moving policy.
+    Each trajectory's line is fitted on the batch's *other* trajectories (leave-one-out, RLOO's
+    reason): its own return, which its actions caused, never enters its own baseline. rewards (B, R):
+    the batch's normalised rewards; reduce sums the statistics over the global batch (train.py:
+    ppo.all_reduce_sum), so every rank fits the same lines."""
+
+    def __init__(self, num_rewards, score, reduce=None, chunk=256):
+        super().__init__(num_rewards, score, chunk)
+        self.reduce = reduce or (lambda t: t)
+
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False, rewards=None):
+        if rewards is None:
+            raise ValueError("--critic proxy-fit fits its lines to the batch's rewards: values(..., rewards=...)")
+        return loo_line(super().values(backbone, traj, steps, last), rewards, self.reduce)
+
+
+def loo_line(x, rewards, reduce=lambda t: t):
+    """x (B, F, R) a predictor at each of F states, rewards (B, R) -> (B, F, R): for row b, the least-
+    squares line of the reward on x at that state and reward, fitted on every row but b (over the
+    global batch: reduce sums the statistics across ranks), evaluated at x[b]."""
+    x = x.double()
+    y = rewards.detach().double().cpu()[:, None].expand_as(x)                    # (B, F, R) the return, per state
+    per_row = torch.stack([torch.ones_like(x), x, y, x * x, x * y])               # (5, B, F, R)
+    total = reduce(per_row.sum(1))                                               # (5, F, R) over the global batch
+    n, sx, sy, sxx, sxy = total[:, None] - per_row                               # each (B, F, R): all but row b
+    n = n.clamp(min=1)
+    mx, my = sx / n, sy / n
+    var, cov = sxx / n - mx ** 2, sxy / n - mx * my
+    slope = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.zeros_like(cov))  # no spread: the mean
+    return (my + slope * (x - mx)).float()
 
 
 class OracleCritic(NoCritic):
@@ -310,7 +349,7 @@ class OracleCritic(NoCritic):
         super().__init__(num_rewards)
         self.score, self.policy_net, self.M, self.generator, self.chunk = score, policy_net, M, generator, chunk
 
-    def values(self, backbone, traj, steps=None, last=False, keep_features=False):
+    def values(self, backbone, traj, steps=None, last=False, keep_features=False, rewards=None):
         assert not last, "the oracle values the SDE window's states only (after it the return is fixed)"
         B, K = traj.log_probs.shape
         S, M = steps or K, self.M
@@ -344,7 +383,7 @@ def score_latents(backbone, score, latents, traj, rows, chunk):
 
 
 def build(kind, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True, score=None,
-          policy_net=None, continuations=8, generator=None):
+          policy_net=None, continuations=8, generator=None, reduce=None):
     """One critic of KINDS by name: what train.py --critic chooses."""
     if kind == "learned":
         return Critic(backbone, num_rewards, lora=lora, rank=rank, alpha=alpha, text=text, adaln=adaln).to(backbone.device)
@@ -352,6 +391,8 @@ def build(kind, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=Fal
         return NoCritic(num_rewards)
     if kind == "proxy":
         return ProxyCritic(num_rewards, score)
+    if kind == "proxy-fit":
+        return FittedProxyCritic(num_rewards, score, reduce)
     return OracleCritic(num_rewards, score, policy_net, continuations, generator)
 
 

@@ -139,7 +139,9 @@ def build_parser():
                    help="what V(x_t) is in the advantages: learned (the paper's critic, trained here) | none (V = 0: "
                         "REINFORCE with the batch-normalised return; every step of a trajectory gets the same "
                         "advantage at lambda = 1) | proxy (the normalised reward of the decoded clean-image prediction "
-                        "at x_t: the pixel-space critic of the paper's Fig. 2, FK-steering's potential) | oracle (the "
+                        "at x_t: the pixel-space critic of the paper's Fig. 2, FK-steering's potential) | proxy-fit (the "
+                        "proxy on R's scale: a + b r(x0-hat), one line per step fitted by least squares to the batch's "
+                        "other trajectories' rewards, so its own never enters its baseline) | oracle (the "
                         "mean reward of --oracle-continuations fresh continuations of the current policy from x_t: a "
                         "bound on what any critic can give, not a method; its extra images are logged apart). Only "
                         "'learned' trains and saves a critic")
@@ -408,7 +410,8 @@ def build(args, backbone, num_rewards, mixer=None, generator=None):
         critic = critic_module.build(args.critic, backbone, num_rewards, lora=bool(args.lora_rank),
                                      rank=args.lora_rank or 32, alpha=args.lora_alpha or 64, text=args.critic_text,
                                      adaln=args.critic_adaln == "on", score=score, policy_net=policy_net,
-                                     continuations=args.oracle_continuations, generator=generator)
+                                     continuations=args.oracle_continuations, generator=generator,
+                                     reduce=ppo.all_reduce_sum)
     learned = critic if critic is not None and critic.learned else None
     if args.lora_rank:
         backbone.net.set_adapter(POLICY)          # what an unwrapped forward of the base runs
@@ -614,7 +617,7 @@ def train(args, spec, train_prompts, heldout):
                 with torch.no_grad():
                     # any kind of critic (--critic); the head's inputs are kept only if the head trains on them
                     old_values = critic.values(backbone, traj, keep_features=args.head_epochs > 0, steps=K,
-                                               last=args.critic_terminal)
+                                               last=args.critic_terminal, rewards=normalised)
                     if args.head_epochs:
                         old_values, features = old_values
                     old_values = old_values.cpu()                                               # (B, F, R)

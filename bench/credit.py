@@ -7,6 +7,8 @@ makes the advantage differs:
   no-critic          --critic none: V = 0, the batch-normalised return at every step (32 prompts x 1)
   no-critic-groups   --critic none at GRPO's layout (4 x 8): separates the baseline from the layout
   proxy-critic-lX    --critic proxy: r(decode(x0_hat(x_t))), FK-steering's potential, at gae_lambda X
+  proxyfit-critic-lX --critic proxy-fit: the proxy on R's scale, a + b r(x0_hat) per step, the line fitted to the
+                     batch's other trajectories (leave-one-out), at gae_lambda X
   critic-lX          the paper's learned critic as it was before (its head on this batch at head lr 1e-3, no
                      x_(t_1), no text tokens) at gae_lambda X
   fitted-critic-lX   the learned critic fitted harder (train.py's default before --critic-replay-states): its head on the
@@ -61,7 +63,7 @@ def variant_flags(name, oracle_m):
     if name.endswith("-step"):              # the same variant, its advantages centred per step
         flags = variant_flags(name[:-len("-step")], oracle_m)
         return flags and f"{flags} --adv-norm step"
-    for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("oracle-critic-l", f"--critic oracle "
+    for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("proxyfit-critic-l", "--critic proxy-fit"), ("oracle-critic-l", f"--critic oracle "
                           f"--oracle-continuations {oracle_m}"),
                           ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),
                           ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text"),

@@ -201,6 +201,43 @@ def test_the_proxy_scores_the_predicted_clean_image(backbones):
     torch.testing.assert_close(values, expected)
 
 
+def test_the_fitted_proxy_is_a_line_fitted_without_the_row_itself(backbones):
+    """--critic proxy-fit: V(x_k) for trajectory b = the least-squares line of R on the proxy at step k,
+    fitted on the other trajectories (brute force below); its own reward never moves it; a line that
+    holds exactly is recovered; two ranks' halves, their sums reduced, give the whole batch's values."""
+    g = torch.Generator().manual_seed(0)
+    x, R = torch.randn(10, 3, 2, generator=g), torch.randn(10, 2, generator=g)   # (B, F, R), (B, R)
+    V = critic_module.loo_line(x, R)
+    for b in range(10):
+        others = [i for i in range(10) if i != b]
+        for f in range(3):
+            for r in range(2):
+                xs, ys = x[others, f, r].double(), R[others, r].double()
+                slope = ((xs - xs.mean()) * (ys - ys.mean())).mean() / xs.var(unbiased=False)
+                want = ys.mean() + slope * (x[b, f, r].double() - xs.mean())
+                assert abs(V[b, f, r].item() - want.item()) < 1e-5
+    moved = R.clone()
+    moved[4] += 10.0
+    assert torch.equal(critic_module.loo_line(x, moved)[4], V[4]) and not torch.equal(critic_module.loo_line(x, moved)[5], V[5])
+    exact = 3 * x[:, 1, :] + 0.5                                                  # R is a line of the proxy at state 1
+    torch.testing.assert_close(critic_module.loo_line(x, exact)[:, 1], exact)
+    sums = {}                                                                    # each half's own sums, as a rank's
+    for name, rows in (("a", slice(0, 5)), ("b", slice(5, 10))):
+        critic_module.loo_line(x[rows], R[rows], reduce=lambda t, name=name: sums.setdefault(name, t.clone()))
+    split = torch.cat([critic_module.loo_line(x[:5], R[:5], reduce=lambda t: t + sums["b"]),
+                       critic_module.loo_line(x[5:], R[5:], reduce=lambda t: t + sums["a"])])
+    torch.testing.assert_close(split, V)
+    # in place of the proxy: the line through the tiny backbone's own r(x0_hat) values
+    b = backbones["tiny-unet"]()
+    traj = rollout.sample(b, PROMPTS, 4, 1.0, generator=torch.Generator().manual_seed(0))
+    rewards = torch.tensor([[0.2], [0.9], [0.4]])
+    raw = critic_module.build("proxy", b, score=_score).values(b, traj, steps=3)
+    fitted = critic_module.build("proxy-fit", b, score=_score)
+    torch.testing.assert_close(fitted.values(b, traj, steps=3, rewards=rewards), critic_module.loo_line(raw, rewards))
+    with pytest.raises(ValueError, match="rewards"):
+        fitted.values(b, traj, steps=3)
+
+
 def test_no_critic_is_zero_and_adaln_off_ignores_the_noise_level(backbones):
     """--critic none: V = 0 at every state; --critic-adaln off: the head reads no timestep embedding."""
     b = backbones["tiny-dit"]()
