@@ -116,8 +116,8 @@ def measure(backbone, args, pool, K, S):
 def advantage_noise(backbone, pool, K, S, values, seed, batches=8, **label):
     """What a critic gives the update at the base policy: the variance of its advantages at each step
     of the window, as a fraction of Var R, at GAE lambda 0 (V(x_(j+1)) - V(x_j)) and lambda 1
-    (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. values(traj) -> (B, S)
-    V at the window's states, on R's scale. Step j's true signal is its share s_j; the rest is the
+    (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. values(traj, r) -> (B, S)
+    V at the window's states, on R's scale (r (B, 1): the batch's rewards, which only the fitted proxy reads). Step j's true signal is its share s_j; the rest is the
     critic's error (V = 0 gives every step the whole Var R). Also each step's squared offset
     (its mean advantage less the mean over every step, over Var R): what centring over the whole
     batch (train.py --adv-norm batch) adds to that step on top of its variance, and centring per step
@@ -132,7 +132,7 @@ def advantage_noise(backbone, pool, K, S, values, seed, batches=8, **label):
         traj = rollout.sample(backbone, [m["prompt"] for m in metas], K, rollout.TRAIN_NOISE[backbone.sampler],
                               generator=g, sde_steps=S, metas=metas)
         r = toy.check(traj.images.float().cpu(), metas)[1][:, None]                 # (B, 1)
-        V = values(traj)[..., None]                                                  # (B, S, 1)
+        V = values(traj, r)[..., None]                                               # (B, S, 1)
         for lam in A:
             A[lam].append(ppo.gae(r, V, 1.0, float(lam))[0][..., 0])
         R.append(r[:, 0])
@@ -154,14 +154,17 @@ def critics_noise(backbone, args, pool, K, S, learned):
     out = {"oracle": []}
     for M in args.oracle_m:
         oracle = critic_lib.OracleCritic(1, score, backbone.net, M, generator=torch.Generator().manual_seed(args.seed + 3))
-        out["oracle"].append(advantage_noise(backbone, pool, K, S, lambda traj: oracle.values(backbone, traj, steps=S)[..., 0],
+        out["oracle"].append(advantage_noise(backbone, pool, K, S, lambda traj, r: oracle.values(backbone, traj, steps=S)[..., 0],
                                              args.seed, M=M))
     if args.proxy_and_learned:
         proxy = critic_lib.ProxyCritic(1, score)
-        out["proxy"] = advantage_noise(backbone, pool, K, S, lambda traj: proxy.values(backbone, traj, steps=S)[..., 0],
+        out["proxy"] = advantage_noise(backbone, pool, K, S, lambda traj, r: proxy.values(backbone, traj, steps=S)[..., 0],
                                        args.seed)
+        fitted = critic_lib.FittedProxyCritic(1, score)
+        out["proxy_fit"] = advantage_noise(backbone, pool, K, S, lambda traj, r: fitted.values(
+            backbone, traj, steps=S, rewards=r)[..., 0], args.seed)
         if learned is not None:
-            out["learned"] = advantage_noise(backbone, pool, K, S, learned, args.seed)
+            out["learned"] = advantage_noise(backbone, pool, K, S, lambda traj, r: learned(traj), args.seed)
     return out
 
 
@@ -206,7 +209,8 @@ def main():
                    help="also measure the oracle critic's advantages at the base policy with these numbers of "
                         "continuations (train.py --oracle-continuations), 256 trajectories each")
     p.add_argument("--proxy-and-learned", action="store_true",
-                   help="also measure the advantages of the proxy critic (r(x0-hat)) and of the fitted learned critic "
+                   help="also measure the advantages of the proxy critic (r(x0-hat)), of train.py's proxy-fit (a line per "
+                        "step, leave-one-out over each batch of 32) and of the fitted learned critic "
                         "as the oracle's, with each step's offset under centring over the whole batch")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--report-only", action="store_true",
@@ -270,7 +274,8 @@ def report(result):
         lines += ["", f"**{K} steps, SDE window {S}**" + (" (train.py's default on this world)" if (K, S) == (10, 5) else ""),
                   ""] + table(rows := shares(w["rows"]), S)
         critics = [(f"oracle, M = {o['M']}", o) for o in w.get("oracle", [])] + [
-            (name, w[key]) for key, name in (("proxy", "proxy r(x0-hat)"), ("learned", "learned (fitted above)")) if key in w]
+            (name, w[key]) for key, name in (("proxy", "proxy r(x0-hat)"), ("proxy_fit", "proxy-fit a_j + b_j r(x0-hat)"),
+                                  ("learned", "learned (fitted above)")) if key in w]
         if critics:
             lines += ["", f"Critics' advantages at the base policy ({critics[0][1]['trajectories']} trajectories; variance "
                       "at each step as a fraction of Var R, each step centred on its own mean (--adv-norm step); "
