@@ -323,7 +323,7 @@ def loo_line(x, rewards, reduce=lambda t: t):
     squares line of the reward on x at that state and reward, fitted on every row but b (over the
     global batch: reduce sums the statistics across ranks), evaluated at x[b]."""
     x = x.double()
-    y = rewards.detach().double().cpu()[:, None].expand_as(x)                    # (B, F, R) the return, per state
+    y = rewards.detach().to(x.device, torch.float64)[:, None].expand_as(x)      # (B, F, R) the return, per state
     per_row = torch.stack([torch.ones_like(x), x, y, x * x, x * y])               # (5, B, F, R)
     total = reduce(per_row.sum(1))                                               # (5, F, R) over the global batch
     n, sx, sy, sxx, sxy = total[:, None] - per_row                               # each (B, F, R): all but row b

@@ -173,7 +173,7 @@ def normalise(advantages, mask, per_step=False, eps=1e-8):
     bias differs by noise level (the proxy's, or a head still learning) leaves step k a constant
     offset b_k in R - V(x_k); centred over all (trajectory, step) pairs, that offset pushes every
     trajectory's step k the same way, pure noise in the gradient. A per-step batch mean is a baseline
-    of its own (it does not depend on one trajectory's action), so centring on it removes b_k."""
+    as the batch mean is (each row's own weight in it is 1/N), so centring on it removes b_k."""
     m = mask.to(advantages.dtype)
     dims = 0 if per_step else (0, 1)
     stats = all_reduce_sum(torch.stack([(advantages * m).sum(dims), (advantages ** 2 * m).sum(dims),

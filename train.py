@@ -344,6 +344,9 @@ def configure(args, argv):
         elif not learned and given != off[name] and name != "critic_head_lr":
             raise ConfigError(f"{flag}{'' if isinstance(given, bool) else ' ' + str(given)}: only --algo ppo --critic "
                               f"learned has a critic to train (here --algo {args.algo} --critic {args.critic})")
+    if args.adv_norm != "batch" and args.algo != "ppo":
+        raise ConfigError(f"--adv-norm {args.adv_norm}: --algo {args.algo} makes its advantages without it (only ppo "
+                          "normalises a critic's advantages)")
     if args.critic != "learned" and args.algo != "ppo":
         raise ConfigError(f"--critic {args.critic}: --algo {args.algo} uses no critic (only ppo does)")
     if args.critic_terminal and (args.sde_steps == args.num_steps or args.algo != "ppo" or not args.head_epochs):

@@ -60,9 +60,10 @@ def variant_flags(name, oracle_m):
              "perfect-data": ""}
     if name in fixed:
         return fixed[name]
-    if name.endswith("-step"):              # the same variant, its advantages centred per step
-        flags = variant_flags(name[:-len("-step")], oracle_m)
-        return flags and f"{flags} --adv-norm step"
+    if name.endswith("-step"):              # a PPO variant, its advantages centred per step
+        base = name[:-len("-step")]
+        flags = None if base in ("grpo", "raft", "perfect-data") else variant_flags(base, oracle_m)
+        return None if flags is None else f"{flags} --adv-norm step".strip()
     for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("proxyfit-critic-l", "--critic proxy-fit"), ("oracle-critic-l", f"--critic oracle "
                           f"--oracle-continuations {oracle_m}"),
                           ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),

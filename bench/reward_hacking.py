@@ -94,10 +94,11 @@ def steer_sweep(args, run_dir):
     rows, unsteered, command = [], None, None
     for w in args.steer_clip_weights:
         out = os.path.join(args.runs, f"steer-{os.path.basename(run_dir)}-clip{w:g}")
-        cmd = ["eval.py", "--policy", run_dir, "--critic", run_dir, "--steer", "bon", "--n", str(STEER_N),
-               "--steer-weights", f"toy-pref=1,toy-clip={w:g}", "--rewards", "toy-pref,toy-clip,shapes",
-               "--seeds", str(STEER_SEEDS), "--out", out]
-        command = command or "python " + shlex.join(cmd).replace(f"clip={w:g}", "clip=W").replace(out, "RUNS/steer-...-clipW")
+        make = lambda run, weight, to: ["eval.py", "--policy", run, "--critic", run, "--steer", "bon", "--n", str(STEER_N),
+                                        "--steer-weights", f"toy-pref=1,toy-clip={weight}", "--rewards",
+                                        "toy-pref,toy-clip,shapes", "--seeds", str(STEER_SEEDS), "--out", to]
+        cmd = make(run_dir, f"{w:g}", out)
+        command = command or "python " + shlex.join(make("RUN", "W", "OUT"))
         if not os.path.isfile(os.path.join(out, "summary.json")) and not args.report_only:
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
             with open(out + ".log", "w") as log:
@@ -113,8 +114,9 @@ def steer_sweep(args, run_dir):
 def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
     runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
-    if not args.steer_clip_weights and os.path.isfile(args.out + ".json"):     # keep a steering sweep made before
-        args.steer_clip_weights = [r["w"] for r in (json.load(open(args.out + ".json")).get("steering") or {}).get("rows", [])]
+    previous = json.load(open(args.out + ".json")) if os.path.isfile(args.out + ".json") else {}
+    if not args.steer_clip_weights:                                # keep a steering sweep made before
+        args.steer_clip_weights = [r["w"] for r in (previous.get("steering") or {}).get("rows", [])]
     flags = lambda n, s: ["--algo", "ppo", "--seed", str(s), *LEARNED[n], *extra]
     if not args.report_only:
         os.makedirs(args.runs, exist_ok=True)
@@ -137,8 +139,11 @@ def learned(args, extra):
         raise SystemExit(f"no finished runs under {args.runs}")
     name = os.path.basename(args.out)
     ran = shlex.join(a for a in sys.argv[1:] if a != "--report-only")           # the command that made the runs
+    steering = steer_sweep(args, runs["joint"][min(out["joint"]["seeds"])]) if "joint" in out else None
+    if steering is None and args.report_only:                      # its evaluations are gone: the recorded sweep
+        steering = previous.get("steering")
     write_json(args.out, {"images": images, "base_gold": base, "train_flags": extra, "runs": out,
-                          "command": f"python bench/reward_hacking.py {ran}".strip()})
+                          "command": f"python bench/reward_hacking.py {ran}".strip(), "steering": steering})
     curve = lambda per_seed: [mean(p) for p in zip(*per_seed)]
     import matplotlib
     matplotlib.use("Agg")
@@ -151,9 +156,6 @@ def learned(args, extra):
         ax.set_title(title), ax.set_xlabel("training images"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(args.out + ".png", dpi=110), plt.close(fig)
     grid({n: runs[n][min(out[n]["seeds"])] for n in out}, args.out + "_grid.png")
-    steering = steer_sweep(args, runs["joint"][min(out["joint"]["seeds"])]) if "joint" in out else None
-    if steering:
-        write_json(args.out, {**json.load(open(args.out + ".json")), "steering": steering})
     lines = [f"Command: `python bench/reward_hacking.py {ran}` (critic-PPO on tiny-dit, "
              f"{images[-1]:,} images per run, train.py flags `{' '.join(extra)}`; held-out prompts x {args.eval_seeds} "
              f"seeds, deterministic sampler). Gold of the base model: {base:.3f}.", "",
@@ -197,6 +199,8 @@ def main():
     p.add_argument("--out", default=None, help="output prefix (.json, .png; default bench/results/reward_hacking, "
                                                 "or reward_hacking_learned for the learned suite)")
     args = p.parse_args(argv)
+    if args.out and not os.path.dirname(args.out):        # a bare name goes where write_json puts it
+        args.out = os.path.join(RESULTS, args.out)
     if args.suite == "learned":
         args.out = args.out or os.path.join(RESULTS, "reward_hacking_learned")
         if args.runs.endswith("reward_hacking"):

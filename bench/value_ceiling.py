@@ -118,7 +118,7 @@ def advantage_noise(backbone, pool, K, S, values, seed, batches=8, **label):
     of the window, as a fraction of Var R, at GAE lambda 0 (V(x_(j+1)) - V(x_j)) and lambda 1
     (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. values(traj, r) -> (B, S)
     V at the window's states, on R's scale (r (B, 1): the batch's rewards, which only the fitted proxy reads). Step j's true signal is its share s_j; the rest is the
-    critic's error (V = 0 gives every step the whole Var R). Also each step's squared offset
+    critic's error (V = 0 at lambda 1 gives every step the whole Var R). Also each step's squared offset
     (its mean advantage less the mean over every step, over Var R): what centring over the whole
     batch (train.py --adv-norm batch) adds to that step on top of its variance, and centring per step
     (--adv-norm step) does not."""
@@ -146,8 +146,8 @@ def advantage_noise(backbone, pool, K, S, values, seed, batches=8, **label):
 
 
 def critics_noise(backbone, args, pool, K, S, learned):
-    """advantage_noise of the oracle at each --oracle-m, of the proxy (--proxy) and of the fitted learned
-    critic (learned: traj -> (B, S), or None)."""
+    """advantage_noise of the oracle at each --oracle-m and, with --proxy-and-learned, of the proxy, of
+    train.py's proxy-fit and of the fitted learned critic (learned: traj -> (B, S), or None)."""
     import critic as critic_lib
     import toy
     score = lambda images, prompts, metas: toy.check(images.float().cpu(), metas)[1][:, None]    # (B, 1)
@@ -210,7 +210,7 @@ def main():
                         "continuations (train.py --oracle-continuations), 256 trajectories each")
     p.add_argument("--proxy-and-learned", action="store_true",
                    help="also measure the advantages of the proxy critic (r(x0-hat)), of train.py's proxy-fit (a line per "
-                        "step, leave-one-out over each batch of 32) and of the fitted learned critic "
+                        "step, leave-one-out over each batch of 32) and of the fitted learned critic (with --fit-iters) "
                         "as the oracle's, with each step's offset under centring over the whole batch")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--report-only", action="store_true",
@@ -250,6 +250,11 @@ def main():
     command = "python bench/value_ceiling.py " + shlex.join(sys.argv[1:])
     names = [f"{K}:{S}" for K, S in args.windows]
     if previous:                                     # the earlier windows first, a window measured again replaced
+        earlier = {f"{w['num_steps']}:{w['sde_steps']}": w for w in previous["windows"]}
+        for w in windows:                            # ... keeping the critics it measured that were not measured again
+            old = earlier.get(f"{w['num_steps']}:{w['sde_steps']}", {})
+            w["oracle"] = [o for o in old.get("oracle", []) if o["M"] not in args.oracle_m] + w["oracle"]
+            w.update({k: old[k] for k in ("proxy", "proxy_fit", "learned") if k in old and k not in w})
         windows = [w for w in previous["windows"] if f"{w['num_steps']}:{w['sde_steps']}" not in names] + windows
         command, names = previous["command"] + "` then `" + command, [w for w in previous["args"]["windows"] if w not in names] + names
     result = {"command": command, "model": args.model, "machine": machine(),
@@ -280,7 +285,8 @@ def report(result):
             lines += ["", f"Critics' advantages at the base policy ({critics[0][1]['trajectories']} trajectories; variance "
                       "at each step as a fraction of Var R, each step centred on its own mean (--adv-norm step); "
                       "'over the batch': plus the step's squared offset from the mean over all steps, what "
-                      "--adv-norm batch leaves in; V = 0 gives 1.00 everywhere either way):", "",
+                      "--adv-norm batch leaves in; V = 0 gives 1.00 at every step at lambda 1, and at lambda 0 1.00 at the last "
+                      "step and 0 before it):", "",
                       "| advantage | " + " | ".join(f"step {j}" for j in range(S)) + " | sum over the window |",
                       "|---|" + "---|" * (S + 1),
                       "| what the step decides, s_j (above) | " + " | ".join(f"{r['step_share']:.2f}" for r in rows[:S])

@@ -340,6 +340,8 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--critic", "proxy", "--critic-replay", "4"], "--critic-replay 4: only --algo ppo --critic learned"),
     (["--algo", "grpo", "--critic-adaln", "off"], "--critic-adaln off: only --algo ppo --critic learned"),
     (["--algo", "grpo", "--critic", "none"], "--critic none: --algo grpo uses no critic"),
+    (["--algo", "raft", "--adv-norm", "step"], "--adv-norm step: --algo raft makes its advantages without it"),
+    (["--critic", "proxy-fit", "--critic-terminal", "--sde-steps", "2"], "--critic-terminal: only --algo ppo --critic learned"),
     (["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
     (["--critic-replay-states", "last", "--no-critic-terminal"], "--critic-replay-states last needs --critic-terminal"),
     (["--critic", "value"], "--critic: invalid choice"),
