@@ -26,8 +26,8 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (RESULTS, ROOT, add_run_args, last_quarter, mean, pm, prompt_accuracy, split_train_flags, train_run,
-                    write_json, write_section)
+from common import (RESULTS, ROOT, add_run_args, last_quarter, mean, pm, prompt_accuracy, se, split_train_flags,
+                    train_run, write_json, write_section)
 
 LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is gold, never trained on)
     "pref": ["--rewards", "toy-pref", "--monitor-rewards", "toy-clip"],
@@ -81,17 +81,20 @@ def grid(run_dirs, path):
     return [p for p in prompts if p]
 
 
-STEER_N, STEER_SEEDS = 8, 4      # the steering sweep: best-of-8 by the critic, held-out prompts x 4 seeds
+STEER_N, STEER_SEEDS = 8, 8      # the steering sweep: best-of-8 by the critic, held-out prompts x 8 seeds
 
 
 def steer_sweep(args, run_dir):
     """The per-reward heads' reason to exist: one trained joint policy and critic, steered at inference
     by `python eval.py --steer bon --steer-weights toy-pref=1,toy-clip=w` for each w of
     --steer-clip-weights; every reward and the gold scored on the chosen images. Each evaluation is
-    kept under the runs (reused when there). Returns {"run", "command", "rows": [{"w", REWARD: {mean, se}}],
+    kept under the runs (reused when there). Every weight chooses among the same N candidates of each
+    prompt and seed, so each row also has its paired difference from the first weight's choices.
+    Returns {"run", "command", "rows": [{"w", REWARD: {mean, se}, "paired": {REWARD: {mean, se}}}],
     "unsteered": {REWARD: {mean, se}}}."""
     import subprocess
-    rows, unsteered, command = [], None, None
+    rows, unsteered, command, first = [], None, None, None
+    keys = (*SCORED, "shapes/strict")
     for w in args.steer_clip_weights:
         out = os.path.join(args.runs, f"steer-{os.path.basename(run_dir)}-clip{w:g}")
         make = lambda run, weight, to: ["eval.py", "--policy", run, "--critic", run, "--steer", "bon", "--n", str(STEER_N),
@@ -106,8 +109,12 @@ def steer_sweep(args, run_dir):
                     raise SystemExit(f"steering with toy-clip weight {w:g} failed; see {out}.log")
         if os.path.isfile(os.path.join(out, "summary.json")):
             summary = json.load(open(os.path.join(out, "summary.json")))
-            rows.append({"w": w, **{k: summary[k] for k in (*SCORED, "shapes/strict")}})
-            unsteered = unsteered or {k: summary["unsteered"][k] for k in (*SCORED, "shapes/strict")}
+            images = {(r["prompt"], r["seed"]): r for r in json.load(open(os.path.join(out, "results.json")))["images"]}
+            first = first or images
+            paired = {k: [float(images[i][k]) - float(first[i][k]) for i in first] for k in keys}
+            rows.append({"w": w, **{k: summary[k] for k in keys},
+                         "paired": {k: {"mean": mean(d), "se": se(d)} for k, d in paired.items()}})
+            unsteered = unsteered or {k: summary["unsteered"][k] for k in keys}
     return {"run": os.path.basename(run_dir), "command": command, "rows": rows, "unsteered": unsteered} if rows else None
 
 
@@ -173,11 +180,13 @@ def learned(args, extra):
         cell = lambda v: f"{v['mean']:.4f} ± {v['se']:.4f}"
         lines += ["", f"Steering with the per-reward heads, no retraining: the `joint` run's policy and critic "
                   f"({steering['run']}), `{steering['command']}` (best of {STEER_N} by the critic's weighted heads, "
-                  f"held-out prompts x {STEER_SEEDS} seeds; mean ± s.e. over images):", "",
+                  f"held-out prompts x {STEER_SEEDS} seeds; mean ± s.e. over images, and in brackets the paired "
+                  f"difference from w = {steering['rows'][0]['w']:g}'s choices among the same candidates):", "",
                   "| toy-clip head weight w (toy-pref 1) | " + " | ".join(SCORED) + " | gold strict |", "|---|---|---|---|",
                   "| unsteered | " + " | ".join(cell(steering["unsteered"][k]) for k in (*SCORED, "shapes/strict")) + " |"]
-        lines += [f"| {r['w']:g} | " + " | ".join(cell(r[k]) for k in (*SCORED, "shapes/strict")) + " |"
-                  for r in steering["rows"]]
+        lines += [f"| {r['w']:g} | " + " | ".join(
+            cell(r[k]) + (f" ({r['paired'][k]['mean']:+.4f} ± {r['paired'][k]['se']:.4f})" if i else "")
+            for k in (*SCORED, "shapes/strict")) + " |" for i, r in enumerate(steering["rows"])]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
         write_section(name.replace("_", "-"), "## Reward hacking with the world's learned rewards: toy-pref, toy-clip "
                       "and both\n\n" + "\n".join(lines))
