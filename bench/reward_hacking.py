@@ -21,6 +21,7 @@ Run:  python bench/reward_hacking.py --seeds 0 1 2 3 4          # the learned su
 """
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -208,6 +209,9 @@ def main():
     p.add_argument("--out", default=None, help="output prefix (.json, .png; default bench/results/reward_hacking, "
                                                 "or reward_hacking_learned for the learned suite)")
     args = p.parse_args(argv)
+    bad = [w for w in args.steer_clip_weights if not math.isfinite(w) or w < 0]
+    if bad:
+        p.exit(2, f"error: --steer-clip-weights must be finite and >= 0, got {bad[0]:g}\n")
     if args.out and not os.path.dirname(args.out):        # a bare name goes where write_json puts it
         args.out = os.path.join(RESULTS, args.out)
     if args.suite == "learned":

@@ -153,13 +153,15 @@ BAD = [
     ("rollout.py", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a GPU"),
     ("train.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
     ("train.py", ["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
-    # bench/critic_fit.py, bench/steering.py, bench/critic_health.py, bench/value_ceiling.py, bench/credit.py
+    # bench/critic_fit.py, bench/steering.py, bench/critic_health.py, bench/value_ceiling.py, bench/credit.py,
+    # bench/reward_hacking.py
     ("bench/critic_fit.py", ["--sde-steps", "10"], "--sde-steps must be in 1..9"),
     ("bench/steering.py", ["--run", "no-such-run", "--guidance", "1,nan"], "--guidance must be finite and >= 0, got nan"),
     ("bench/critic_health.py", ["--runs", "no-such-run"], "not a finished run (no pipeline/): no-such-run"),
     ("bench/value_ceiling.py", ["--windows", "10:5", "5:6"], "--windows 5:6: expected K:S"),
     ("bench/value_ceiling.py", ["--windows", "6:3", "--append", "--prompts", "4"], "--append needs"),
     ("bench/credit.py", ["--tag", "a/b"], "--tag 'a/b': letters, digits and '-' only"),
+    ("bench/reward_hacking.py", ["--steer-clip-weights", "1", "nan"], "--steer-clip-weights must be finite and >= 0, got nan"),
 ]
 
 
