@@ -102,12 +102,13 @@ def add_run_args(p, runs, eval_every, jobs):
     p.add_argument("--report-only", action="store_true", help="only read finished runs")
 
 
-def launch(flags, threads, log_path):
-    """train.py with these flags, on `threads` torch threads, offline, output to log_path: exit code."""
+def launch(flags, threads, log_path, script="train.py"):
+    """script (train.py, or eval.py) with these flags, on `threads` torch threads, offline, output to
+    log_path: exit code."""
     import subprocess
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
-        return subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, env=env,
+        return subprocess.call([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -64,8 +64,8 @@ def variant_flags(name, oracle_m):
         base = name[:-len("-step")]
         flags = None if base in ("grpo", "raft", "perfect-data") else variant_flags(base, oracle_m)
         return None if flags is None else f"{flags} --adv-norm step".strip()
-    for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("proxyfit-critic-l", "--critic proxy-fit"), ("oracle-critic-l", f"--critic oracle "
-                          f"--oracle-continuations {oracle_m}"),
+    for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("proxyfit-critic-l", "--critic proxy-fit"),
+                          ("oracle-critic-l", f"--critic oracle --oracle-continuations {oracle_m}"),
                           ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),
                           ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text"),
                           ("lastreplay-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text "

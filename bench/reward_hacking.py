@@ -27,7 +27,7 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (RESULTS, ROOT, add_run_args, last_quarter, mean, pm, prompt_accuracy, se, split_train_flags,
+from common import (RESULTS, add_run_args, last_quarter, launch, mean, pm, prompt_accuracy, se, split_train_flags,
                     train_run, write_json, write_section)
 
 LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is gold, never trained on)
@@ -83,6 +83,7 @@ def grid(run_dirs, path):
 
 
 STEER_N, STEER_SEEDS = 8, 8      # the steering sweep: best-of-8 by the critic, held-out prompts x 8 seeds
+STEER_KEYS = (*SCORED, "shapes/strict")      # what the sweep reports of the chosen images
 
 
 def steer_sweep(args, run_dir):
@@ -93,29 +94,24 @@ def steer_sweep(args, run_dir):
     prompt and seed, so each row also has its paired difference from the first weight's choices.
     Returns {"run", "command", "rows": [{"w", REWARD: {mean, se}, "paired": {REWARD: {mean, se}}}],
     "unsteered": {REWARD: {mean, se}}}."""
-    import subprocess
-    rows, unsteered, command, first = [], None, None, None
-    keys = (*SCORED, "shapes/strict")
+    flags = lambda run, weight, to: ["--policy", run, "--critic", run, "--steer", "bon", "--n", str(STEER_N),
+                                     "--steer-weights", f"toy-pref=1,toy-clip={weight}", "--rewards",
+                                     "toy-pref,toy-clip,shapes", "--seeds", str(STEER_SEEDS), "--out", to]
+    rows, unsteered, first = [], None, None
     for w in args.steer_clip_weights:
         out = os.path.join(args.runs, f"steer-{os.path.basename(run_dir)}-clip{w:g}")
-        make = lambda run, weight, to: ["eval.py", "--policy", run, "--critic", run, "--steer", "bon", "--n", str(STEER_N),
-                                        "--steer-weights", f"toy-pref=1,toy-clip={weight}", "--rewards",
-                                        "toy-pref,toy-clip,shapes", "--seeds", str(STEER_SEEDS), "--out", to]
-        cmd = make(run_dir, f"{w:g}", out)
-        command = command or "python " + shlex.join(make("RUN", "W", "OUT"))
         if not os.path.isfile(os.path.join(out, "summary.json")) and not args.report_only:
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-            with open(out + ".log", "w") as log:
-                if subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT):
-                    raise SystemExit(f"steering with toy-clip weight {w:g} failed; see {out}.log")
+            if launch(flags(run_dir, f"{w:g}", out), args.threads, out + ".log", script="eval.py"):
+                raise SystemExit(f"steering with toy-clip weight {w:g} failed; see {out}.log")
         if os.path.isfile(os.path.join(out, "summary.json")):
             summary = json.load(open(os.path.join(out, "summary.json")))
             images = {(r["prompt"], r["seed"]): r for r in json.load(open(os.path.join(out, "results.json")))["images"]}
             first = first or images
-            paired = {k: [float(images[i][k]) - float(first[i][k]) for i in first] for k in keys}
-            rows.append({"w": w, **{k: summary[k] for k in keys},
+            paired = {k: [float(images[i][k]) - float(first[i][k]) for i in first] for k in STEER_KEYS}
+            rows.append({"w": w, **{k: summary[k] for k in STEER_KEYS},
                          "paired": {k: {"mean": mean(d), "se": se(d)} for k, d in paired.items()}})
-            unsteered = unsteered or {k: summary["unsteered"][k] for k in keys}
+            unsteered = unsteered or {k: summary["unsteered"][k] for k in STEER_KEYS}
+    command = "python " + shlex.join(["eval.py", *flags("RUN", "W", "OUT")])
     return {"run": os.path.basename(run_dir), "command": command, "rows": rows, "unsteered": unsteered} if rows else None
 
 
@@ -184,10 +180,10 @@ def learned(args, extra):
                   f"held-out prompts x {STEER_SEEDS} seeds; mean ± s.e. over images, and in brackets the paired "
                   f"difference from w = {steering['rows'][0]['w']:g}'s choices among the same candidates):", "",
                   "| toy-clip head weight w (toy-pref 1) | " + " | ".join(SCORED) + " | gold strict |", "|---|---|---|---|",
-                  "| unsteered | " + " | ".join(cell(steering["unsteered"][k]) for k in (*SCORED, "shapes/strict")) + " |"]
+                  "| unsteered | " + " | ".join(cell(steering["unsteered"][k]) for k in STEER_KEYS) + " |"]
         lines += [f"| {r['w']:g} | " + " | ".join(
             cell(r[k]) + (f" ({r['paired'][k]['mean']:+.4f} ± {r['paired'][k]['se']:.4f})" if i else "")
-            for k in (*SCORED, "shapes/strict")) + " |" for i, r in enumerate(steering["rows"])]
+            for k in STEER_KEYS) + " |" for i, r in enumerate(steering["rows"])]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
         write_section(name.replace("_", "-"), "## Reward hacking with the world's learned rewards: toy-pref, toy-clip "
                       "and both\n\n" + "\n".join(lines))
