@@ -12,7 +12,12 @@
             so V = 0 exactly at initialisation. With text=True (train.py --critic-text) the query
             also attends over the prompt's text tokens, projected to the tokens' width: the
             richer inputs that the paper's attention layer admits (its Fig. 10), which help the
-            critic on prompts it never trained on (BENCHMARKS.md, critic fit)
+            critic on prompts it never trained on (BENCHMARKS.md, critic fit). With proxy=True
+            (train.py --critic-proxy-input) it also reads r(decode(x0_hat(x_t))), the reward of the
+            denoiser's clean-image prediction, through a gain per noise level: V = head + g(t) r.
+            A latent head learns little of the reward from the few thousand states a run sees
+            (bench/value_ceiling.py: none of it, even at the last state); the proxy hands it the
+            reward's own reading of the state, and the head learns its scale per step and the rest
 Value pretraining (the second stabiliser, `train.py --value-warmup W`) lives in train.py.
 
 | paper (METHOD.md 3, 5) | here |
@@ -52,11 +57,12 @@ def modulate(x, shift, scale):
 
 
 class ValueHead(nn.Module):
-    """(tokens (B, N, D), temb (B, E)[, text (B, L, T)]) -> values (B, R): one learned query token
-    attends over the feature tokens (and, with text_dim = T, over the L text tokens of the prompt,
-    projected to width D), then an MLP to R outputs, one per reward (section 6)."""
+    """(tokens (B, N, D), temb (B, E)[, text (B, L, T)][, proxy (B, R)]) -> values (B, R): one learned
+    query token attends over the feature tokens (and, with text_dim = T, over the L text tokens of the
+    prompt, projected to width D), then an MLP to R outputs, one per reward (section 6); with
+    proxy=True, plus g(temb) * proxy, the proxy's reading scaled per noise level."""
 
-    def __init__(self, dim, temb_dim, num_rewards=1, text_dim=None, adaln=True):
+    def __init__(self, dim, temb_dim, num_rewards=1, text_dim=None, adaln=True, proxy=False):
         super().__init__()
         self.text_proj = nn.Linear(text_dim, dim) if text_dim else None
         num_heads = max(1, dim // 64) if dim % max(1, dim // 64) == 0 else 1
@@ -73,8 +79,14 @@ class ValueHead(nn.Module):
         if adaln:
             nn.init.zeros_(self.adaLN_modulation[-1].weight), nn.init.zeros_(self.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.mlp[-1].weight), nn.init.zeros_(self.mlp[-1].bias)
+        # the proxy's gain per noise level, zero at the start like the MLP's output (V = 0 still)
+        self.proxy_gain = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, num_rewards)) if proxy else None
+        if proxy:
+            nn.init.zeros_(self.proxy_gain[-1].weight), nn.init.zeros_(self.proxy_gain[-1].bias)
 
-    def forward(self, tokens, temb, text=None):
+    def forward(self, tokens, temb, *extra):
+        text = extra[0] if self.text_proj is not None else None      # extra: [text (B, L, T)][, proxy (B, R)]
+        proxy = extra[-1] if self.proxy_gain is not None else None
         if self.text_proj is not None:      # the prompt's tokens join the image's as keys and values
             tokens = torch.cat([tokens, self.text_proj(text)], 1)                           # (B, N + L, D)
         if self.adaLN_modulation is None:
@@ -85,7 +97,9 @@ class ValueHead(nn.Module):
         h = modulate(self.norm_tokens(tokens), shift_t, scale_t)                          # (B, N, D)
         pooled = self.attn(self.query.expand(len(h), -1, -1), h, h, need_weights=False)[0]  # (B, 1, D)
         pooled = modulate(self.norm_pooled(pooled), shift_p, scale_p)[:, 0]               # (B, D)
-        return self.mlp(pooled)                                                           # (B, R)
+        if proxy is None:
+            return self.mlp(pooled)                                                       # (B, R)
+        return self.mlp(pooled) + self.proxy_gain(temb) * proxy                           # (B, R)
 
 
 def feature_dims(backbone):
@@ -147,13 +161,14 @@ class Critic(nn.Module):
     `lora=True`: a 'critic' LoRA adapter added to backbone.net itself (not registered as a
     submodule here, so state_dict() holds only what is trained: head and, for a copy, the net).
     `text=True`: the head also reads the prompt's text tokens; `adaln=False`: its norms are not
-    modulated by the noise level (an ablation)."""
+    modulated by the noise level (an ablation); `score` (as ProxyCritic's): the head also reads the
+    proxy r(decode(x0_hat)) of each state, x0_hat the policy's prediction kept in the Trajectory."""
     learned = True                                  # trained by ppo.update, saved in checkpoints
     cost = {}                                       # what values() spends beyond its passes: nothing
 
-    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True):
+    def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True, score=None):
         super().__init__()
-        self.lora, self.text = lora, text
+        self.lora, self.text, self.score = lora, text, score
         if lora:
             with warnings.catch_warnings():          # peft warns that a second adapter is a second adapter
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -162,7 +177,7 @@ class Critic(nn.Module):
         else:
             self.net = copy.deepcopy(backbone.net).requires_grad_(True)   # eval mode kept: no dropout
         D, E, T = feature_dims(backbone)
-        self.head = ValueHead(D, E, num_rewards, T if text else None, adaln=adaln)
+        self.head = ValueHead(D, E, num_rewards, T if text else None, adaln=adaln, proxy=score is not None)
 
     @property
     def backbone_net(self):
@@ -178,18 +193,32 @@ class Critic(nn.Module):
         """The new head learns faster than the pretrained backbone it reads, which should change slowly."""
         return [{"params": self.backbone_parameters(), "lr": lr}, {"params": list(self.head.parameters()), "lr": head_lr}]
 
-    def features(self, backbone, x_t, t, cond):
+    def features(self, backbone, x_t, t, cond, proxy=None):
         """The head's inputs: tokens (B, N, D) and timestep embedding (B, E) of the critic's backbone,
-        and with text=True the prompt's text tokens (B, L, T) as the denoiser reads them."""
+        with text=True the prompt's text tokens (B, L, T) as the denoiser reads them, and with a score
+        the proxy (B, R) (Critic.proxy)."""
         with adapter(self.backbone_net, CRITIC) as net:
             tokens, temb = backbone.features(x_t, t, cond, net=net)
+        out = (tokens.float(), temb.float())
         if self.text:
-            return tokens.float(), temb.float(), cond.cond["encoder_hidden_states"].float()
-        return tokens.float(), temb.float()
+            out += (cond.cond["encoder_hidden_states"].float(),)
+        if self.score is not None:
+            if proxy is None:
+                raise ValueError("this critic reads the proxy r(x0_hat): pass proxy=Critic.proxy(...)")
+            out += (proxy.to(tokens.device).float(),)
+        return out
 
-    def forward(self, backbone, x_t, t, cond):
-        """x_t (B, C, H, W), t (B,) the denoiser's timesteps, cond a Cond of B prompts -> (B, R)."""
-        return self.head(*self.features(backbone, x_t, t, cond))
+    def forward(self, backbone, x_t, t, cond, proxy=None):
+        """x_t (B, C, H, W), t (B,) the denoiser's timesteps, cond a Cond of B prompts -> (B, R);
+        proxy (B, R): with a score, the proxy of those states (Critic.proxy)."""
+        return self.head(*self.features(backbone, x_t, t, cond, proxy))
+
+    def proxy(self, backbone, traj, idx, j, chunk=256):
+        """The proxy reward r(decode(x0_hat)) (N, R) of the states (idx, j) (N,) of traj, or None
+        without a score: what the head reads beside the latents (ProxyCritic's values)."""
+        if self.score is None:
+            return None
+        return score_latents(backbone, self.score, traj.pred_x0[idx, j], traj, idx, chunk)
 
     @torch.no_grad()
     def values(self, backbone, traj, chunk=64, keep_features=False, steps=None, last=False, rewards=None):
@@ -204,19 +233,21 @@ class Critic(nn.Module):
         B, K = traj.log_probs.shape
         cols = list(range(steps or K)) + ([K - 1] if last else [])           # the F states' step indices
         F = len(cols)
+        self.cost = {"critic/reward_calls": B * F} if self.score is not None else {}
         idx, col = torch.meshgrid(torch.arange(B), torch.arange(F), indexing="ij")
         idx, j = idx.flatten(), torch.tensor(cols)[col.flatten()]            # (B*F,)
         values, inputs = [], []
         for s in range(0, B * F, chunk):
-            f = self.features(backbone, traj.latents[idx[s:s + chunk], j[s:s + chunk]], traj.timesteps[j[s:s + chunk]],
-                              traj.cond.index(idx[s:s + chunk]))
+            rows, steps_ = idx[s:s + chunk], j[s:s + chunk]
+            f = self.features(backbone, traj.latents[rows, steps_], traj.timesteps[steps_], traj.cond.index(rows),
+                              self.proxy(backbone, traj, rows, steps_))
             values.append(self.head(*f))
             if keep_features:
                 inputs.append(f)
         values = torch.cat(values).view(B, F, -1)
         if not keep_features:
             return values
-        return values, tuple(torch.cat(t) for t in zip(*inputs))   # (B*F, N, D), (B*F, E)[, (B*F, L, T)]
+        return values, tuple(torch.cat(t) for t in zip(*inputs))   # (B*F, N, D), (B*F, E)[, (B*F, L, T)][, (B*F, R)]
 
     def state_dict_to_save(self):
         """What a checkpoint holds: the head, plus the copy's weights or the critic adapter."""
@@ -248,6 +279,9 @@ def load(backbone, run_dir):
     config = json.load(open(os.path.join(run_dir, "config.json")))
     if config.get("critic", "learned") != "learned":
         raise cli.InputError(f"{run_dir} trained with --critic {config['critic']}: it has no learned critic to load")
+    if config.get("critic_proxy_input"):       # its values need the policy's x0_hat, which steering does not pass
+        raise cli.InputError(f"{run_dir} trained with --critic-proxy-input: its critic reads r(x0_hat), which "
+                             "steering does not compute; steer with a run trained without it")
     names = [n for n in config["rewards"].split(",") if n.strip()]
     rank = config.get("lora_rank") or 0
     critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64,
@@ -383,10 +417,12 @@ def score_latents(backbone, score, latents, traj, rows, chunk):
 
 
 def build(kind, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True, score=None,
-          policy_net=None, continuations=8, generator=None, reduce=None):
-    """One critic of KINDS by name: what train.py --critic chooses."""
+          policy_net=None, continuations=8, generator=None, reduce=None, proxy_input=False):
+    """One critic of KINDS by name: what train.py --critic chooses (proxy_input: the learned head also
+    reads the proxy, --critic-proxy-input)."""
     if kind == "learned":
-        return Critic(backbone, num_rewards, lora=lora, rank=rank, alpha=alpha, text=text, adaln=adaln).to(backbone.device)
+        return Critic(backbone, num_rewards, lora=lora, rank=rank, alpha=alpha, text=text, adaln=adaln,
+                      score=score if proxy_input else None).to(backbone.device)
     if kind == "none":
         return NoCritic(num_rewards)
     if kind == "proxy":
@@ -451,7 +487,8 @@ def regress(critic, backbone, traj, idx, j, returns, old_values=None, vf_clip=0.
     """The one critic-fitting loss: value_loss of V_phi(x_{t_j}, t_j, c) at the states (idx, j) of traj
     against their targets G (N, R), in the units of rewards.RunningNorm. ppo.update's minibatches and
     fit() both regress through it."""
-    values = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx))     # (N, R)
+    values = critic(backbone, traj.latents[idx, j], traj.timesteps[j], traj.cond.index(idx),
+                    critic.proxy(backbone, traj, idx, j))                                         # (N, R)
     return value_loss(values, returns, old_values, vf_clip)
 
 

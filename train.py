@@ -209,6 +209,12 @@ def build_parser():
                    help="the value head also attends over the prompt's text tokens (the denoiser's encoder_hidden_states, "
                         "projected): it then ranks images of prompts it never trained on better (BENCHMARKS.md, "
                         "'Fitting the critic'; default: on, on the built-in world; off otherwise)")
+    g.add_argument("--critic-proxy-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="the value head also reads the proxy r(decode(x0_hat(x_t))), the reward of the policy's clean-"
+                        "image prediction at each state, through a gain per noise level (V = head + g(t) r; one decode "
+                        "and reward call per valued state): a latent head learns little of the reward from one run's "
+                        "states (bench/value_ceiling.py), the proxy gives it the reward's own reading. Its critic "
+                        "does not steer (default: off)")
     g.add_argument("--raft-steps", type=integer(1), default=1,
                    help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement). "
                         "On the built-in world 4 collapsed the policy (held-out 0.30 ± 0.06 over 5 seeds, below the base "
@@ -334,9 +340,10 @@ def configure(args, argv):
     learned = args.algo == "ppo" and args.critic == "learned"
     fitted = learned and args.shapes_world
     on = {"value_warmup": 2, "head_epochs": 1, "critic_replay": 32 if fitted else 1, "critic_head_lr": 1e-4 if fitted else 1e-3,
-          "critic_terminal": fitted and args.sde_steps < args.num_steps, "critic_text": fitted, "critic_adaln": "on"}
+          "critic_terminal": fitted and args.sde_steps < args.num_steps, "critic_text": fitted, "critic_adaln": "on",
+          "critic_proxy_input": False}
     off = {"value_warmup": 0, "head_epochs": 0, "critic_replay": 1, "critic_head_lr": 1e-3, "critic_terminal": False,
-           "critic_text": False, "critic_adaln": "on"}
+           "critic_text": False, "critic_adaln": "on", "critic_proxy_input": False}
     for name in on:
         given, flag = getattr(args, name), "--" + name.replace("_", "-")
         if given is None:
@@ -414,7 +421,7 @@ def build(args, backbone, num_rewards, mixer=None, generator=None):
                                      rank=args.lora_rank or 32, alpha=args.lora_alpha or 64, text=args.critic_text,
                                      adaln=args.critic_adaln == "on", score=score, policy_net=policy_net,
                                      continuations=args.oracle_continuations, generator=generator,
-                                     reduce=ppo.all_reduce_sum)
+                                     reduce=ppo.all_reduce_sum, proxy_input=args.critic_proxy_input)
     learned = critic if critic is not None and critic.learned else None
     if args.lora_rank:
         backbone.net.set_adapter(POLICY)          # what an unwrapped forward of the base runs

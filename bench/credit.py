@@ -11,6 +11,8 @@ makes the advantage differs:
                      batch's other trajectories (leave-one-out), at gae_lambda X
   critic-lX          the paper's learned critic as it was before (its head on this batch at head lr 1e-3, no
                      x_(t_1), no text tokens) at gae_lambda X
+  proxyin-critic-lX  critic-lX whose head also reads the proxy r(x0_hat) through a gain per noise level
+                     (--critic-proxy-input): V = head + g(t) r, learned like the rest of the head
   fitted-critic-lX   the learned critic fitted harder (train.py's default before --critic-replay-states): its head on the
                      last 32 iterations' states at head lr 1e-4, also on x_(t_1) and the prompt's text tokens,
                      at gae_lambda X
@@ -67,6 +69,8 @@ def variant_flags(name, oracle_m):
     for prefix, flags in (("proxy-critic-l", "--critic proxy"), ("proxyfit-critic-l", "--critic proxy-fit"),
                           ("oracle-critic-l", f"--critic oracle --oracle-continuations {oracle_m}"),
                           ("critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text"),
+                          ("proxyin-critic-l", "--critic-replay 1 --critic-head-lr 1e-3 --no-critic-terminal --no-critic-text "
+                                               "--critic-proxy-input"),
                           ("fitted-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text"),
                           ("lastreplay-critic-l", "--critic-replay 32 --critic-head-lr 1e-4 --critic-terminal --critic-text "
                                                   "--critic-replay-states last")):

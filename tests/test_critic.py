@@ -201,6 +201,33 @@ def test_the_proxy_scores_the_predicted_clean_image(backbones):
     torch.testing.assert_close(values, expected)
 
 
+def test_the_head_reading_the_proxy(backbones, tmp_path):
+    """--critic-proxy-input: the head's last input is the proxy of each state, r(decode(x0_hat)) of the
+    trajectory's own predictions; V = 0 at initialisation; with the MLP silent and a gain of 1 at every
+    noise level, V is the proxy itself (values() and regress(), the two paths that compute V); the gain
+    learns; and a run trained so refuses to be loaded for steering, which does not compute x0_hat."""
+    b = backbones["tiny-dit"]()
+    traj = rollout.sample(b, PROMPTS, 4, 1.0, generator=torch.Generator().manual_seed(0), sde_steps=3)
+    critic = critic_module.build("learned", b, score=_score, proxy_input=True, text=True)
+    assert torch.equal(critic.values(b, traj, steps=3, last=True), torch.zeros(3, 4, 1))
+    _, inputs = critic.values(b, traj, keep_features=True, steps=3, last=True)
+    proxy = critic_module.build("proxy", b, score=_score).values(b, traj, steps=3, last=True)       # (3, 4, 1)
+    torch.testing.assert_close(inputs[-1], proxy.flatten(0, 1))                                    # rows b*F + f
+    critic.head(*inputs).sum().backward()
+    assert critic.head.proxy_gain[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        critic.head.proxy_gain[-1].bias.fill_(1.0)
+    torch.testing.assert_close(critic.values(b, traj, steps=3, last=True), proxy)
+    idx, j = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 3])
+    loss = critic_module.regress(critic, b, traj, idx, j, torch.zeros(3, 1))
+    torch.testing.assert_close(loss, 0.5 * (proxy[idx, j] ** 2).mean())
+    plain = critic_module.build("learned", b, score=_score)                    # without proxy_input: no proxy read
+    assert plain.head.proxy_gain is None and plain.proxy(b, traj, idx, j) is None
+    (tmp_path / "config.json").write_text('{"critic": "learned", "rewards": "shapes", "critic_proxy_input": true}')
+    with pytest.raises(critic_module.cli.InputError, match="--critic-proxy-input"):
+        critic_module.load(b, str(tmp_path))
+
+
 def test_the_fitted_proxy_is_a_line_fitted_without_the_row_itself(backbones):
     """--critic proxy-fit: V(x_k) for trajectory b = the least-squares line of R on the proxy at step k,
     fitted on the other trajectories (brute force below); its own reward never moves it; a line that

@@ -343,6 +343,7 @@ def test_the_policy_learning_rate_decays_as_a_cosine_over_the_run(tmp_path):
     (["--algo", "raft", "--adv-norm", "step"], "--adv-norm step: --algo raft makes its advantages without it"),
     (["--critic", "proxy-fit", "--critic-terminal", "--sde-steps", "2"], "--critic-terminal: only --algo ppo --critic learned"),
     (["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
+    (["--critic", "proxy-fit", "--critic-proxy-input"], "--critic-proxy-input: only --algo ppo --critic learned"),
     (["--critic-replay-states", "last", "--no-critic-terminal"], "--critic-replay-states last needs --critic-terminal"),
     (["--critic", "value"], "--critic: invalid choice"),
     (["--resume", "/nonexistent/run"], "no run to resume"),
