@@ -292,7 +292,7 @@ def main():
         p.exit(1, f"no finished runs under {args.runs}\n")
     refs = {"critic": args.shipped if args.shipped in variants else None,
             "proxy-critic": best(variants, "proxy-critic-l"), "oracle-critic": best(variants, "oracle-critic-l"),
-            "proxyfit-critic": best(variants, "proxyfit-critic-l")}
+            "proxyfit-critic": best(variants, "proxyfit-critic-l"), "proxyin-critic": best(variants, "proxyin-critic-l")}
     named = {k: v for k, v in variants.items()}
     for alias, name in refs.items():
         if name:
@@ -300,12 +300,15 @@ def main():
     comparisons = {f"{a} - {b}": compare(named, a, b) for a, b in (
         ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "proxy-critic"), ("critic", "grpo"),
         ("no-critic", "grpo"), ("no-critic-groups", "grpo"), ("no-critic", "no-critic-groups"),
-        ("critic", "oracle-critic"), ("proxyfit-critic", "no-critic"))}
+        ("critic", "oracle-critic"), ("proxyfit-critic", "no-critic"), ("proxyin-critic", "no-critic"),
+        ("proxyin-critic", "proxyfit-critic"))}
     key_pairs = (("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "grpo"), ("oracle-critic", "grpo"),
-                 ("no-critic-groups", "no-critic"), ("proxyfit-critic", "no-critic"))
+                 ("no-critic-groups", "no-critic"), ("proxyfit-critic", "no-critic"), ("proxyin-critic", "no-critic"),
+                 ("proxyin-critic", "proxyfit-critic"))
     comparisons.update({f"{a} - {b}, last quarter": compare(named, a, b, "heldout_strict_last_quarter") for a, b in key_pairs})
     comparisons.update({f"{a} - {b}, mean over the run": compare(named, a, b, "heldout_strict_run_mean") for a, b in key_pairs})
-    for a, b in (("critic", "grpo"), ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("proxyfit-critic", "no-critic")):
+    for a, b in (("critic", "grpo"), ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("proxyfit-critic", "no-critic"),
+                 ("proxyin-critic", "no-critic")):
         if a in named and b in named:            # how soon a reaches b's final accuracy (the 'half the images' target)
             comparisons[f"images for {a} to reach {b}'s final"] = {
                 "images": images_to_reach(named[a], mean(named[b]["heldout_strict"])), "of": named[b]["curve"]["images"][-1]}
