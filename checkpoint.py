@@ -315,7 +315,7 @@ def resume(args, policy_net, critic, opt_policy, opt_critic, mixer, prompt_rng, 
         from safetensors.torch import load_file
         saved = load_file(replay_path)
         batches = sorted({int(k.split(".")[0]) for k in saved})
-        width = sum(k.startswith("0.") for k in saved)             # 4 tensors per batch, 5 with --critic-text
+        width = sum(k.startswith("0.") for k in saved)             # 4 tensors per batch, +1 each: text, proxy
         for i in batches:
             replay.append(tuple(saved[f"{i}.{j}"] for j in range(width)))
     r = state["rngs"]
