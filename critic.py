@@ -238,9 +238,9 @@ class Critic(nn.Module):
         idx, j = idx.flatten(), torch.tensor(cols)[col.flatten()]            # (B*F,)
         values, inputs = [], []
         for s in range(0, B * F, chunk):
-            rows, steps_ = idx[s:s + chunk], j[s:s + chunk]
-            f = self.features(backbone, traj.latents[rows, steps_], traj.timesteps[steps_], traj.cond.index(rows),
-                              self.proxy(backbone, traj, rows, steps_))
+            rows, js = idx[s:s + chunk], j[s:s + chunk]
+            f = self.features(backbone, traj.latents[rows, js], traj.timesteps[js], traj.cond.index(rows),
+                              self.proxy(backbone, traj, rows, js))
             values.append(self.head(*f))
             if keep_features:
                 inputs.append(f)
