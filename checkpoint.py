@@ -201,7 +201,7 @@ def save_checkpoint(args, it, images, policy_net, critic, opt_policy, opt_critic
         os.makedirs(tmp)
     ppo.barrier()                                      # tmp/ exists before any rank writes into it
     torch.save(rngs(), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if replay:                                         # (tokens, temb[, text], returns, old_values) per iteration kept
+    if replay:                                         # (tokens, temb[, text][, proxy], returns, old_values) kept
         save_file({f"{i}.{j}": t.contiguous() for i, batch in enumerate(replay) for j, t in enumerate(batch)},
                   os.path.join(tmp, f"replay_rank{rank}.safetensors"))
     ppo.barrier()                                      # every rank's RNG file is in tmp/ before the swap

@@ -15,14 +15,16 @@
             critic on prompts it never trained on (BENCHMARKS.md, critic fit). With proxy=True
             (train.py --critic-proxy-input) it also reads r(decode(x0_hat(x_t))), the reward of the
             denoiser's clean-image prediction, through a gain per noise level: V = head + g(t) r.
-            A latent head learns little of the reward from the few thousand states a run sees
-            (bench/value_ceiling.py: none of it, even at the last state); the proxy hands it the
-            reward's own reading of the state, and the head learns its scale per step and the rest
+            A latent head learns little of the return along the SDE window from the few thousand
+            states a run sees (bench/value_ceiling.py: at 10:10 its values add variance at every
+            window state); the proxy hands it the reward's own reading of the state, and the head
+            learns its scale per step and the rest. (On SD3 temb also carries the pooled prompt, so
+            the gain is per noise level and prompt.)
 Value pretraining (the second stabiliser, `train.py --value-warmup W`) lives in train.py.
 
 | paper (METHOD.md 3, 5) | here |
 |---|---|
-| V_phi(x_t, t, c) | Critic.forward(backbone, x_t, t, cond) -> (B, R), one column per reward (section 6) |
+| V_phi(x_t, t, c) | Critic.forward(backbone, x_t, t, cond[, proxy]) -> (B, R), one column per reward (section 6) |
 | AdaLN noise-level conditioning | ValueHead.adaLN_modulation, modulate() |
 | L_value = mean (V_phi(s) - G)^2 | value_loss(), regress(): the one fitting loss of ppo.update and fit() |
 | explained variance, by noise level (8) | explained_variance(), explained_variance_by_noise() |
@@ -85,6 +87,7 @@ class ValueHead(nn.Module):
             nn.init.zeros_(self.proxy_gain[-1].weight), nn.init.zeros_(self.proxy_gain[-1].bias)
 
     def forward(self, tokens, temb, *extra):
+        assert len(extra) == (self.text_proj is not None) + (self.proxy_gain is not None), "extra: [text][, proxy]"
         text = extra[0] if self.text_proj is not None else None      # extra: [text (B, L, T)][, proxy (B, R)]
         proxy = extra[-1] if self.proxy_gain is not None else None
         if self.text_proj is not None:      # the prompt's tokens join the image's as keys and values
@@ -164,7 +167,7 @@ class Critic(nn.Module):
     modulated by the noise level (an ablation); `score` (as ProxyCritic's): the head also reads the
     proxy r(decode(x0_hat)) of each state, x0_hat the policy's prediction kept in the Trajectory."""
     learned = True                                  # trained by ppo.update, saved in checkpoints
-    cost = {}                                       # what values() spends beyond its passes: nothing
+    cost = {}                                       # what values() spent beyond its passes (the proxy's reward calls)
 
     def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True, score=None):
         super().__init__()
@@ -213,6 +216,7 @@ class Critic(nn.Module):
         proxy (B, R): with a score, the proxy of those states (Critic.proxy)."""
         return self.head(*self.features(backbone, x_t, t, cond, proxy))
 
+    @torch.no_grad()
     def proxy(self, backbone, traj, idx, j, chunk=256):
         """The proxy reward r(decode(x0_hat)) (N, R) of the states (idx, j) (N,) of traj, or None
         without a score: what the head reads beside the latents (ProxyCritic's values)."""
@@ -279,9 +283,9 @@ def load(backbone, run_dir):
     config = json.load(open(os.path.join(run_dir, "config.json")))
     if config.get("critic", "learned") != "learned":
         raise cli.InputError(f"{run_dir} trained with --critic {config['critic']}: it has no learned critic to load")
-    if config.get("critic_proxy_input"):       # its values need the policy's x0_hat, which steering does not pass
-        raise cli.InputError(f"{run_dir} trained with --critic-proxy-input: its critic reads r(x0_hat), which "
-                             "steering does not compute; steer with a run trained without it")
+    if config.get("critic_proxy_input"):       # its values need the policy's x0_hat and the reward at each state
+        raise cli.InputError(f"{run_dir} trained with --critic-proxy-input: its critic reads r(x0_hat), which a "
+                             "loaded critic is not given (steering, bench/critic_health.py); use a run trained without it")
     names = [n for n in config["rewards"].split(",") if n.strip()]
     rank = config.get("lora_rank") or 0
     critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64,
@@ -421,6 +425,8 @@ def build(kind, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=Fal
     """One critic of KINDS by name: what train.py --critic chooses (proxy_input: the learned head also
     reads the proxy, --critic-proxy-input)."""
     if kind == "learned":
+        if proxy_input and score is None:
+            raise ValueError("proxy_input: the head reads the proxy, which needs the reward (score=...)")
         return Critic(backbone, num_rewards, lora=lora, rank=rank, alpha=alpha, text=text, adaln=adaln,
                       score=score if proxy_input else None).to(backbone.device)
     if kind == "none":

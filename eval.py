@@ -262,12 +262,14 @@ def run_config(run_dir, flag):
 
 def newest_run(model, holding="pipeline"):
     """The newest runs/*/ trained on `model` that holds `holding` (by default its exported policy: a finished
-    run; checkpoint/critic.safetensors: one with a learned critic), or None."""
+    run; checkpoint/critic.safetensors: one with a learned critic that steers, i.e. not one that reads the
+    proxy, train.py --critic-proxy-input), or None."""
     found = []
     for cfg in glob.glob(os.path.join("runs", "*", "config.json")):
         run = os.path.dirname(cfg)
         try:
-            same = json.load(open(cfg)).get("model") == model
+            config = json.load(open(cfg))
+            same = config.get("model") == model and not (holding != "pipeline" and config.get("critic_proxy_input"))
         except (OSError, ValueError):
             continue
         path = os.path.join(run, holding)
@@ -326,7 +328,8 @@ def configure(args):
     wants_critic = steer.needs_critic(args.steer, args.select)
     args.critic_source = "--critic" if args.critic else ""
     if args.critic is None and wants_critic:
-        if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")):
+        if policy_cfg and os.path.isfile(os.path.join(args.policy, "checkpoint", "critic.safetensors")) and \
+                not policy_cfg.get("critic_proxy_input"):
             args.critic, args.critic_source = args.policy, "the --policy run's own"
         elif shapes_world:
             args.critic = newest_run(args.model, os.path.join("checkpoint", "critic.safetensors"))
@@ -344,6 +347,9 @@ def configure(args):
             fail(f"--critic {args.critic}: {e}")
         if critic_cfg.get("model") != args.model:
             fail(f"--critic {args.critic} was trained on {critic_cfg.get('model')}, not {args.model}")
+        if critic_cfg.get("critic_proxy_input") and wants_critic:
+            fail(f"--critic {args.critic} trained with --critic-proxy-input: its critic reads r(x0_hat), which "
+                 "steering does not compute; steer with a run trained without it")
     if not wants_critic:
         args.critic = None                        # its run still sets the sampler's defaults below
     source = critic_cfg or policy_cfg or {}

@@ -278,7 +278,7 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
     critic_pairs: the critic (backbone and head) trains on only the first n pairs of each epoch's
     shuffled order (a random share), which sets its cost per image; None = all of them.
     features: the value head's own data, (*inputs, returns (M, R), old_values (M, R)) for M states,
-    inputs being what Critic.features gives (tokens (M, N, D), temb (M, E)[, text (M, L, T)]):
+    inputs being what Critic.features gives (tokens (M, N, D), temb (M, E)[, text (M, L, T)][, proxy (M, R)]):
     this batch's from the rollout-time value pass, and with
     train.py --critic-replay those of recent iterations too; if given, the value head alone first
     takes args.head_epochs passes over every one of them, at a fraction of a backbone pass's cost
@@ -290,7 +290,7 @@ def update(backbone, traj, advantages, returns, old_values, policy_net, ref_net,
                             "grad_norm/critic")}
     skipped, ratio_dev_first = 0, None
     if features is not None:
-        *inputs, h_returns, h_old = features                              # (M, N, D), (M, E)[, (M, L, T)], (M, R), (M, R)
+        *inputs, h_returns, h_old = features                  # (M, N, D), (M, E)[, (M, L, T)][, (M, R)], (M, R), (M, R)
         head_params = list(critic.head.parameters())
         device = returns.device
         for epoch in range(args.head_epochs):

@@ -211,8 +211,8 @@ def build_parser():
                         "'Fitting the critic'; default: on, on the built-in world; off otherwise)")
     g.add_argument("--critic-proxy-input", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also reads the proxy r(decode(x0_hat(x_t))), the reward of the policy's clean-"
-                        "image prediction at each state, through a gain per noise level (V = head + g(t) r; one decode "
-                        "and reward call per valued state): a latent head learns little of the reward from one run's "
+                        "image prediction at each state, through a gain per noise level (V = head + g(t) r; a decode "
+                        "and reward call per valued state, and per state the critic's backbone trains on): a latent head learns little of the reward from one run's "
                         "states (bench/value_ceiling.py), the proxy gives it the reward's own reading. Its critic "
                         "does not steer (default: off)")
     g.add_argument("--raft-steps", type=integer(1), default=1,

@@ -201,16 +201,18 @@ def test_the_proxy_scores_the_predicted_clean_image(backbones):
     torch.testing.assert_close(values, expected)
 
 
-def test_the_head_reading_the_proxy(backbones, tmp_path):
+@pytest.mark.parametrize("text", [False, True])
+def test_the_head_reading_the_proxy(backbones, tmp_path, text):
     """--critic-proxy-input: the head's last input is the proxy of each state, r(decode(x0_hat)) of the
     trajectory's own predictions; V = 0 at initialisation; with the MLP silent and a gain of 1 at every
     noise level, V is the proxy itself (values() and regress(), the two paths that compute V); the gain
     learns; and a run trained so refuses to be loaded for steering, which does not compute x0_hat."""
     b = backbones["tiny-dit"]()
     traj = rollout.sample(b, PROMPTS, 4, 1.0, generator=torch.Generator().manual_seed(0), sde_steps=3)
-    critic = critic_module.build("learned", b, score=_score, proxy_input=True, text=True)
+    critic = critic_module.build("learned", b, score=_score, proxy_input=True, text=text)
     assert torch.equal(critic.values(b, traj, steps=3, last=True), torch.zeros(3, 4, 1))
     _, inputs = critic.values(b, traj, keep_features=True, steps=3, last=True)
+    assert len(inputs) == 3 + text                                                # tokens, temb[, text], proxy
     proxy = critic_module.build("proxy", b, score=_score).values(b, traj, steps=3, last=True)       # (3, 4, 1)
     torch.testing.assert_close(inputs[-1], proxy.flatten(0, 1))                                    # rows b*F + f
     critic.head(*inputs).sum().backward()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import steer
 from models import load_backbone
@@ -280,3 +281,19 @@ def test_python_train_then_eval_steer_bon_steers_with_that_runs_critic(tmp_path)
     assert f"policy: {run} (its final policy; the newest run under runs/" in r.stdout
     assert f"critic: {run} (the --policy run's own)" in r.stdout and "the critic chooses at x_(t_1)" in r.stdout
     assert "unsteered (--steer none, same policy, seeds and sampler)" in r.stdout
+
+
+def test_eval_never_steers_with_a_critic_that_reads_the_proxy(tmp_path):
+    """A run trained with --critic-proxy-input: its critic needs x0_hat and the reward at every state, which
+    steering does not give it. eval.py passes over it when it picks a critic itself, and refuses it by name,
+    in one line, before any model is loaded."""
+    run = tmp_path / "runs" / "ppo-proxy"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": "tiny-dit", "rewards": "shapes", "critic": "learned",
+                                                 "critic_proxy_input": True}))
+    save_file({"head.query": torch.zeros(1)}, str(run / "checkpoint" / "critic.safetensors"))
+    r = cli("--steer", "bon", "--out", str(tmp_path / "out"), cwd=str(tmp_path))
+    assert r.returncode == 2 and "--critic RUN_DIR" in r.stderr, r.stderr          # not picked
+    r = cli("--steer", "bon", "--critic", str(run), "--out", str(tmp_path / "out"), cwd=str(tmp_path))
+    assert r.returncode == 2 and "--critic-proxy-input" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -278,8 +278,8 @@ def test_real_architectures_with_lora(tmp_path, real_arch, arch):
     assert (exported - trained).abs().max() < 1e-5, ((exported - trained).abs().max(), (trained - base).abs().max())
 
 
-@pytest.mark.parametrize("replay, how", [([], "--resume"), (["--critic-replay", "3", "--critic-text", "--critic-proxy-input"],
-                                                                    "same command"),
+@pytest.mark.parametrize("replay, how", [([], "--resume"), (["--critic-replay", "3", "--critic-text"], "same command"),
+                                         (["--critic-replay", "3", "--critic-proxy-input"], "--resume"),
                                          (["--critic", "oracle", "--oracle-continuations", "2", "--value-warmup", "0"],
                                           "--resume")])
 def test_resume_is_exact(tmp_path, capsys, monkeypatch, replay, how):
@@ -287,8 +287,8 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, replay, how):
     torchrun --max-restarts reruns it) == 4 iterations straight: same metrics, same weights. At a
     constant learning rate: extending a run stretches the default cosine over the new --iters. With
     --critic-replay the value head's kept states must come back too, with --critic-text their text tokens
-    and with --critic-proxy-input their proxies as well (else iteration 3's head trains on one batch
-    instead of three, and the critic differs); the
+    as well, with --critic-proxy-input their proxies (else iteration 3's head trains on one batch instead
+    of three, and the critic differs); the
     oracle critic's continuations draw from the rollout's noise stream, which a resume restores. Every
     checkpoint file is loaded onto the CPU (map_location), never onto the device it was saved from."""
     common = ["--iters", "4", *TINY, "--eval-every", "2", "--lr-schedule", "constant", *replay]
