@@ -301,14 +301,14 @@ def main():
         ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "proxy-critic"), ("critic", "grpo"),
         ("no-critic", "grpo"), ("no-critic-groups", "grpo"), ("no-critic", "no-critic-groups"),
         ("critic", "oracle-critic"), ("proxyfit-critic", "no-critic"), ("proxyin-critic", "no-critic"),
-        ("proxyin-critic", "proxyfit-critic"))}
+        ("proxyin-critic", "proxyfit-critic"), ("proxyin-critic", "grpo"))}
     key_pairs = (("oracle-critic", "no-critic"), ("critic", "no-critic"), ("critic", "grpo"), ("oracle-critic", "grpo"),
                  ("no-critic-groups", "no-critic"), ("proxyfit-critic", "no-critic"), ("proxyin-critic", "no-critic"),
-                 ("proxyin-critic", "proxyfit-critic"))
+                 ("proxyin-critic", "proxyfit-critic"), ("proxyin-critic", "grpo"))
     comparisons.update({f"{a} - {b}, last quarter": compare(named, a, b, "heldout_strict_last_quarter") for a, b in key_pairs})
     comparisons.update({f"{a} - {b}, mean over the run": compare(named, a, b, "heldout_strict_run_mean") for a, b in key_pairs})
     for a, b in (("critic", "grpo"), ("oracle-critic", "no-critic"), ("critic", "no-critic"), ("proxyfit-critic", "no-critic"),
-                 ("proxyin-critic", "no-critic")):
+                 ("proxyin-critic", "no-critic"), ("proxyin-critic", "grpo")):
         if a in named and b in named:            # how soon a reaches b's final accuracy (the 'half the images' target)
             comparisons[f"images for {a} to reach {b}'s final"] = {
                 "images": images_to_reach(named[a], mean(named[b]["heldout_strict"])), "of": named[b]["curve"]["images"][-1]}
