@@ -148,9 +148,9 @@ def test_critic_terminal_teaches_the_head_the_state_after_the_window(tmp_path, m
         seen.append(features)
         return update(*a, features=features, **kw)
 
-    def spy_features(self, backbone, x_t, t, cond):
+    def spy_features(self, backbone, x_t, t, cond, proxy=None):
         timesteps.update(t.tolist())
-        return features(self, backbone, x_t, t, cond)
+        return features(self, backbone, x_t, t, cond, proxy)
     monkeypatch.setattr(ppo, "update", spy)
     monkeypatch.setattr(critic.Critic, "features", spy_features)
     run_dir = str(tmp_path / "run")
