@@ -274,6 +274,17 @@ class Critic(nn.Module):
             self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
 
 
+def check_loadable(config, run_dir):
+    """An InputError unless the run (its config.json read into config) has a critic load() can rebuild on its
+    own: a learned one that does not read the proxy, whose values need the policy's x0_hat and the reward at
+    each state. eval.py asks before it loads any model."""
+    if config.get("critic", "learned") != "learned":
+        raise cli.InputError(f"{run_dir} trained with --critic {config['critic']}: it has no learned critic to load")
+    if config.get("critic_proxy_input"):
+        raise cli.InputError(f"{run_dir} trained with --critic-proxy-input: its critic reads r(x0_hat), which a "
+                             "loaded critic is not given (steering, bench/critic_health.py); use a run trained without it")
+
+
 def load(backbone, run_dir):
     """The trained critic of a train.py run (its config.json and checkpoint/critic.safetensors),
     e.g. for steering. With LoRA, this adds the 'critic' adapter to backbone.net."""
@@ -281,11 +292,7 @@ def load(backbone, run_dir):
     import os
     from safetensors.torch import load_file
     config = json.load(open(os.path.join(run_dir, "config.json")))
-    if config.get("critic", "learned") != "learned":
-        raise cli.InputError(f"{run_dir} trained with --critic {config['critic']}: it has no learned critic to load")
-    if config.get("critic_proxy_input"):       # its values need the policy's x0_hat and the reward at each state
-        raise cli.InputError(f"{run_dir} trained with --critic-proxy-input: its critic reads r(x0_hat), which a "
-                             "loaded critic is not given (steering, bench/critic_health.py); use a run trained without it")
+    check_loadable(config, run_dir)
     names = [n for n in config["rewards"].split(",") if n.strip()]
     rank = config.get("lora_rank") or 0
     critic = Critic(backbone, len(names), lora=bool(rank), rank=rank or 32, alpha=config.get("lora_alpha") or 64,

@@ -44,7 +44,7 @@ import rewards
 import rollout
 import steer
 from cli import finite_float, integer
-from critic import POLICY, adapter
+from critic import POLICY, adapter, check_loadable
 from models import PRECISIONS, check_precision, check_resolution, default_precision, default_resolution, load_backbone, \
     resolve
 
@@ -347,9 +347,11 @@ def configure(args):
             fail(f"--critic {args.critic}: {e}")
         if critic_cfg.get("model") != args.model:
             fail(f"--critic {args.critic} was trained on {critic_cfg.get('model')}, not {args.model}")
-        if critic_cfg.get("critic_proxy_input") and wants_critic:
-            fail(f"--critic {args.critic} trained with --critic-proxy-input: its critic reads r(x0_hat), which "
-                 "steering does not compute; steer with a run trained without it")
+        if wants_critic:
+            try:
+                check_loadable(critic_cfg, args.critic)
+            except cli.InputError as e:
+                fail(f"--critic {e}")
     if not wants_critic:
         args.critic = None                        # its run still sets the sampler's defaults below
     source = critic_cfg or policy_cfg or {}

@@ -212,9 +212,9 @@ def build_parser():
     g.add_argument("--critic-proxy-input", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also reads the proxy r(decode(x0_hat(x_t))), the reward of the policy's clean-"
                         "image prediction at each state, through a gain per noise level (V = head + g(t) r; a decode "
-                        "and reward call per valued state, and per state the critic's backbone trains on): a latent head learns little of the reward from one run's "
-                        "states (bench/value_ceiling.py), the proxy gives it the reward's own reading. Its critic "
-                        "does not steer (default: off)")
+                        "and reward call per valued state, and per state the critic's backbone trains on): a latent "
+                        "head learns little of the reward from one run's states (bench/value_ceiling.py), the proxy "
+                        "gives it the reward's own reading. Its critic does not steer (default: off)")
     g.add_argument("--raft-steps", type=integer(1), default=1,
                    help="raft: optimiser steps per iteration, each on --minibatch-size kept samples (with replacement). "
                         "On the built-in world 4 collapsed the policy (held-out 0.30 ± 0.06 over 5 seeds, below the base "

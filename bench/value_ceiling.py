@@ -118,7 +118,8 @@ def advantage_noise(backbone, pool, K, S, values, seed, batches=8, **label):
     of the window, as a fraction of Var R, at GAE lambda 0 (V(x_(j+1)) - V(x_j)) and lambda 1
     (R - V(x_j)), over `batches` rollout batches of 32 of the pool's prompts. values(traj, r) -> (B, S)
     V at the window's states, on R's scale (r (B, 1): the batch's rewards, which only the fitted proxy
-    reads). Step j's true signal is its share s_j; the rest is the critic's error (V = 0 at lambda 1 gives every step the whole Var R). Also each step's squared offset
+    reads). Step j's true signal is its share s_j; the rest is the critic's error (V = 0 at lambda 1 gives
+    every step the whole Var R). Also each step's squared offset
     (its mean advantage less the mean over every step, over Var R): what centring over the whole
     batch (train.py --adv-norm batch) adds to that step on top of its variance, and centring per step
     (--adv-norm step) does not."""
