@@ -42,6 +42,7 @@ import copy
 import itertools
 import sys
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -219,9 +220,14 @@ class Critic(nn.Module):
     @torch.no_grad()
     def proxy(self, backbone, traj, idx, j, chunk=256):
         """The proxy reward r(decode(x0_hat)) (N, R) of the states (idx, j) (N,) of traj, or None
-        without a score: what the head reads beside the latents (ProxyCritic's values)."""
+        without a score: what the head reads beside the latents (ProxyCritic's values). It depends on
+        traj alone, so values() keeps those of the trajectory it last read and ppo.update's regress on
+        its states reads them back rather than decoding and scoring each state once more per pass."""
         if self.score is None:
             return None
+        kept = getattr(self, "_kept_proxy", None)                     # (traj weakref, column of step j (K,), (B, F, R))
+        if kept is not None and kept[0]() is traj and bool((kept[1][j] >= 0).all()):
+            return kept[2][idx, kept[1][j]]
         return score_latents(backbone, self.score, traj.pred_x0[idx, j], traj, idx, chunk)
 
     @torch.no_grad()
@@ -240,11 +246,16 @@ class Critic(nn.Module):
         self.cost = {"critic/reward_calls": B * F} if self.score is not None else {}
         idx, col = torch.meshgrid(torch.arange(B), torch.arange(F), indexing="ij")
         idx, j = idx.flatten(), torch.tensor(cols)[col.flatten()]            # (B*F,)
+        proxy = self.proxy(backbone, traj, idx, j)                          # (B*F, R) or None
+        if proxy is not None:
+            column = torch.full((K,), -1, dtype=torch.long)
+            column[torch.tensor(cols)] = torch.arange(F)
+            self._kept_proxy = (weakref.ref(traj), column, proxy.view(B, F, -1))
         values, inputs = [], []
         for s in range(0, B * F, chunk):
             rows, js = idx[s:s + chunk], j[s:s + chunk]
             f = self.features(backbone, traj.latents[rows, js], traj.timesteps[js], traj.cond.index(rows),
-                              self.proxy(backbone, traj, rows, js))
+                              None if proxy is None else proxy[s:s + chunk])
             values.append(self.head(*f))
             if keep_features:
                 inputs.append(f)

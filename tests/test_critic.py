@@ -223,6 +223,21 @@ def test_the_head_reading_the_proxy(backbones, tmp_path, text):
     idx, j = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 3])
     loss = critic_module.regress(critic, b, traj, idx, j, torch.zeros(3, 1))
     torch.testing.assert_close(loss, 0.5 * (proxy[idx, j] ** 2).mean())
+    # values() keeps its trajectory's proxies: regress on its states scores nothing again (the same
+    # numbers); a state it did not read, or another trajectory, is scored afresh
+    scored = []
+    critic.score = lambda images, prompts, metas: scored.append(len(images)) or _score(images, prompts, metas)
+    other = rollout.sample(b, PROMPTS, 4, 1.0, generator=torch.Generator().manual_seed(1), sde_steps=3)
+    want = critic_module.build("proxy", b, score=_score).values(b, other)                          # (3, 4, 1)
+    critic.values(b, other, steps=2)                                                # states 0, 1 of each row
+    assert sum(scored) == 3 * 2
+    critic_module.regress(critic, b, other, idx[:2], j[:2], torch.zeros(2, 1)).backward()
+    torch.testing.assert_close(critic.proxy(b, other, idx[:2], j[:2]), want[idx[:2], j[:2]])
+    assert sum(scored) == 3 * 2
+    torch.testing.assert_close(critic.proxy(b, other, idx, j), want[idx, j])         # step 3 was not read: scored
+    assert sum(scored) == 3 * 2 + 3
+    critic.proxy(b, traj, idx[:2], j[:2])                                           # another trajectory: scored
+    assert sum(scored) == 3 * 2 + 3 + 2
     plain = critic_module.build("learned", b, score=_score)                    # without proxy_input: no proxy read
     assert plain.head.proxy_gain is None and plain.proxy(b, traj, idx, j) is None
     (tmp_path / "config.json").write_text('{"critic": "learned", "rewards": "shapes", "critic_proxy_input": true}')
