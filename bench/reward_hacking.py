@@ -9,7 +9,10 @@ is a reward's own score rising while gold accuracy falls from its peak; the pape
 run keeps each score's gain and more gold accuracy. Writes bench/results/reward_hacking_learned.json
 ({"images", "base_gold", "runs": {NAME: {"rewards", "gold_heldout_strict": [[seed][point]], "scores":
 {REWARD: [[seed][point]]}}}}), .png (the curves) and _grid.png (each run's final samples, seed 0), and the
-BENCHMARKS.md section reward-hacking-learned.
+BENCHMARKS.md section reward-hacking-learned. `--taste T` is the control behind a missed hacking target: toy-pref
+made again (pretrain.py --model toy-pref --taste T, into the runs' folder) with a rater whose taste for red and
+yellow objects weighs T against the checker's partial credit (the shipped toy-pref: 0.5), and the runs trained on
+it, under the suffix _tasteT.
 
 --suite jpeg (DDPO's compressibility experiment): `--rewards jpeg` alone, `shapes` alone and `shapes,jpeg` at
 weights 1,1, 1,0.5 and 1,0.2, one seed: on this world a JPEG shrinks most by drawing less, which the checker
@@ -17,6 +20,7 @@ penalises, so the two rewards conflict directly (bench/results/reward_hacking.js
 
 Run:  python bench/reward_hacking.py --seeds 0 1 2 3 4          # the learned suite, 2 runs at a time
       python bench/reward_hacking.py --suite learned --report-only
+      python bench/reward_hacking.py --taste 2 --names pref joint --seeds 0 1    # the control: a stronger taste
       python bench/reward_hacking.py --suite jpeg --images 5120 -- --lr 1e-3     (flags after -- go to train.py)
 """
 import argparse
@@ -117,14 +121,23 @@ def steer_sweep(args, run_dir):
 
 def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
-    runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
+    names = [n for n in LEARNED if n in (args.names or LEARNED)]
+    runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in names}
+    if args.taste is not None:                     # the control: a toy-pref of another taste, made here once
+        pref = os.path.join(args.runs, "toy-pref")
+        if not os.path.isdir(pref) and not args.report_only:
+            os.makedirs(args.runs, exist_ok=True)
+            if launch(["--model", "toy-pref", "--taste", f"{args.taste:g}", "--out", pref], args.threads,
+                      pref + ".log", script="pretrain.py"):
+                raise SystemExit(f"pretrain.py --model toy-pref --taste {args.taste:g} failed; see {pref}.log")
+        extra = [*extra, "--reward-path", f"toy-pref={pref}"]
     previous = json.load(open(args.out + ".json")) if os.path.isfile(args.out + ".json") else {}
     if not args.steer_clip_weights:                                # keep a steering sweep made before
         args.steer_clip_weights = [r["w"] for r in (previous.get("steering") or {}).get("rows", [])]
     flags = lambda n, s: ["--algo", "ppo", "--seed", str(s), *LEARNED[n], *extra]
     if not args.report_only:
         os.makedirs(args.runs, exist_ok=True)
-        jobs = [(n, s) for s in args.seeds for n in LEARNED]
+        jobs = [(n, s) for s in args.seeds for n in names]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: train_run(args, runs[job[0]][job[1]], flags(*job), f"{job[0]} seed {job[1]}"), jobs))
     out, images, base = {}, None, None
@@ -185,8 +198,10 @@ def learned(args, extra):
             cell(r[k]) + (f" ({r['paired'][k]['mean']:+.4f} ± {r['paired'][k]['se']:.4f})" if i else "")
             for k in STEER_KEYS) + " |" for i, r in enumerate(steering["rows"])]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
-        write_section(name.replace("_", "-"), "## Reward hacking with the world's learned rewards: toy-pref, toy-clip "
-                      "and both\n\n" + "\n".join(lines))
+        title = ("toy-pref, toy-clip and both" if args.taste is None else
+                 f"the control, a toy-pref whose rater's taste weighs {args.taste:g} (the shipped one: 0.5)")
+        write_section(name.replace("_", "-"), f"## Reward hacking with the world's learned rewards: {title}\n\n"
+                      + "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -197,8 +212,13 @@ def main():
     p.add_argument("--suite", choices=("learned", "jpeg"), default="learned", help="which experiment (the docstring)")
     p.add_argument("--seed", type=int, default=0, help="jpeg suite: seed of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="learned suite: seeds of every run")
-    p.add_argument("--names", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="NAME",
-                   help="jpeg suite: which runs (default all: " + "; ".join(RUNS) + ")")
+    p.add_argument("--names", nargs="+", choices=list(RUNS) + list(LEARNED), default=None, metavar="NAME",
+                   help="which runs (default all; learned suite: " + ", ".join(LEARNED) + "; jpeg suite: "
+                        + "; ".join(RUNS) + ")")
+    p.add_argument("--taste", type=float, default=None,
+                   help="learned suite, the control behind a missed hacking target: toy-pref made again by "
+                        "pretrain.py --taste T (the rater's weight on red and yellow objects; shipped: 0.5) and "
+                        "trained on; runs, JSON and section get the suffix _tasteT")
     p.add_argument("--steer-clip-weights", type=float, nargs="*", default=[],
                    help="learned suite: also steer the joint run (its lowest seed) with eval.py --steer bon "
                         "--steer-weights toy-pref=1,toy-clip=W for each W (the heads' trade-off without retraining)")
@@ -210,16 +230,22 @@ def main():
         p.exit(2, f"error: --steer-clip-weights must be finite and >= 0, got {bad[0]:g}\n")
     if args.out and not os.path.dirname(args.out):        # a bare name goes where write_json puts it
         args.out = os.path.join(RESULTS, args.out)
+    if args.taste is not None and (args.suite != "learned" or not math.isfinite(args.taste) or args.taste < 0):
+        p.exit(2, f"error: --taste is a finite weight >= 0 of the learned suite, got {args.taste:g}\n")
+    wrong = [n for n in args.names or [] if n not in (LEARNED if args.suite == "learned" else RUNS)]
+    if wrong:
+        p.exit(2, f"error: --names {wrong[0]} is not a run of the {args.suite} suite\n")
     if args.suite == "learned":
-        args.out = args.out or os.path.join(RESULTS, "reward_hacking_learned")
+        suffix = "" if args.taste is None else f"_taste{args.taste:g}"
+        args.out = args.out or os.path.join(RESULTS, "reward_hacking_learned" + suffix)
         if args.runs.endswith("reward_hacking"):
-            args.runs += "_learned"
+            args.runs += "_learned" + suffix
         if "--images" not in argv:
             args.images = 20480                               # the credit benchmark's budget and schedule
         return learned(args, extra or ["--lr-schedule", "constant", "--lr", "3e-4"])
     args.out = args.out or os.path.join(RESULTS, "reward_hacking")
     os.makedirs(args.runs, exist_ok=True)
-    names = args.names
+    names = args.names or list(RUNS)
     if args.report_only:
         run_dirs = {n: os.path.join(args.runs, slug(n)) for n in names}
     else:
