@@ -105,7 +105,13 @@ def claim_run_dir(args):
             if world != args.world_size:
                 raise ConfigError(f"--run-dir {args.run_dir}: the run trained on {world} process(es), not "
                                   f"{args.world_size}; continue it with the same world size")
-            if strip(cli.read_json(cfg_path)) != strip(vars(args)):
+            old, new = strip(cli.read_json(cfg_path)), strip(vars(args))
+            if old != new:
+                newer = sorted(new.keys() - old.keys())              # flags added to train.py after the run began
+                if newer and all(old[k] == new.get(k) for k in old):
+                    raise ConfigError(f"--run-dir {args.run_dir} was made by a train.py older than "
+                                      f"{', '.join('--' + k.replace('_', '-') for k in newer)}: continue it "
+                                      f"with --resume {args.run_dir}, which keeps what the run did before them")
                 raise ConfigError(f"--run-dir {args.run_dir} already holds a different run (never overwritten)")
             # the same command again (a requeued job, torchrun --max-restarts, a rerun by hand): the flags are the
             # run's own, so continue it where it stopped, as --resume would

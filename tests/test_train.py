@@ -405,6 +405,16 @@ def test_the_same_command_re_exports_a_finished_run_and_names_a_world_size_chang
     assert run(argv) == 0 and rows(run_dir) == before
     assert os.path.isfile(os.path.join(run_dir, "pipeline", "model_index.json"))
     assert run(argv) == 2 and "already at iteration 2" in capsys.readouterr().err
+    # a run made before a flag existed (its config lacks the key): the same command says so and names
+    # --resume, which takes the run's config and continues it
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    del config["critic_proxy_input"]
+    open(os.path.join(run_dir, "config.json"), "w").write(json.dumps(config))
+    assert run([*argv[:1], "3", *argv[2:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "older than --critic-proxy-input" in err and f"--resume {run_dir}" in err, err
+    assert run(["--resume", run_dir, "--iters", "3"]) == 0 and len(rows(run_dir)) == len(before) + 1
+    capsys.readouterr()
     monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0")         # torchrun's rank 0 of 2
     assert run(argv) == 2
     err = capsys.readouterr().err
