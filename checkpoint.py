@@ -110,8 +110,9 @@ def claim_run_dir(args):
                 newer = sorted(new.keys() - old.keys())              # flags added to train.py after the run began
                 if newer and all(old[k] == new.get(k) for k in old):
                     raise ConfigError(f"--run-dir {args.run_dir} was made by a train.py older than "
-                                      f"{', '.join('--' + k.replace('_', '-') for k in newer)}: continue it "
-                                      f"with --resume {args.run_dir}, which keeps what the run did before them")
+                                      f"{', '.join('--' + k.replace('_', '-') for k in newer)}: if this command "
+                                      f"sets none of them, continue the run with --resume {args.run_dir} (it keeps "
+                                      "what the run did before them); else give another --run-dir")
                 raise ConfigError(f"--run-dir {args.run_dir} already holds a different run (never overwritten)")
             # the same command again (a requeued job, torchrun --max-restarts, a rerun by hand): the flags are the
             # run's own, so continue it where it stopped, as --resume would

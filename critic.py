@@ -246,7 +246,7 @@ class Critic(nn.Module):
         self.cost = {"critic/reward_calls": B * F} if self.score is not None else {}
         idx, col = torch.meshgrid(torch.arange(B), torch.arange(F), indexing="ij")
         idx, j = idx.flatten(), torch.tensor(cols)[col.flatten()]            # (B*F,)
-        proxy = self.proxy(backbone, traj, idx, j)                          # (B*F, R) or None
+        proxy = self.proxy(backbone, traj, idx, j, chunk)                   # (B*F, R) or None
         if proxy is not None:
             column = torch.full((K,), -1, dtype=torch.long)
             column[torch.tensor(cols)] = torch.arange(F)

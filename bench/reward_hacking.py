@@ -31,7 +31,7 @@ import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (RESULTS, add_run_args, last_quarter, launch, mean, pm, prompt_accuracy, se, split_train_flags,
+from common import (RESULTS, ROOT, add_run_args, last_quarter, launch, mean, pm, prompt_accuracy, se, split_train_flags,
                     train_run, write_json, write_section)
 
 LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is gold, never trained on)
@@ -121,8 +121,8 @@ def steer_sweep(args, run_dir):
 
 def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
-    names = [n for n in LEARNED if n in (args.names or LEARNED)]
-    runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in names}
+    names = [n for n in LEARNED if n in (args.names or LEARNED)]           # trained now; every finished run is reported
+    runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
     if args.taste is not None:                     # the control: a toy-pref of another taste, made here once
         pref = os.path.join(args.runs, "toy-pref")
         if not os.path.isdir(pref) and not args.report_only:
@@ -130,7 +130,10 @@ def learned(args, extra):
             if launch(["--model", "toy-pref", "--taste", f"{args.taste:g}", "--out", pref], args.threads,
                       pref + ".log", script="pretrain.py"):
                 raise SystemExit(f"pretrain.py --model toy-pref --taste {args.taste:g} failed; see {pref}.log")
-        extra = [*extra, "--reward-path", f"toy-pref={pref}"]
+        made = json.load(open(os.path.join(pref, "config.json"))).get("taste") if os.path.isdir(pref) else args.taste
+        if made != args.taste:
+            raise SystemExit(f"{pref} holds a toy-pref of taste {made}, not {args.taste:g}: another --runs for this taste")
+        extra = [*extra, "--reward-path", f"toy-pref={os.path.relpath(pref, ROOT)}"]   # train.py runs in ROOT
     previous = json.load(open(args.out + ".json")) if os.path.isfile(args.out + ".json") else {}
     if not args.steer_clip_weights:                                # keep a steering sweep made before
         args.steer_clip_weights = [r["w"] for r in (previous.get("steering") or {}).get("rows", [])]
@@ -232,6 +235,8 @@ def main():
         args.out = os.path.join(RESULTS, args.out)
     if args.taste is not None and (args.suite != "learned" or not math.isfinite(args.taste) or args.taste < 0):
         p.exit(2, f"error: --taste is a finite weight >= 0 of the learned suite, got {args.taste:g}\n")
+    if args.taste is not None and args.steer_clip_weights:     # eval.py would score with the shipped toy-pref
+        p.exit(2, "error: --steer-clip-weights steers the shipped rewards' runs only, not with --taste\n")
     wrong = [n for n in args.names or [] if n not in (LEARNED if args.suite == "learned" else RUNS)]
     if wrong:
         p.exit(2, f"error: --names {wrong[0]} is not a run of the {args.suite} suite\n")

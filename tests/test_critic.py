@@ -229,15 +229,15 @@ def test_the_head_reading_the_proxy(backbones, tmp_path, text):
     critic.score = lambda images, prompts, metas: scored.append(len(images)) or _score(images, prompts, metas)
     other = rollout.sample(b, PROMPTS, 4, 1.0, generator=torch.Generator().manual_seed(1), sde_steps=3)
     want = critic_module.build("proxy", b, score=_score).values(b, other)                          # (3, 4, 1)
-    critic.values(b, other, steps=2)                                                # states 0, 1 of each row
-    assert sum(scored) == 3 * 2
+    critic.values(b, other, steps=2, last=True)                                     # states 0, 1 and 3 of each row
+    assert sum(scored) == 3 * 3
     critic_module.regress(critic, b, other, idx[:2], j[:2], torch.zeros(2, 1)).backward()
-    torch.testing.assert_close(critic.proxy(b, other, idx[:2], j[:2]), want[idx[:2], j[:2]])
-    assert sum(scored) == 3 * 2
-    torch.testing.assert_close(critic.proxy(b, other, idx, j), want[idx, j])         # step 3 was not read: scored
-    assert sum(scored) == 3 * 2 + 3
+    torch.testing.assert_close(critic.proxy(b, other, idx, j), want[idx, j])         # steps 1, 0, 3: kept
+    assert sum(scored) == 3 * 3
+    torch.testing.assert_close(critic.proxy(b, other, idx, torch.tensor([2, 2, 0])), want[idx, [2, 2, 0]])
+    assert sum(scored) == 3 * 3 + 3                                                 # step 2 was not read: scored
     critic.proxy(b, traj, idx[:2], j[:2])                                           # another trajectory: scored
-    assert sum(scored) == 3 * 2 + 3 + 2
+    assert sum(scored) == 3 * 3 + 3 + 2
     plain = critic_module.build("learned", b, score=_score)                    # without proxy_input: no proxy read
     assert plain.head.proxy_gain is None and plain.proxy(b, traj, idx, j) is None
     (tmp_path / "config.json").write_text('{"critic": "learned", "rewards": "shapes", "critic_proxy_input": true}')
