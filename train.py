@@ -212,7 +212,7 @@ def build_parser():
     g.add_argument("--critic-proxy-input", action=argparse.BooleanOptionalAction, default=None,
                    help="the value head also reads the proxy r(decode(x0_hat(x_t))), the reward of the policy's clean-"
                         "image prediction at each state, through a gain per noise level (V = head + g(t) r; a decode "
-                        "and reward call per valued state, and per state the critic's backbone trains on): a latent "
+                        "and reward call per valued state, which the critic's regression reuses): a latent "
                         "head learns little of the reward from one run's states (bench/value_ceiling.py), the proxy "
                         "gives it the reward's own reading. Its critic does not steer (default: off)")
     g.add_argument("--raft-steps", type=integer(1), default=1,
