@@ -173,6 +173,7 @@ class Critic(nn.Module):
     def __init__(self, backbone, num_rewards=1, lora=False, rank=32, alpha=64, text=False, adaln=True, score=None):
         super().__init__()
         self.lora, self.text, self.score = lora, text, score
+        self._kept_proxy = None                     # values()'s proxies: (traj weakref, column of step j (K,), (B, F, R))
         if lora:
             with warnings.catch_warnings():          # peft warns that a second adapter is a second adapter
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -225,7 +226,7 @@ class Critic(nn.Module):
         its states reads them back rather than decoding and scoring each state once more per pass."""
         if self.score is None:
             return None
-        kept = getattr(self, "_kept_proxy", None)                     # (traj weakref, column of step j (K,), (B, F, R))
+        kept = self._kept_proxy
         if kept is not None and kept[0]() is traj and bool((kept[1][j] >= 0).all()):
             return kept[2][idx, kept[1][j]]
         return score_latents(backbone, self.score, traj.pred_x0[idx, j], traj, idx, chunk)
