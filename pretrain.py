@@ -309,7 +309,7 @@ def preference_pairs(n, seed, taste, label_noise, model="tiny-dit"):
     return torch.cat(a), torch.cat(b), prompts, torch.cat(label)
 
 
-def pretrain_pref(clip_dir, pairs, steps, batch, lr, seed, taste=0.5, label_noise=0.1):
+def pretrain_pref(clip_dir, pairs, steps, batch, lr, seed, taste=2.0, label_noise=0.1):
     """toy-pref, in HPS's and PickScore's manner: toy-clip fine-tuned on `pairs` preference pairs
     (preference_pairs; a fifth held out to report) with the Bradley-Terry loss on its scaled cosines,
     -log sigmoid(s(preferred) - s(other)). Returns the model and its held-out pair accuracies."""
@@ -384,9 +384,10 @@ def main(argv=None):
                    help="AdamW learning rate (default 2e-3 vae, 5e-4 dit/unet, 1e-3 toy-clip, 1e-4 toy-pref)")
     p.add_argument("--pairs", type=cli.integer(10), default=4000,
                    help="toy-pref: preference pairs of the base model's samples (a fifth held out to report)")
-    p.add_argument("--taste", type=cli.finite_float(min=0), default=0.5,
+    p.add_argument("--taste", type=cli.finite_float(min=0), default=2.0,
                    help="toy-pref: weight of the rater's taste for red and yellow objects (toy.warmth) beside the "
-                        "checker's partial credit")
+                        "checker's partial credit (2: strong enough that RL on toy-pref alone paints objects warm; "
+                        "at 0.5 it is not hacked on average)")
     p.add_argument("--label-noise", type=cli.finite_float(min=0, max=0.5), default=0.1,
                    help="toy-pref: probability that the rater's label is flipped")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seed of weights, scenes and noise")

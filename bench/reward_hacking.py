@@ -9,10 +9,10 @@ is a reward's own score rising while gold accuracy falls from its peak; the pape
 run keeps each score's gain and more gold accuracy. Writes bench/results/reward_hacking_learned.json
 ({"images", "base_gold", "runs": {NAME: {"rewards", "gold_heldout_strict": [[seed][point]], "scores":
 {REWARD: [[seed][point]]}}}}), .png (the curves) and _grid.png (each run's final samples, seed 0), and the
-BENCHMARKS.md section reward-hacking-learned. `--taste T` is the control behind a missed hacking target: toy-pref
-made again (pretrain.py --model toy-pref --taste T, into the runs' folder) with a rater whose taste for red and
-yellow objects weighs T against the checker's partial credit (the shipped toy-pref: 0.5), and the runs trained on
-it, under the suffix _tasteT.
+BENCHMARKS.md section reward-hacking-learned. `--taste T` is the control that separates the reward from the
+method: toy-pref made again (pretrain.py --model toy-pref --taste T, into the runs' folder) with a rater whose
+taste for red and yellow objects weighs T against the checker's partial credit (the shipped toy-pref: 2), and the
+runs trained on it, under the suffix _tasteT.
 
 --suite jpeg (DDPO's compressibility experiment): `--rewards jpeg` alone, `shapes` alone and `shapes,jpeg` at
 weights 1,1, 1,0.5 and 1,0.2, one seed: on this world a JPEG shrinks most by drawing less, which the checker
@@ -20,7 +20,7 @@ penalises, so the two rewards conflict directly (bench/results/reward_hacking.js
 
 Run:  python bench/reward_hacking.py --seeds 0 1 2 3 4          # the learned suite, 2 runs at a time
       python bench/reward_hacking.py --suite learned --report-only
-      python bench/reward_hacking.py --taste 2 --names pref joint --seeds 0 1    # the control: a stronger taste
+      python bench/reward_hacking.py --taste 0.5 --seeds 0 1 2 3 4    # the control: a milder taste
       python bench/reward_hacking.py --suite jpeg --images 5120 -- --lr 1e-3     (flags after -- go to train.py)
 """
 import argparse
@@ -90,17 +90,19 @@ STEER_N, STEER_SEEDS = 8, 8      # the steering sweep: best-of-8 by the critic, 
 STEER_KEYS = (*SCORED, "shapes/strict")      # what the sweep reports of the chosen images
 
 
-def steer_sweep(args, run_dir):
+def steer_sweep(args, run_dir, reward_path=()):
     """The per-reward heads' reason to exist: one trained joint policy and critic, steered at inference
     by `python eval.py --steer bon --steer-weights toy-pref=1,toy-clip=w` for each w of
-    --steer-clip-weights; every reward and the gold scored on the chosen images. Each evaluation is
+    --steer-clip-weights; every reward (toy-pref from `reward_path`, eval.py's --reward-path flags, when the
+    runs trained on another taste's) and the gold scored on the chosen images. Each evaluation is
     kept under the runs (reused when there). Every weight chooses among the same N candidates of each
     prompt and seed, so each row also has its paired difference from the first weight's choices.
     Returns {"run", "command", "rows": [{"w", REWARD: {mean, se}, "paired": {REWARD: {mean, se}}}],
     "unsteered": {REWARD: {mean, se}}}."""
     flags = lambda run, weight, to: ["--policy", run, "--critic", run, "--steer", "bon", "--n", str(STEER_N),
                                      "--steer-weights", f"toy-pref=1,toy-clip={weight}", "--rewards",
-                                     "toy-pref,toy-clip,shapes", "--seeds", str(STEER_SEEDS), "--out", to]
+                                     "toy-pref,toy-clip,shapes", "--seeds", str(STEER_SEEDS), *reward_path,
+                                     "--out", to]
     rows, unsteered, first = [], None, None
     for w in args.steer_clip_weights:
         out = os.path.join(args.runs, f"steer-{os.path.basename(run_dir)}-clip{w:g}")
@@ -123,6 +125,7 @@ def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
     names = [n for n in LEARNED if n in (args.names or LEARNED)]           # trained now; every finished run is reported
     runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
+    pref_path = []                                 # --reward-path of the toy-pref trained on, when not the shipped one
     if args.taste is not None:                     # the control: a toy-pref of another taste, made here once
         pref = os.path.join(args.runs, "toy-pref")
         if not os.path.isdir(pref) and not args.report_only:
@@ -133,7 +136,8 @@ def learned(args, extra):
         made = json.load(open(os.path.join(pref, "config.json"))).get("taste") if os.path.isdir(pref) else args.taste
         if made != args.taste:
             raise SystemExit(f"{pref} holds a toy-pref of taste {made}, not {args.taste:g}: another --runs for this taste")
-        extra = [*extra, "--reward-path", f"toy-pref={os.path.relpath(pref, ROOT)}"]   # train.py runs in ROOT
+        pref_path = ["--reward-path", f"toy-pref={os.path.relpath(pref, ROOT)}"]   # train.py and eval.py run in ROOT
+        extra = [*extra, *pref_path]
     previous = json.load(open(args.out + ".json")) if os.path.isfile(args.out + ".json") else {}
     if not args.steer_clip_weights:                                # keep a steering sweep made before
         args.steer_clip_weights = [r["w"] for r in (previous.get("steering") or {}).get("rows", [])]
@@ -159,7 +163,7 @@ def learned(args, extra):
         raise SystemExit(f"no finished runs under {args.runs}")
     name = os.path.basename(args.out)
     ran = shlex.join(a for a in sys.argv[1:] if a != "--report-only")           # the command that made the runs
-    steering = steer_sweep(args, runs["joint"][min(out["joint"]["seeds"])]) if "joint" in out else None
+    steering = steer_sweep(args, runs["joint"][min(out["joint"]["seeds"])], pref_path) if "joint" in out else None
     if steering is None and args.report_only:                      # its evaluations are gone: the recorded sweep
         steering = previous.get("steering")
     write_json(args.out, {"images": images, "base_gold": base, "train_flags": extra, "runs": out,
@@ -202,7 +206,7 @@ def learned(args, extra):
             for k in STEER_KEYS) + " |" for i, r in enumerate(steering["rows"])]
     if os.path.dirname(os.path.abspath(args.out)) == RESULTS:          # bench/results/NAME owns the section NAME
         title = ("toy-pref, toy-clip and both" if args.taste is None else
-                 f"the control, a toy-pref whose rater's taste weighs {args.taste:g} (the shipped one: 0.5)")
+                 f"the control, a toy-pref whose rater's taste weighs {args.taste:g} (the shipped one: 2)")
         write_section(name.replace("_", "-"), f"## Reward hacking with the world's learned rewards: {title}\n\n"
                       + "\n".join(lines))
     print("\n".join(lines))
@@ -219,8 +223,8 @@ def main():
                    help="which runs (default all; learned suite: " + ", ".join(LEARNED) + "; jpeg suite: "
                         + "; ".join(RUNS) + ")")
     p.add_argument("--taste", type=float, default=None,
-                   help="learned suite, the control behind a missed hacking target: toy-pref made again by "
-                        "pretrain.py --taste T (the rater's weight on red and yellow objects; shipped: 0.5) and "
+                   help="learned suite, the control that separates the reward from the method: toy-pref made again "
+                        "by pretrain.py --taste T (the rater's weight on red and yellow objects; shipped: 2) and "
                         "trained on; runs, JSON and section get the suffix _tasteT")
     p.add_argument("--steer-clip-weights", type=float, nargs="*", default=[],
                    help="learned suite: also steer the joint run (its lowest seed) with eval.py --steer bon "
@@ -235,8 +239,6 @@ def main():
         args.out = os.path.join(RESULTS, args.out)
     if args.taste is not None and (args.suite != "learned" or not math.isfinite(args.taste) or args.taste < 0):
         p.exit(2, f"error: --taste is a finite weight >= 0 of the learned suite, got {args.taste:g}\n")
-    if args.taste is not None and args.steer_clip_weights:     # eval.py would score with the shipped toy-pref
-        p.exit(2, "error: --steer-clip-weights steers the shipped rewards' runs only, not with --taste\n")
     wrong = [n for n in args.names or [] if n not in (LEARNED if args.suite == "learned" else RUNS)]
     if wrong:
         p.exit(2, f"error: --names {wrong[0]} is not a run of the {args.suite} suite\n")
