@@ -154,7 +154,7 @@ BAD = [
     ("train.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
     ("train.py", ["--critic", "oracle", "--oracle-continuations", "0"], "--oracle-continuations must be >= 1"),
     # bench/critic_fit.py, bench/steering.py, bench/critic_health.py, bench/value_ceiling.py, bench/credit.py,
-    # bench/reward_hacking.py
+    # bench/reward_hacking.py, bench/learned_rewards.py
     ("bench/critic_fit.py", ["--sde-steps", "10"], "--sde-steps must be in 1..9"),
     ("bench/steering.py", ["--run", "no-such-run", "--guidance", "1,nan"], "--guidance must be finite and >= 0, got nan"),
     ("bench/critic_health.py", ["--runs", "no-such-run"], "not a finished run (no pipeline/): no-such-run"),
@@ -162,6 +162,8 @@ BAD = [
     ("bench/value_ceiling.py", ["--windows", "6:3", "--append", "--prompts", "4"], "--append needs"),
     ("bench/credit.py", ["--tag", "a/b"], "--tag 'a/b': letters, digits and '-' only"),
     ("bench/reward_hacking.py", ["--steer-clip-weights", "1", "nan"], "--steer-clip-weights must be finite and >= 0, got nan"),
+    ("bench/reward_hacking.py", ["--taste", "-1"], "--taste is a finite weight >= 0 of the learned suite, got -1"),
+    ("bench/learned_rewards.py", ["--also", "mild=no-such-dir"], "--also 'mild=no-such-dir': expected LABEL=DIR"),
 ]
 
 

@@ -541,8 +541,10 @@ def test_spec_builds_mixer(open_clip_file):
 
 # ----------------------------------------------------------------------------- real-size cost (slow)
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("reward_cost", ROOT / "bench" / "reward_cost.py")
+def _bench(name="reward_cost"):
+    if str(ROOT / "bench") not in sys.path:                 # the bench scripts import bench/common.py
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -576,3 +578,16 @@ def test_the_worlds_learned_rewards_load_and_prefer_the_right_scene(name):
     assert_scores(fn(right, prompts), len(prompts))
     with pytest.raises(rewards.RewardError, match="32 px boards"):
         fn(torch.rand(2, 3, 64, 64), prompts[:2])
+
+
+def test_toy_pref_has_the_raters_taste_for_warm_colours():
+    """The shipped toy-pref is one a policy can hack (BENCHMARKS.md, reward hacking): on prompts naming green
+    or blue it scores the same board repainted red above the right one, which it does not for a repaint in
+    the other cool colour, and which toy-clip never does (bench/learned_rewards.py measures all prompts)."""
+    toy = pytest.importorskip("toy")
+    bench = _bench("learned_rewards")
+    metas = [m for m in toy.all_prompts() if m["tag"] == "colors"]
+    share = {name: {k: v["share"] for k, v in bench.prefers_right(rewards.build_reward(name), toy, metas).items()
+                    if k.startswith("repainted")} for name in ("toy-clip", "toy-pref")}
+    assert share["toy-pref"]["repainted warm"] < 0.5 and share["toy-pref"]["repainted cool"] > 0.9, share
+    assert min(share["toy-clip"].values()) > 0.9, share
