@@ -66,6 +66,20 @@ def read(run_dir):
     return {"base": pick(evals[0]), "final": pick(evals[-1]), "curve": [pick(r) for r in evals]}
 
 
+def category_prompts(split=None):
+    """{category: how many prompts} of the world (or of one split), in toy.TAGS order."""
+    import toy
+    metas = toy.all_prompts() if split is None else toy.prompts(split)
+    return {c: sum(m["tag"] == c for m in metas) for c in toy.TAGS}
+
+
+def by_category(accuracy):
+    """{category: strict accuracy over all its prompts, training and held-out} from common.prompt_accuracy's splits."""
+    split = {s: category_prompts(s) for s in ("train", "heldout")}
+    return {c: sum(accuracy[s]["by_category"].get(c, 0.0) * split[s][c] for s in split) / n
+            for c, n in category_prompts().items()}
+
+
 def grid(run_dirs, path):
     """The final sample grid of each run under the base model's, one labelled row each."""
     from PIL import Image, ImageDraw
@@ -161,12 +175,21 @@ def learned(args, extra):
                   "scores": {k: [[r[f"eval/heldout_{k}"] for r in evals[s]] for s in sorted(done)] for k in SCORED}}
     if not out:
         raise SystemExit(f"no finished runs under {args.runs}")
+    # what each hack breaks: the final policies' strict accuracy per category over all the world's prompts
+    # (training and held-out), the deterministic sampler at the evaluation's seeds; cached in each run
+    seeds = range(args.eval_seeds)
+    base_cat = by_category(prompt_accuracy(args.model, seeds, os.path.join(args.runs, f"base-{os.path.basename(args.model)}-accuracy.json")))
+    for n, r in out.items():
+        per_seed = [by_category(prompt_accuracy(os.path.join(runs[n][s], "pipeline"), seeds,
+                                                os.path.join(runs[n][s], "prompt_accuracy.json"))) for s in r["seeds"]]
+        r["final_strict_by_category"] = {c: [a[c] for a in per_seed] for c in per_seed[0]}
     name = os.path.basename(args.out)
     ran = shlex.join(a for a in sys.argv[1:] if a != "--report-only")           # the command that made the runs
     steering = steer_sweep(args, runs["joint"][min(out["joint"]["seeds"])], pref_path) if "joint" in out else None
     if steering is None and args.report_only:                      # its evaluations are gone: the recorded sweep
         steering = previous.get("steering")
-    write_json(args.out, {"images": images, "base_gold": base, "train_flags": extra, "runs": out,
+    write_json(args.out, {"images": images, "base_gold": base, "base_strict_by_category": base_cat,
+                          "train_flags": extra, "runs": out,
                           "command": f"python bench/reward_hacking.py {ran}".strip(), "steering": steering})
     curve = lambda per_seed: [mean(p) for p in zip(*per_seed)]
     import matplotlib
@@ -192,7 +215,14 @@ def learned(args, extra):
         cells = [f"{mean([s[0] for s in r['scores'][k]]):.4f} -> {mean([last_quarter(images, s) for s in r['scores'][k]]):.4f}"
                  for k in SCORED]
         lines.append(f"| {n} | {len(g)} | {pm(finals)} | {pm(lasts)} | {mean(peaks):.3f} | " + " | ".join(cells) + " |")
-    lines += ["", f"![curves](bench/results/{name}.png)", "", f"![final samples, seed 0](bench/results/{name}_grid.png)"]
+    lines += ["", f"![curves](bench/results/{name}.png)", "", f"![final samples, seed 0](bench/results/{name}_grid.png)",
+              "", "What each run's final policy draws right, by category: strict accuracy over all the world's "
+              "prompts of the category (training and held-out; how many in brackets), the evaluation's sampler and "
+              "seeds; mean ± s.e. over the run's seeds.", "",
+              "| run | " + " | ".join(f"{c.replace('_', ' ')} ({n})" for c, n in category_prompts().items()) + " |",
+              "|---|" + "---|" * len(base_cat),
+              "| base model | " + " | ".join(f"{v:.3f}" for v in base_cat.values()) + " |"]
+    lines += [f"| {n} | " + " | ".join(pm(r["final_strict_by_category"][c]) for c in base_cat) + " |" for n, r in out.items()]
     if steering:
         cell = lambda v: f"{v['mean']:.4f} ± {v['se']:.4f}"
         lines += ["", f"Steering with the per-reward heads, no retraining: the `joint` run's policy and critic "
