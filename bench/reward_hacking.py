@@ -2,7 +2,7 @@
 
 --suite learned (the default; the paper's case): critic-PPO on tiny-dit with the world's *learned* rewards,
 `toy-pref` alone (a preference model with a rater's taste, as HPS and PickScore are), `toy-clip` alone, and
-both at once (`joint`, weights 1,1), several seeds each. The checker (`shapes`) is the gold metric and never a
+both at once (`joint`, weights 1,1; `--names joint-clip2`: weights 1,2), several seeds each. The checker (`shapes`) is the gold metric and never a
 training reward: every run reports, along the run on the held-out prompts with the deterministic sampler, the
 gold strict accuracy and both learned rewards' scores (the one not trained on is scored as a monitor). Hacking
 is a reward's own score rising while gold accuracy falls from its peak; the paper's remedy holds if the joint
@@ -38,7 +38,10 @@ LEARNED = {  # name -> train.py reward flags: the learned suite (the checker is 
     "pref": ["--rewards", "toy-pref", "--monitor-rewards", "toy-clip"],
     "clip": ["--rewards", "toy-clip", "--monitor-rewards", "toy-pref"],
     "joint": ["--rewards", "toy-pref,toy-clip", "--reward-weights", "1,1"],
+    # a lever for the joint target, run only when named: toy-clip, the reward the policy does not hack, weighs more
+    "joint-clip2": ["--rewards", "toy-pref,toy-clip", "--reward-weights", "1,2"],
 }
+SUITE = ("pref", "clip", "joint")     # the learned suite's runs when --names is not given
 SCORED = ("toy-pref", "toy-clip")
 RUNS = {  # name -> train.py reward flags: the jpeg suite
     "jpeg": ["--rewards", "jpeg", "--monitor-rewards", "shapes"],
@@ -137,7 +140,7 @@ def steer_sweep(args, run_dir, reward_path=()):
 
 def learned(args, extra):
     """The learned suite: run (or reuse, or resume) every name x seed, then the JSON, curves, grid and section."""
-    names = [n for n in LEARNED if n in (args.names or LEARNED)]           # trained now; every finished run is reported
+    names = [n for n in LEARNED if n in (args.names or SUITE)]             # trained now; every finished run is reported
     runs = {n: {s: os.path.join(args.runs, f"{n}-seed{s}") for s in args.seeds} for n in LEARNED}
     pref_path = []                                 # --reward-path of the toy-pref trained on, when not the shipped one
     if args.taste is not None:                     # the control: a toy-pref of another taste, made here once
@@ -250,7 +253,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="jpeg suite: seed of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="learned suite: seeds of every run")
     p.add_argument("--names", nargs="+", choices=list(RUNS) + list(LEARNED), default=None, metavar="NAME",
-                   help="which runs (default all; learned suite: " + ", ".join(LEARNED) + "; jpeg suite: "
+                   help="which runs (default: learned suite " + ", ".join(SUITE) + " (also: " + ", ".join(
+                       n for n in LEARNED if n not in SUITE) + "); jpeg suite all: "
                         + "; ".join(RUNS) + ")")
     p.add_argument("--taste", type=float, default=None,
                    help="learned suite, the control that separates the reward from the method: toy-pref made again "
