@@ -2,8 +2,8 @@
 
 --suite learned (the default; the paper's case): critic-PPO on tiny-dit with the world's *learned* rewards,
 `toy-pref` alone (a preference model with a rater's taste, as HPS and PickScore are), `toy-clip` alone, and
-both at once (`joint`, weights 1,1; `--names joint-clip2`: weights 1,2), several seeds each. The checker (`shapes`) is the gold metric and never a
-training reward: every run reports, along the run on the held-out prompts with the deterministic sampler, the
+both at once (`joint`, weights 1,1; `--names joint-clip2`: weights 1,2), several seeds each. The checker
+(`shapes`) is the gold metric and never a training reward: every run reports, along the run on the held-out prompts with the deterministic sampler, the
 gold strict accuracy and both learned rewards' scores (the one not trained on is scored as a monitor). Hacking
 is a reward's own score rising while gold accuracy falls from its peak; the paper's remedy holds if the joint
 run keeps each score's gain and more gold accuracy. Writes bench/results/reward_hacking_learned.json
