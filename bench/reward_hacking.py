@@ -3,8 +3,9 @@
 --suite learned (the default; the paper's case): critic-PPO on tiny-dit with the world's *learned* rewards,
 `toy-pref` alone (a preference model with a rater's taste, as HPS and PickScore are), `toy-clip` alone, and
 both at once (`joint`, weights 1,1; `--names joint-clip2`: weights 1,2), several seeds each. The checker
-(`shapes`) is the gold metric and never a training reward: every run reports, along the run on the held-out prompts with the deterministic sampler, the
-gold strict accuracy and both learned rewards' scores (the one not trained on is scored as a monitor). Hacking
+(`shapes`) is the gold metric and never a training reward: every run reports, along the run on the held-out
+prompts with the deterministic sampler, the gold strict accuracy and both learned rewards' scores (the one not
+trained on is scored as a monitor), and its final policy's strict accuracy per category of prompt. Hacking
 is a reward's own score rising while gold accuracy falls from its peak; the paper's remedy holds if the joint
 run keeps each score's gain and more gold accuracy. Writes bench/results/reward_hacking_learned.json
 ({"images", "base_gold", "runs": {NAME: {"rewards", "gold_heldout_strict": [[seed][point]], "scores":
@@ -181,7 +182,8 @@ def learned(args, extra):
     # what each hack breaks: the final policies' strict accuracy per category over all the world's prompts
     # (training and held-out), the deterministic sampler at the evaluation's seeds; cached in each run
     seeds = range(args.eval_seeds)
-    base_cat = by_category(prompt_accuracy(args.model, seeds, os.path.join(args.runs, f"base-{os.path.basename(args.model)}-accuracy.json")))
+    base_cat = by_category(prompt_accuracy(args.model, seeds,
+                                           os.path.join(args.runs, f"base-{os.path.basename(args.model)}-accuracy.json")))
     for n, r in out.items():
         per_seed = [by_category(prompt_accuracy(os.path.join(runs[n][s], "pipeline"), seeds,
                                                 os.path.join(runs[n][s], "prompt_accuracy.json"))) for s in r["seeds"]]
