@@ -226,10 +226,10 @@ def render(meta, rng, wrong=None):
     return img
 
 
-def render_batch(metas, seed):
-    """(B, 3, 32, 32) float tensor in [0, 1], one scene per metadata."""
+def render_batch(metas, seed, wrong=None):
+    """(B, 3, 32, 32) float tensor in [0, 1], one scene per metadata (made wrong as render's `wrong` says)."""
     rng = random.Random(seed)
-    return torch.from_numpy(np.stack([render(m, rng) for m in metas])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([render(m, rng, wrong) for m in metas])).permute(0, 3, 1, 2)
 
 
 def random_scenes(n, seed, p_empty=0.6, states=False):

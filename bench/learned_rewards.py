@@ -21,10 +21,6 @@ Writes bench/results/learned_rewards.json and the section "learned-rewards" of B
 import argparse
 import json
 import os
-import random
-
-import numpy as np
-import torch
 
 from common import ROOT, machine, write_json, write_section
 
@@ -40,8 +36,7 @@ SCENES = 8
 
 def boards(toy, meta, seed, wrong=None):
     """(SCENES, 3, 32, 32): SCENES boards for `meta`, correct or made wrong by toy.render's `wrong`."""
-    rng = random.Random(seed)
-    return torch.from_numpy(np.stack([toy.render(meta, rng, wrong=wrong) for _ in range(SCENES)])).permute(0, 3, 1, 2)
+    return toy.render_batch([meta] * SCENES, seed, wrong)
 
 
 def repaint(meta, colours):
@@ -53,11 +48,10 @@ def repaint(meta, colours):
 def prefers_right(fn, toy, metas):
     """{check: share of its prompts where fn's mean score is higher on the correct boards, and how many}
     for each check that applies to some of `metas`."""
-    out = {}
-    for check, (tags, wrong) in CHECKS.items():
-        wins = []
-        for i, meta in enumerate(metas):
-            right = boards(toy, meta, i)
+    wins = {check: [] for check in CHECKS}
+    for i, meta in enumerate(metas):
+        prompts, right = [meta["prompt"]] * SCENES, None
+        for check, (tags, wrong) in CHECKS.items():
             if isinstance(wrong, dict):                       # a repaint: a correct board of another description
                 include = repaint(meta, wrong)
                 if include is None:
@@ -67,11 +61,10 @@ def prefers_right(fn, toy, metas):
                 bad = boards(toy, meta, i, wrong)
             else:
                 continue
-            prompts = [meta["prompt"]] * SCENES
-            wins.append(float(fn(right, prompts).mean() > fn(bad, prompts).mean()))
-        if wins:                                              # checks that apply to none of `metas` are left out
-            out[check] = {"share": sum(wins) / len(wins), "prompts": len(wins)}
-    return out
+            right = fn(boards(toy, meta, i), prompts).mean() if right is None else right    # scored once per prompt
+            wins[check].append(float(right > fn(bad, prompts).mean()))
+    # checks that apply to none of `metas` are left out
+    return {check: {"share": sum(w) / len(w), "prompts": len(w)} for check, w in wins.items() if w}
 
 
 def main():
@@ -87,7 +80,6 @@ def main():
         models.append((label, "toy-pref", path))
     import rewards
     import toy
-    torch.manual_seed(0)
     metas, rows = toy.all_prompts(), {}
     for label, name, path in models:
         config = json.load(open(os.path.join(path or os.path.join(ROOT, "checkpoints", name), "config.json")))
